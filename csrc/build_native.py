@@ -1,0 +1,73 @@
+"""cffi build script for ``uffd._native`` (API mode, out of line).
+
+Run by setuptools through ``cffi_modules`` in setup.py; it never imports the
+package it builds. Every constant is taken from the C headers (``...``), so
+no kernel number is typed twice.
+"""
+
+from pathlib import Path
+
+from cffi import FFI
+
+HERE = Path(__file__).resolve().parent
+
+CONSTANTS = """
+    UFFD_API UFFD_USER_MODE_ONLY USERFAULTFD_IOC_NEW
+    UFFD_FEATURE_PAGEFAULT_FLAG_WP UFFD_FEATURE_EVENT_FORK UFFD_FEATURE_EVENT_REMAP
+    UFFD_FEATURE_EVENT_REMOVE UFFD_FEATURE_MISSING_HUGETLBFS UFFD_FEATURE_MISSING_SHMEM
+    UFFD_FEATURE_EVENT_UNMAP UFFD_FEATURE_SIGBUS UFFD_FEATURE_THREAD_ID
+    UFFD_FEATURE_MINOR_HUGETLBFS UFFD_FEATURE_MINOR_SHMEM UFFD_FEATURE_EXACT_ADDRESS
+    UFFD_FEATURE_WP_HUGETLBFS_SHMEM UFFD_FEATURE_WP_UNPOPULATED UFFD_FEATURE_POISON
+    UFFD_FEATURE_WP_ASYNC UFFD_FEATURE_MOVE
+    UFFDIO_REGISTER_MODE_MISSING UFFDIO_REGISTER_MODE_WP UFFDIO_REGISTER_MODE_MINOR
+    _UFFDIO_REGISTER _UFFDIO_UNREGISTER _UFFDIO_WAKE _UFFDIO_COPY _UFFDIO_ZEROPAGE
+    _UFFDIO_MOVE _UFFDIO_WRITEPROTECT _UFFDIO_CONTINUE _UFFDIO_POISON _UFFDIO_API
+    UFFDIO_API UFFDIO_REGISTER UFFDIO_UNREGISTER UFFDIO_WAKE UFFDIO_COPY UFFDIO_ZEROPAGE
+    UFFDIO_MOVE UFFDIO_WRITEPROTECT UFFDIO_CONTINUE UFFDIO_POISON PAGEMAP_SCAN
+    UFFD_EVENT_PAGEFAULT UFFD_EVENT_FORK UFFD_EVENT_REMAP UFFD_EVENT_REMOVE UFFD_EVENT_UNMAP
+    UFFD_PAGEFAULT_FLAG_WRITE UFFD_PAGEFAULT_FLAG_WP UFFD_PAGEFAULT_FLAG_MINOR
+    UFFDIO_COPY_MODE_DONTWAKE UFFDIO_COPY_MODE_WP UFFDIO_ZEROPAGE_MODE_DONTWAKE
+    UFFDIO_CONTINUE_MODE_DONTWAKE UFFDIO_CONTINUE_MODE_WP UFFDIO_POISON_MODE_DONTWAKE
+    UFFDIO_MOVE_MODE_DONTWAKE UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES
+    UFFDIO_WRITEPROTECT_MODE_WP UFFDIO_WRITEPROTECT_MODE_DONTWAKE
+    PAGE_IS_WPALLOWED PAGE_IS_WRITTEN PAGE_IS_FILE PAGE_IS_PRESENT PAGE_IS_SWAPPED
+    PAGE_IS_PFNZERO PAGE_IS_HUGE PAGE_IS_SOFT_DIRTY PM_SCAN_WP_MATCHING PM_SCAN_CHECK_WPASYNC
+    PROT_NONE PROT_READ PROT_WRITE MAP_PRIVATE MAP_SHARED MAP_ANONYMOUS MAP_FIXED
+    MAP_NORESERVE MREMAP_MAYMOVE MREMAP_FIXED MREMAP_DONTUNMAP
+    MADV_DONTNEED MADV_REMOVE MADV_HUGEPAGE MADV_NOHUGEPAGE
+"""
+
+CDEF = (
+    "".join(f"#define {name} ...\n" for name in CONSTANTS.split())
+    + """
+struct uffd_msg { uint8_t event; ...; };
+struct pm_scan_arg {
+    uint64_t size; uint64_t flags; uint64_t start; uint64_t end; uint64_t walk_end;
+    uint64_t vec; uint64_t vec_len; uint64_t max_pages; uint64_t category_inverted;
+    uint64_t category_mask; uint64_t category_anyof_mask; uint64_t return_mask;
+};
+struct page_region { uint64_t start; uint64_t end; uint64_t categories; };
+
+void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset);
+int munmap(void *addr, size_t length);
+void *mremap(void *old_address, size_t old_size, size_t new_size, int flags, ...);
+int madvise(void *addr, size_t length, int advice);
+"""
+    + (HERE / "uffd_native.h").read_text().split("#include \"uffd_uapi.h\"", 1)[1].rsplit("#endif", 1)[0]
+)
+
+SOURCES = sorted(str(p.relative_to(HERE.parent)) for p in HERE.glob("uffd_*.c"))
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source(
+    "uffd._native",
+    '#include <sys/mman.h>\n#include "uffd_native.h"\n',
+    sources=SOURCES,
+    include_dirs=[str(HERE)],
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11", "-pthread"],
+    extra_link_args=["-pthread"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

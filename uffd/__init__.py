@@ -1,0 +1,46 @@
+"""pyuffd: Linux userfaultfd for Python (userfaultfd(2), ioctl_userfaultfd(2)).
+
+The low level is ``Userfaultfd`` (one fd and its ioctls), the events it
+reads, the error hierarchy, ``uffd.mem`` regions and ``probe()``. On top of
+it, ``FaultHandler`` serves faults with per-mapping ``UffdOps``.
+"""
+
+from uffd import mem
+from uffd._constants import Feature, Ioctl, Mode
+from uffd._errors import (
+    MappingChangedError,
+    NoMappingError,
+    PageAccessError,
+    PageExistsError,
+    ProcessGoneError,
+    UffdError,
+    UnsupportedError,
+)
+from uffd._events import Event, Fork, PageFault, Remap, Remove, Unmap
+from uffd._userfaultfd import Userfaultfd
+from uffd.probe import Capabilities, probe
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Capabilities",
+    "Event",
+    "Feature",
+    "Fork",
+    "Ioctl",
+    "MappingChangedError",
+    "Mode",
+    "NoMappingError",
+    "PageAccessError",
+    "PageExistsError",
+    "PageFault",
+    "ProcessGoneError",
+    "Remap",
+    "Remove",
+    "UffdError",
+    "UnsupportedError",
+    "Unmap",
+    "Userfaultfd",
+    "mem",
+    "probe",
+]

@@ -1,0 +1,154 @@
+"""``uffd.probe()``: what this host allows, and why (``python -m uffd probe``)."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from uffd._constants import Feature, Ioctl
+from uffd._native import ffi, lib
+from uffd._userfaultfd import explain_open_error
+
+__all__ = ["Capabilities", "OpenPath", "probe"]
+
+
+@dataclass(frozen=True)
+class OpenPath:
+    """Whether one way of opening a userfaultfd works for this process, and why not."""
+
+    works: bool
+    errno: int | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """The answer of ``probe()``; ``str()`` is the human report, ``as_dict()`` the JSON one."""
+
+    kernel: str
+    page_size: int
+    huge_page_sizes: list[int]
+    free_huge_pages: dict[int, int]
+    nr_hugepages: int | None
+    available: Feature
+    ioctls: Ioctl
+    syscall: OpenPath
+    device: OpenPath
+    user_mode_only: OpenPath
+    unprivileged_userfaultfd: int | None
+    uid: int
+    missing_features: list[str] = field(default_factory=list)
+
+    def has(self, features: Feature) -> bool:
+        """True if every bit of ``features`` is available."""
+        return self.available & features == features
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (feature and ioctl sets as lists of names)."""
+        data = asdict(self)
+        data["available"] = [f.name for f in Feature if f in self.available]
+        data["available_mask"] = int(self.available)
+        data["ioctls"] = [i.name for i in Ioctl if i in self.ioctls]
+        data["free_huge_pages"] = {str(k): v for k, v in self.free_huge_pages.items()}
+        return data
+
+    def __str__(self) -> str:
+        def path_line(name: str, p: OpenPath) -> str:
+            return f"  {name:<15} {'works' if p.works else 'fails'}{': ' + p.reason if p.reason else ''}"
+
+        known = [f for f in Feature]
+        lines = [
+            f"kernel            {self.kernel}",
+            f"page size         {self.page_size}",
+            "huge pages        "
+            + (
+                ", ".join(f"{s // 1024} KiB: {self.free_huge_pages.get(s, 0)} free" for s in self.huge_page_sizes)
+                or "none"
+            )
+            + f" (vm.nr_hugepages={self.nr_hugepages})",
+            f"uid               {self.uid}",
+            f"vm.unprivileged_userfaultfd = {self.unprivileged_userfaultfd}",
+            "open paths:",
+            path_line("syscall", self.syscall),
+            path_line("/dev/userfaultfd", self.device),
+            path_line("user_mode_only", self.user_mode_only),
+            f"features          {sum(1 for f in known if f in self.available)} of {len(known)} available",
+        ]
+        lines += [f"  {'yes' if f in self.available else 'no ':<4} {f.name}" for f in known]
+        lines.append("ioctls            " + " ".join(i.name or "" for i in Ioctl if i in self.ioctls))
+        return "\n".join(lines)
+
+
+def _try_open(opener: Any, flags: int, via: str) -> tuple[OpenPath, int, int]:
+    fd = opener(flags)
+    if fd < 0:
+        return OpenPath(False, -fd, explain_open_error(via, -fd)), 0, 0
+    try:
+        features = ffi.new("uint64_t *")
+        ioctls = ffi.new("uint64_t *")
+        rc = lib.pyuffd_api(fd, 0, features, ioctls)
+        if rc < 0:
+            return OpenPath(False, -rc, f"UFFDIO_API failed: {os.strerror(-rc)}"), 0, 0
+        return OpenPath(True), features[0], ioctls[0]
+    finally:
+        os.close(fd)
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        return int(Path(path).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _huge_pages() -> dict[int, int]:
+    sizes: dict[int, int] = {}
+    root = Path("/sys/kernel/mm/hugepages")
+    if root.is_dir():
+        for d in root.iterdir():
+            size = int(d.name.removeprefix("hugepages-").removesuffix("kB")) * 1024
+            sizes[size] = _read_int(str(d / "free_hugepages")) or 0
+    return dict(sorted(sizes.items()))
+
+
+def probe() -> Capabilities:
+    """Report the kernel, page sizes, huge pages, features, and which open paths work.
+
+    Never raises for a missing capability: each open path records its errno
+    and the reason. Safe to call from any thread; opens and closes
+    short-lived fds only.
+    """
+    flags = os.O_CLOEXEC | os.O_NONBLOCK
+    syscall, s_feat, s_ioctls = _try_open(lib.pyuffd_open_syscall, flags, "syscall")
+    device, d_feat, d_ioctls = _try_open(lib.pyuffd_open_device, flags, "device")
+    umo, u_feat, u_ioctls = _try_open(lib.pyuffd_open_syscall, flags | lib.UFFD_USER_MODE_ONLY, "syscall")
+    features = s_feat or d_feat or u_feat
+    ioctls = s_ioctls or d_ioctls or u_ioctls
+    huge = _huge_pages()
+    available = Feature(features)
+    return Capabilities(
+        kernel=os.uname().release,
+        page_size=mmap.PAGESIZE,
+        huge_page_sizes=list(huge),
+        free_huge_pages=huge,
+        nr_hugepages=_read_int("/proc/sys/vm/nr_hugepages"),
+        available=available,
+        ioctls=Ioctl(ioctls),
+        syscall=syscall,
+        device=device,
+        user_mode_only=umo,
+        unprivileged_userfaultfd=_read_int("/proc/sys/vm/unprivileged_userfaultfd"),
+        uid=os.getuid(),
+        missing_features=[f.name or "" for f in Feature if f not in available],
+    )
+
+
+def main(as_json: bool = False) -> int:
+    """Print the probe (``--json``: as JSON); exit status 0 if some open path works, else 1."""
+    caps = probe()
+    print(json.dumps(caps.as_dict(), indent=2) if as_json else caps)
+    return 0 if caps.syscall.works or caps.device.works or caps.user_mode_only.works else 1
