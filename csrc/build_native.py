@@ -37,6 +37,21 @@ CONSTANTS = """
     MADV_DONTNEED MADV_REMOVE MADV_HUGEPAGE MADV_NOHUGEPAGE
 """
 
+def _declarations(header: str) -> str:
+    """The part of one of our headers after its includes, for cdef.
+
+    ``#define NAME value`` lines become ``#define NAME ...`` so the value is
+    taken from C, never typed twice.
+    """
+    body = (HERE / header).read_text().split('#include "uffd_uapi.h"', 1)[1].rsplit("#endif", 1)[0]
+    lines = []
+    for line in body.splitlines():
+        if line.startswith("#define "):
+            line = f"#define {line.split()[1]} ..."
+        lines.append(line)
+    return "\n".join(lines)
+
+
 CDEF = (
     "".join(f"#define {name} ...\n" for name in CONSTANTS.split())
     + """
@@ -53,7 +68,7 @@ int munmap(void *addr, size_t length);
 void *mremap(void *old_address, size_t old_size, size_t new_size, int flags, ...);
 int madvise(void *addr, size_t length, int advice);
 """
-    + (HERE / "uffd_native.h").read_text().split("#include \"uffd_uapi.h\"", 1)[1].rsplit("#endif", 1)[0]
+    + "".join(_declarations(name) for name in ("uffd_native.h", "uffd_pump.h"))
 )
 
 SOURCES = sorted(str(p.relative_to(HERE.parent)) for p in HERE.glob("uffd_*.c"))
@@ -62,7 +77,7 @@ ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "uffd._native",
-    '#include <sys/mman.h>\n#include "uffd_native.h"\n',
+    '#include <sys/mman.h>\n#include "uffd_native.h"\n#include "uffd_pump.h"\n',
     sources=SOURCES,
     include_dirs=[str(HERE)],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11", "-pthread"],

@@ -11,13 +11,53 @@
 #include <signal.h>
 #include <string.h>
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include "uffd_native.h"
+#include "uffd_pump.h"
 
 static __thread sigjmp_buf guard_jmp;
 static __thread volatile sig_atomic_t guard_active;
 static __thread volatile uint64_t guard_addr;
 static struct sigaction previous_sigbus;
 static pthread_once_t install_once = PTHREAD_ONCE_INIT;
+
+/*
+ * Threads inside a guarded access, by tid: the pump's watchdog asks before it
+ * poisons a page, because a SIGBUS outside a guarded access kills the process.
+ */
+#define GUARD_SLOTS 256
+static int32_t guarded_tids[GUARD_SLOTS];
+static __thread int guard_slot = -1;
+
+static void guard_enter(void)
+{
+	int32_t tid = (int32_t)syscall(SYS_gettid);
+	for (int i = 0; i < GUARD_SLOTS; i++) {
+		int32_t expected = 0;
+		if (__atomic_compare_exchange_n(&guarded_tids[i], &expected, tid, 0, __ATOMIC_SEQ_CST,
+						__ATOMIC_SEQ_CST)) {
+			guard_slot = i;
+			return;
+		}
+	}
+}
+
+static void guard_leave(void)
+{
+	if (guard_slot >= 0)
+		__atomic_store_n(&guarded_tids[guard_slot], 0, __ATOMIC_SEQ_CST);
+	guard_slot = -1;
+}
+
+int pyuffd_tid_guarded(int32_t tid)
+{
+	for (int i = 0; i < GUARD_SLOTS; i++)
+		if (__atomic_load_n(&guarded_tids[i], __ATOMIC_SEQ_CST) == tid)
+			return 1;
+	return 0;
+}
 
 static void on_sigbus(int sig, siginfo_t *info, void *ctx)
 {
@@ -51,13 +91,16 @@ static void install_handler(void)
 #define GUARDED(fault_addr, body)                                \
 	do {                                                     \
 		pthread_once(&install_once, install_handler);    \
+		guard_enter();                                   \
 		if (sigsetjmp(guard_jmp, 1)) {                   \
+			guard_leave();                           \
 			*(fault_addr) = guard_addr;              \
 			return -EFAULT;                          \
 		}                                                \
 		guard_active = 1;                                \
 		body;                                            \
 		guard_active = 0;                                \
+		guard_leave();                                   \
 		return 0;                                        \
 	} while (0)
 

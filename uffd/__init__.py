@@ -17,13 +17,27 @@ from uffd._errors import (
     UnsupportedError,
 )
 from uffd._events import Event, Fork, PageFault, Remap, Remove, Unmap
+from uffd._handler import DeadlineExceededError, Fault, FaultHandler, HandlerRefusedError, Mapping
+from uffd._ops import AnonOps, HugetlbOps, ShmemOps, UffdOps, get_uffd_ops
+from uffd._resolution import Resolution
 from uffd._userfaultfd import Userfaultfd
 from uffd.probe import Capabilities, probe
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnonOps",
     "Capabilities",
+    "DeadlineExceededError",
+    "Fault",
+    "FaultHandler",
+    "HandlerRefusedError",
+    "HugetlbOps",
+    "Mapping",
+    "Resolution",
+    "ShmemOps",
+    "UffdOps",
+    "get_uffd_ops",
     "Event",
     "Feature",
     "Fork",

@@ -1,0 +1,617 @@
+/* The fault pump and its watchdog; the model is described in uffd_pump.h. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "uffd_native.h"
+#include "uffd_pump.h"
+
+_Static_assert(sizeof(struct pyuffd_item) == 48, "pyuffd_item is 48 bytes");
+
+#define NSLOTS 4096
+#define SLOT_BITS 12
+#define MAX_FDS 256
+#define READ_BATCH 64
+
+enum slot_state { SLOT_FREE = 0, SLOT_PENDING, SLOT_RESOLVING };
+
+struct slot {
+	uint32_t gen;
+	uint8_t state;
+	int fd;
+	uint64_t addr;
+	uint64_t flags;
+	uint32_t ptid;
+	uint64_t deadline_ns;
+};
+
+struct map {
+	int fd;
+	uint64_t start, end, page_size;
+	int fallback, source, src_fd;
+	uint64_t src_addr, src_offset;
+};
+
+struct pyuffd_pump {
+	pthread_mutex_t lock;
+	pthread_cond_t tick;
+	pthread_t watchdog;
+	int epfd, stopfd, kickfd;
+	int stopping, destroying;
+	uint64_t deadline_ns;
+	int fds[MAX_FDS];
+	int nfds;
+	struct map *maps;
+	int nmaps, maps_cap;
+	struct slot slots[NSLOTS];
+	uint32_t next_slot;
+	struct pyuffd_item *backlog; /* FIFO ring of items read by the watchdog */
+	int bl_head, bl_count, bl_cap;
+	int in_wait;
+	uint64_t left_wait_ns;
+	uint64_t native_faults;
+	void *zero_page; /* for ZEROCOPY fallbacks, sized to the largest page */
+	uint64_t zero_len;
+	void *bounce; /* FILE sources read here before UFFDIO_COPY */
+	uint64_t bounce_len;
+};
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static struct map *find_map(struct pyuffd_pump *p, int fd, uint64_t addr)
+{
+	for (int i = 0; i < p->nmaps; i++)
+		if (p->maps[i].fd == fd && p->maps[i].start <= addr && addr < p->maps[i].end)
+			return &p->maps[i];
+	return NULL;
+}
+
+static int grow(void **buf, int *cap, int need, size_t elem)
+{
+	if (need <= *cap)
+		return 0;
+	int ncap = *cap ? *cap * 2 : 16;
+	while (ncap < need)
+		ncap *= 2;
+	void *nb = realloc(*buf, (size_t)ncap * elem);
+	if (!nb)
+		return -ENOMEM;
+	*buf = nb;
+	*cap = ncap;
+	return 0;
+}
+
+static int ensure_buffer(void **buf, uint64_t *len, uint64_t need)
+{
+	if (*len >= need)
+		return 0;
+	void *nb = calloc(1, need);
+	if (!nb)
+		return -ENOMEM;
+	free(*buf);
+	*buf = nb;
+	*len = need;
+	return 0;
+}
+
+static int backlog_push(struct pyuffd_pump *p, const struct pyuffd_item *item)
+{
+	if (p->bl_count == p->bl_cap) {
+		/* Unroll the ring into a larger buffer. */
+		int ncap = p->bl_cap ? p->bl_cap * 2 : 64;
+		struct pyuffd_item *nb = malloc((size_t)ncap * sizeof(*nb));
+		if (!nb)
+			return -ENOMEM;
+		for (int i = 0; i < p->bl_count; i++)
+			nb[i] = p->backlog[(p->bl_head + i) % p->bl_cap];
+		free(p->backlog);
+		p->backlog = nb;
+		p->bl_cap = ncap;
+		p->bl_head = 0;
+	}
+	p->backlog[(p->bl_head + p->bl_count) % p->bl_cap] = *item;
+	p->bl_count++;
+	return 0;
+}
+
+static void kick(int efd)
+{
+	uint64_t one = 1;
+	ssize_t rc = write(efd, &one, sizeof(one));
+	(void)rc;
+}
+
+static uint32_t slot_alloc(struct pyuffd_pump *p, int fd, const struct uffd_msg *msg, uint64_t deadline)
+{
+	for (uint32_t n = 0; n < NSLOTS; n++) {
+		uint32_t i = (p->next_slot + n) % NSLOTS;
+		struct slot *s = &p->slots[i];
+		if (s->state != SLOT_FREE)
+			continue;
+		p->next_slot = i + 1;
+		s->gen = (s->gen + 1) & 0xFFFFF;
+		s->state = SLOT_PENDING;
+		s->fd = fd;
+		s->addr = msg->arg.pagefault.address;
+		s->flags = msg->arg.pagefault.flags;
+		s->ptid = msg->arg.pagefault.feat.ptid;
+		s->deadline_ns = deadline;
+		return (s->gen << SLOT_BITS) | i;
+	}
+	return UINT32_MAX; /* untracked: more faults in flight than slots */
+}
+
+static struct slot *slot_get(struct pyuffd_pump *p, uint32_t id)
+{
+	if (id == UINT32_MAX)
+		return NULL;
+	struct slot *s = &p->slots[id & (NSLOTS - 1)];
+	return s->gen == id >> SLOT_BITS ? s : NULL;
+}
+
+static int own_thread(uint32_t ptid)
+{
+	char path[64];
+	if (!ptid)
+		return 0;
+	snprintf(path, sizeof(path), "/proc/self/task/%u", ptid);
+	return access(path, F_OK) == 0;
+}
+
+/*
+ * Resolve a fault without Python. WP faults are un-protected and MINOR
+ * faults continued (the page exists); MISSING faults get the mapping's
+ * fallback. A poison marker is only used where the SIGBUS it raises can be
+ * caught: a thread of this process outside a guarded Region access would
+ * take the whole process down, so it gets a zero page instead.
+ * Called with the lock held; returns PYUFFD_DID_* (| UNGUARDED) or -errno.
+ */
+static int do_fallback(struct pyuffd_pump *p, int fd, uint64_t addr, uint64_t flags, uint32_t ptid)
+{
+	struct map *m = find_map(p, fd, addr);
+	uint64_t ps = m ? m->page_size : (uint64_t)sysconf(_SC_PAGESIZE);
+	uint64_t page = addr & ~(ps - 1);
+	int fallback = m ? m->fallback : PYUFFD_FALLBACK_ZEROPAGE;
+	int unguarded = own_thread(ptid) && !pyuffd_tid_guarded((int32_t)ptid);
+	int64_t done;
+	int rc, did;
+
+	if (fallback == PYUFFD_FALLBACK_POISON && unguarded)
+		fallback = (m && m->page_size > (uint64_t)sysconf(_SC_PAGESIZE)) ? PYUFFD_FALLBACK_ZEROCOPY
+										 : PYUFFD_FALLBACK_ZEROPAGE;
+	if (flags & UFFD_PAGEFAULT_FLAG_WP) {
+		did = PYUFFD_DID_UNPROTECT;
+		rc = pyuffd_writeprotect(fd, page, ps, 0);
+	} else if ((flags & UFFD_PAGEFAULT_FLAG_MINOR) && fallback != PYUFFD_FALLBACK_POISON) {
+		did = PYUFFD_DID_CONTINUE;
+		rc = pyuffd_continue(fd, page, ps, 0, &done);
+	} else if (fallback == PYUFFD_FALLBACK_POISON) {
+		did = PYUFFD_DID_POISON;
+		rc = pyuffd_poison(fd, page, ps, 0, &done);
+	} else if (fallback == PYUFFD_FALLBACK_ZEROCOPY) {
+		did = PYUFFD_DID_ZEROCOPY;
+		rc = ensure_buffer(&p->zero_page, &p->zero_len, ps);
+		if (rc == 0)
+			rc = pyuffd_copy(fd, page, (uint64_t)(uintptr_t)p->zero_page, ps, 0, &done);
+	} else {
+		did = PYUFFD_DID_ZEROPAGE;
+		rc = pyuffd_zeropage(fd, page, ps, 0, &done);
+	}
+	if (rc == -EEXIST || rc == -ENOENT || rc == -EAGAIN) {
+		/* Present already, or the range went away: the thread only needs waking. */
+		rc = pyuffd_wake(fd, page, ps);
+		did = PYUFFD_DID_WAKE;
+	}
+	return rc < 0 ? rc : did | (unguarded ? PYUFFD_DID_UNGUARDED : 0);
+}
+
+/* Serve a MISSING fault from a native source; 1 if served, 0 to hand it to Python. */
+static int serve_native(struct pyuffd_pump *p, int fd, const struct uffd_msg *msg)
+{
+	uint64_t flags = msg->arg.pagefault.flags;
+	if (flags & (UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR))
+		return 0;
+	struct map *m = find_map(p, fd, msg->arg.pagefault.address);
+	if (!m || m->source == PYUFFD_SOURCE_NONE)
+		return 0;
+	uint64_t page = msg->arg.pagefault.address & ~(m->page_size - 1);
+	uint64_t off = page - m->start;
+	int64_t done;
+	int rc;
+	if (m->source == PYUFFD_SOURCE_ZERO) {
+		rc = m->page_size > (uint64_t)sysconf(_SC_PAGESIZE)
+			     ? (ensure_buffer(&p->zero_page, &p->zero_len, m->page_size) ?: pyuffd_copy(fd, page, (uint64_t)(uintptr_t)p->zero_page, m->page_size, 0, &done))
+			     : pyuffd_zeropage(fd, page, m->page_size, 0, &done);
+	} else if (m->source == PYUFFD_SOURCE_MEMORY) {
+		rc = pyuffd_copy(fd, page, m->src_addr + off, m->page_size, 0, &done);
+	} else {
+		rc = ensure_buffer(&p->bounce, &p->bounce_len, m->page_size);
+		if (rc == 0) {
+			ssize_t n = pread(m->src_fd, p->bounce, m->page_size, (off_t)(m->src_offset + off));
+			if (n < 0)
+				return 0;
+			if ((uint64_t)n < m->page_size) /* past the end of the file reads as zeros */
+				memset((char *)p->bounce + n, 0, m->page_size - (uint64_t)n);
+			rc = pyuffd_copy(fd, page, (uint64_t)(uintptr_t)p->bounce, m->page_size, 0, &done);
+		}
+	}
+	if (rc == -EEXIST)
+		rc = pyuffd_wake(fd, page, m->page_size);
+	if (rc < 0)
+		return 0; /* EAGAIN and the like: Python knows what to do */
+	p->native_faults++;
+	return 1;
+}
+
+/*
+ * Read what is pending on fd (non-blocking) into items (up to max) or, when
+ * items is NULL, into the backlog. Page faults get a slot. Lock held.
+ */
+static int read_fd(struct pyuffd_pump *p, int fd, struct pyuffd_item *items, int max, uint64_t deadline_ns)
+{
+	struct uffd_msg msgs[READ_BATCH];
+	int n = 0;
+	if (max > READ_BATCH)
+		max = READ_BATCH;
+	ssize_t got = read(fd, msgs, (size_t)max * sizeof(msgs[0]));
+	uint64_t t = now_ns();
+	if (got < 0) {
+		if (errno == EAGAIN || errno == EINTR)
+			return 0;
+		struct pyuffd_item err = { .fd = fd, .t_ns = t };
+		err.msg.event = PYUFFD_EVENT_FD_ERROR;
+		err.msg.arg.pagefault.flags = (uint64_t)errno;
+		epoll_ctl(p->epfd, EPOLL_CTL_DEL, fd, NULL);
+		if (items) {
+			items[0] = err;
+			return 1;
+		}
+		backlog_push(p, &err);
+		return 0;
+	}
+	for (int i = 0; i < (int)(got / (ssize_t)sizeof(msgs[0])); i++) {
+		struct pyuffd_item item = { .fd = fd, .slot = 0, .t_ns = t, .msg = msgs[i] };
+		if (msgs[i].event == UFFD_EVENT_PAGEFAULT) {
+			if (items && serve_native(p, fd, &msgs[i]))
+				continue;
+			item.slot = slot_alloc(p, fd, &msgs[i], t + deadline_ns);
+		}
+		if (items)
+			items[n++] = item;
+		else
+			backlog_push(p, &item);
+	}
+	return n;
+}
+
+static void *watchdog_main(void *arg)
+{
+	struct pyuffd_pump *p = arg;
+	uint64_t tick = p->deadline_ns / 10;
+	if (tick < 2000000)
+		tick = 2000000;
+	if (tick > 50000000)
+		tick = 50000000;
+	pthread_mutex_lock(&p->lock);
+	while (!p->destroying) {
+		struct timespec until;
+		clock_gettime(CLOCK_MONOTONIC, &until);
+		uint64_t ns = (uint64_t)until.tv_nsec + tick;
+		until.tv_sec += (time_t)(ns / 1000000000ull);
+		until.tv_nsec = (long)(ns % 1000000000ull);
+		pthread_cond_timedwait(&p->tick, &p->lock, &until);
+		if (p->destroying)
+			break;
+		uint64_t now = now_ns();
+		int pushed = 0;
+		if (!p->in_wait && !p->stopping && now - p->left_wait_ns > p->deadline_ns / 2) {
+			/* The dispatch thread is stuck: take over reading, so nothing waits on it. */
+			int before = p->bl_count;
+			for (int i = 0; i < p->nfds; i++)
+				read_fd(p, p->fds[i], NULL, READ_BATCH, p->deadline_ns / 2);
+			pushed |= p->bl_count != before;
+		}
+		for (int i = 0; i < NSLOTS; i++) {
+			struct slot *s = &p->slots[i];
+			if (s->state != SLOT_PENDING || s->deadline_ns > now)
+				continue;
+			int did = do_fallback(p, s->fd, s->addr, s->flags, s->ptid);
+			struct pyuffd_item note = { .fd = s->fd, .slot = (uint32_t)(did < 0 ? 0 : did), .t_ns = now };
+			note.msg.event = PYUFFD_EVENT_EXPIRED;
+			note.msg.arg.pagefault.address = s->addr;
+			note.msg.arg.pagefault.flags = s->flags;
+			note.msg.arg.pagefault.feat.ptid = s->ptid;
+			s->state = SLOT_FREE;
+			backlog_push(p, &note);
+			pushed = 1;
+		}
+		if (pushed)
+			kick(p->kickfd);
+	}
+	pthread_mutex_unlock(&p->lock);
+	return NULL;
+}
+
+struct pyuffd_pump *pyuffd_pump_new(uint64_t deadline_ns)
+{
+	struct pyuffd_pump *p = calloc(1, sizeof(*p));
+	if (!p)
+		return NULL;
+	pthread_mutex_init(&p->lock, NULL);
+	pthread_condattr_t ca;
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+	pthread_cond_init(&p->tick, &ca);
+	pthread_condattr_destroy(&ca);
+	p->deadline_ns = deadline_ns;
+	p->left_wait_ns = now_ns();
+	p->epfd = epoll_create1(EPOLL_CLOEXEC);
+	p->stopfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	p->kickfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	struct epoll_event ev = { .events = EPOLLIN };
+	ev.data.fd = p->stopfd;
+	epoll_ctl(p->epfd, EPOLL_CTL_ADD, p->stopfd, &ev);
+	ev.data.fd = p->kickfd;
+	epoll_ctl(p->epfd, EPOLL_CTL_ADD, p->kickfd, &ev);
+	if (p->epfd < 0 || p->stopfd < 0 || p->kickfd < 0 ||
+	    pthread_create(&p->watchdog, NULL, watchdog_main, p) != 0) {
+		int err = errno;
+		close(p->epfd);
+		close(p->stopfd);
+		close(p->kickfd);
+		free(p);
+		errno = err;
+		return NULL;
+	}
+	return p;
+}
+
+void pyuffd_pump_free(struct pyuffd_pump *p)
+{
+	pthread_mutex_lock(&p->lock);
+	p->destroying = 1;
+	pthread_cond_signal(&p->tick);
+	pthread_mutex_unlock(&p->lock);
+	pthread_join(p->watchdog, NULL);
+	close(p->epfd);
+	close(p->stopfd);
+	close(p->kickfd);
+	free(p->maps);
+	free(p->backlog);
+	free(p->zero_page);
+	free(p->bounce);
+	pthread_mutex_destroy(&p->lock);
+	pthread_cond_destroy(&p->tick);
+	free(p);
+}
+
+int pyuffd_pump_add_fd(struct pyuffd_pump *p, int fd)
+{
+	struct epoll_event ev = { .events = EPOLLIN };
+	ev.data.fd = fd;
+	pthread_mutex_lock(&p->lock);
+	int rc = p->nfds == MAX_FDS ? -EMFILE : 0;
+	if (rc == 0 && epoll_ctl(p->epfd, EPOLL_CTL_ADD, fd, &ev) < 0)
+		rc = -errno;
+	if (rc == 0)
+		p->fds[p->nfds++] = fd;
+	pthread_mutex_unlock(&p->lock);
+	return rc;
+}
+
+int pyuffd_pump_remove_fd(struct pyuffd_pump *p, int fd)
+{
+	pthread_mutex_lock(&p->lock);
+	epoll_ctl(p->epfd, EPOLL_CTL_DEL, fd, NULL);
+	for (int i = 0; i < p->nfds; i++)
+		if (p->fds[i] == fd)
+			p->fds[i--] = p->fds[--p->nfds];
+	for (int i = 0; i < p->nmaps; i++)
+		if (p->maps[i].fd == fd)
+			p->maps[i--] = p->maps[--p->nmaps];
+	pthread_mutex_unlock(&p->lock);
+	return 0;
+}
+
+int pyuffd_pump_map(struct pyuffd_pump *p, int fd, uint64_t start, uint64_t end, uint64_t page_size,
+		    int fallback, int source, uint64_t src_addr, int src_fd, uint64_t src_offset)
+{
+	pthread_mutex_lock(&p->lock);
+	int rc = grow((void **)&p->maps, &p->maps_cap, p->nmaps + 1, sizeof(struct map));
+	if (rc == 0)
+		p->maps[p->nmaps++] = (struct map){ fd, start, end, page_size, fallback, source, src_fd, src_addr, src_offset };
+	pthread_mutex_unlock(&p->lock);
+	return rc;
+}
+
+/* Drop [start, end) of fd's maps, keeping the parts outside it. */
+int pyuffd_pump_unmap(struct pyuffd_pump *p, int fd, uint64_t start, uint64_t end)
+{
+	pthread_mutex_lock(&p->lock);
+	int rc = 0;
+	for (int i = 0; i < p->nmaps; i++) {
+		struct map m = p->maps[i];
+		if (m.fd != fd || m.end <= start || m.start >= end)
+			continue;
+		p->maps[i--] = p->maps[--p->nmaps];
+		if (m.start < start) {
+			struct map head = m;
+			head.end = start;
+			if ((rc = grow((void **)&p->maps, &p->maps_cap, p->nmaps + 1, sizeof(m))))
+				break;
+			p->maps[p->nmaps++] = head;
+		}
+		if (m.end > end) {
+			struct map tail = m;
+			tail.src_addr += m.source == PYUFFD_SOURCE_MEMORY ? end - m.start : 0;
+			tail.src_offset += m.source == PYUFFD_SOURCE_FILE ? end - m.start : 0;
+			tail.start = end;
+			if ((rc = grow((void **)&p->maps, &p->maps_cap, p->nmaps + 1, sizeof(m))))
+				break;
+			p->maps[p->nmaps++] = tail;
+		}
+	}
+	pthread_mutex_unlock(&p->lock);
+	return rc;
+}
+
+int pyuffd_pump_move(struct pyuffd_pump *p, int fd, uint64_t old, uint64_t new_, uint64_t len)
+{
+	pthread_mutex_lock(&p->lock);
+	for (int i = 0; i < p->nmaps; i++) {
+		struct map *m = &p->maps[i];
+		if (m->fd == fd && m->start >= old && m->end <= old + len) {
+			m->start = m->start - old + new_;
+			m->end = m->end - old + new_;
+		}
+	}
+	pthread_mutex_unlock(&p->lock);
+	return 0;
+}
+
+int pyuffd_pump_wait(struct pyuffd_pump *p, struct pyuffd_item *items, int max_items, int timeout_ms)
+{
+	struct epoll_event evs[16];
+	int n = 0;
+	pthread_mutex_lock(&p->lock);
+	p->in_wait = 1;
+	for (;;) {
+		while (p->bl_count && n < max_items) {
+			items[n++] = p->backlog[p->bl_head];
+			p->bl_head = (p->bl_head + 1) % p->bl_cap;
+			p->bl_count--;
+		}
+		if (n || p->stopping)
+			break;
+		pthread_mutex_unlock(&p->lock);
+		int ready = epoll_wait(p->epfd, evs, 16, timeout_ms);
+		int err = errno;
+		pthread_mutex_lock(&p->lock);
+		if (ready < 0) {
+			n = -err;
+			break;
+		}
+		if (ready == 0) {
+			n = -ETIMEDOUT;
+			break;
+		}
+		for (int i = 0; i < ready && n < max_items; i++) {
+			int fd = evs[i].data.fd;
+			if (fd == p->stopfd) {
+				p->stopping = 1;
+			} else if (fd == p->kickfd) {
+				uint64_t v;
+				ssize_t rc = read(fd, &v, sizeof(v));
+				(void)rc;
+			} else {
+				n += read_fd(p, fd, items + n, max_items - n, p->deadline_ns);
+			}
+		}
+	}
+	p->in_wait = 0;
+	p->left_wait_ns = now_ns();
+	pthread_mutex_unlock(&p->lock);
+	return n;
+}
+
+int pyuffd_pump_resolve(struct pyuffd_pump *p, uint32_t id, int op, uint64_t dst, uint64_t src,
+			uint64_t len, uint64_t mode, int64_t *done)
+{
+	pthread_mutex_lock(&p->lock);
+	struct slot *s = slot_get(p, id);
+	if (id != UINT32_MAX && (!s || s->state != SLOT_PENDING)) {
+		pthread_mutex_unlock(&p->lock);
+		*done = 0;
+		return -ETIME; /* the watchdog resolved it already */
+	}
+	int fd = s ? s->fd : -1;
+	if (s)
+		s->state = SLOT_RESOLVING;
+	pthread_mutex_unlock(&p->lock);
+	if (fd < 0)
+		return -EINVAL;
+
+	int rc;
+	*done = 0;
+	switch (op) {
+	case PYUFFD_OP_COPY: rc = pyuffd_copy(fd, dst, src, len, mode, done); break;
+	case PYUFFD_OP_ZEROPAGE: rc = pyuffd_zeropage(fd, dst, len, mode, done); break;
+	case PYUFFD_OP_CONTINUE: rc = pyuffd_continue(fd, dst, len, mode, done); break;
+	case PYUFFD_OP_POISON: rc = pyuffd_poison(fd, dst, len, mode, done); break;
+	case PYUFFD_OP_UNPROTECT: rc = pyuffd_writeprotect(fd, dst, len, mode); break;
+	case PYUFFD_OP_WAKE: rc = pyuffd_wake(fd, dst, len); break;
+	default: rc = -EINVAL;
+	}
+	if (rc == -EEXIST || rc == -ENOENT) {
+		/* Resolved by someone else, or unregistered under us: wake the thread. */
+		int wrc = pyuffd_wake(fd, dst, len);
+		if (wrc < 0)
+			rc = wrc;
+	}
+	pthread_mutex_lock(&p->lock);
+	if (rc < 0 && rc != -EEXIST && rc != -ENOENT)
+		s->state = SLOT_PENDING; /* still unresolved: Python falls back or the deadline will */
+	else
+		s->state = SLOT_FREE;
+	pthread_mutex_unlock(&p->lock);
+	return rc;
+}
+
+int pyuffd_pump_fallback(struct pyuffd_pump *p, uint32_t id)
+{
+	pthread_mutex_lock(&p->lock);
+	struct slot *s = slot_get(p, id);
+	int rc;
+	if (!s || s->state != SLOT_PENDING) {
+		rc = -ETIME;
+	} else {
+		rc = do_fallback(p, s->fd, s->addr, s->flags, s->ptid);
+		s->state = SLOT_FREE;
+	}
+	pthread_mutex_unlock(&p->lock);
+	return rc;
+}
+
+/* Resolve every pending fault by fallback (shutdown); returns how many. */
+int pyuffd_pump_drain(struct pyuffd_pump *p)
+{
+	int n = 0;
+	pthread_mutex_lock(&p->lock);
+	for (int i = 0; i < NSLOTS; i++) {
+		struct slot *s = &p->slots[i];
+		if (s->state != SLOT_PENDING)
+			continue;
+		do_fallback(p, s->fd, s->addr, s->flags, s->ptid);
+		s->state = SLOT_FREE;
+		n++;
+	}
+	pthread_mutex_unlock(&p->lock);
+	return n;
+}
+
+int pyuffd_pump_stop(struct pyuffd_pump *p)
+{
+	kick(p->stopfd);
+	return 0;
+}
+
+uint64_t pyuffd_pump_native_faults(struct pyuffd_pump *p)
+{
+	pthread_mutex_lock(&p->lock);
+	uint64_t n = p->native_faults;
+	pthread_mutex_unlock(&p->lock);
+	return n;
+}

@@ -1,0 +1,775 @@
+"""``FaultHandler``: serve page faults of registered mappings through their ``UffdOps``.
+
+The fault path, one step per module: the fd (``_userfaultfd``) → the C pump
+(csrc/uffd_pump.c, which reads and times faults without the GIL) → dispatch
+(this module: find the mapping, classify the fault, call its ops) → ops
+(``_ops``) → ``Resolution`` → the ioctl, performed by the pump on the
+fault's slot. Non-cooperative events (fork, mremap, MADV_DONTNEED/REMOVE,
+munmap) update the mapping table in the order they were read, so a fault
+read after an event is always dispatched against the updated table.
+
+Never hang a faulting thread: a handler that raises, returns None, refuses,
+or misses the deadline gets the fallback ("sigbus": UFFDIO_POISON where
+honoured, else a zero page; or "zero"), and the error is re-raised from
+``stop()``/``join()``. The pump's watchdog (C, no GIL) enforces the deadline
+even when no Python code can run: a thread that faults while holding the
+GIL is resolved and reported, never a silent deadlock (dispatch.md).
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno as _errno
+import struct
+import threading
+import time
+from types import TracebackType
+from typing import Any
+
+from uffd import mem
+from uffd._constants import Feature, Ioctl, Mode
+from uffd._errors import UffdError, UnsupportedError, check, describe_range
+from uffd._ops import UffdOps, get_uffd_ops, kernel_grant
+from uffd._resolution import Resolution
+from uffd._stats import Counters, HandlerStats
+from uffd._userfaultfd import Userfaultfd
+from uffd._native import ffi, lib
+
+__all__ = ["DeadlineExceededError", "Fault", "FaultHandler", "HandlerRefusedError", "Mapping"]
+
+# Features the handler negotiates on its own when the kernel has them: they
+# widen what can be registered without changing how events are delivered.
+AUTO_FEATURES = (
+    Feature.PAGEFAULT_FLAG_WP
+    | Feature.MISSING_SHMEM
+    | Feature.MISSING_HUGETLBFS
+    | Feature.MINOR_SHMEM
+    | Feature.MINOR_HUGETLBFS
+    | Feature.WP_HUGETLBFS_SHMEM
+    | Feature.POISON
+    | Feature.THREAD_ID
+)
+_FALLBACKS = ("sigbus", "zero")
+_ITEM = struct.Struct("=iIQB7xQQQ")
+_ITEM_SIZE = 48
+_EAGAIN_RETRIES = 16
+_DID = {
+    lib.PYUFFD_DID_POISON: "poison",
+    lib.PYUFFD_DID_ZEROPAGE: "zero",
+    lib.PYUFFD_DID_ZEROCOPY: "zero",
+    lib.PYUFFD_DID_UNPROTECT: "unprotect",
+    lib.PYUFFD_DID_CONTINUE: "continue",
+    lib.PYUFFD_DID_WAKE: "wake",
+}
+_OPS = {
+    Resolution.COPY: lib.PYUFFD_OP_COPY,
+    Resolution.ZERO: lib.PYUFFD_OP_ZEROPAGE,
+    Resolution.CONTINUE: lib.PYUFFD_OP_CONTINUE,
+    Resolution.POISON: lib.PYUFFD_OP_POISON,
+    Resolution.UNPROTECT: lib.PYUFFD_OP_UNPROTECT,
+}
+
+
+class DeadlineExceededError(UffdError):
+    """A fault was not resolved within the deadline; the fallback resolved it."""
+
+    def __init__(self, message: str, *, address: int, thread_id: int | None) -> None:
+        super().__init__(_errno.ETIMEDOUT, message, op="fault", addr=address)
+        self.address = address
+        self.thread_id = thread_id
+
+
+class HandlerRefusedError(UffdError):
+    """A handler answered ``Resolution.refuse(reason)``; the fallback resolved the fault."""
+
+
+for _cls in (DeadlineExceededError, HandlerRefusedError):
+    _cls.__module__ = "uffd"
+
+
+class Mapping:
+    """A registered range ``[start, end)`` with its kind, modes, ops and honoured ioctls.
+
+    ``ioctls`` is what the dispatch layer honours: ``ops.ioctls`` & the
+    kernel's grant. ``uffd`` is the fd it is registered on (a forked child's
+    mappings live on the child's fd). ``stats`` counts its faults.
+    """
+
+    __slots__ = ("_fallback", "end", "kind", "mode", "ops", "page_size", "start", "stats", "uffd", "ioctls")
+
+    def __init__(
+        self,
+        start: int,
+        end: int,
+        kind: str,
+        mode: Mode,
+        ops: UffdOps,
+        page_size: int,
+        uffd: Userfaultfd,
+        ioctls: Ioctl = Ioctl(0),
+    ) -> None:
+        self.start = start
+        self.end = end
+        self.kind = kind
+        self.mode = mode
+        self.ops = ops
+        self.page_size = page_size
+        self.uffd = uffd
+        self.ioctls = ioctls
+        self.stats = Counters()
+        self._fallback = lib.PYUFFD_FALLBACK_ZEROPAGE
+
+    @property
+    def length(self) -> int:
+        """``end - start``."""
+        return self.end - self.start
+
+    def _clone(self, start: int, end: int, uffd: Userfaultfd | None = None) -> Mapping:
+        m = Mapping(start, end, self.kind, self.mode, self.ops, self.page_size, uffd or self.uffd, self.ioctls)
+        m._fallback = self._fallback
+        return m
+
+    def __repr__(self) -> str:
+        return (
+            f"<uffd.Mapping {self.kind} {describe_range(self.start, self.length)} "
+            f"mode={self.mode!r} ops={type(self.ops).__name__} ioctls={self.ioctls!r}>"
+        )
+
+
+class Fault:
+    """A page fault as handlers see it: ``address`` (page-aligned), ``offset`` (from the
+    mapping's start), ``mapping``, ``kind`` ("missing"|"minor"|"wp"), ``write``, ``thread_id``."""
+
+    __slots__ = ("_slot", "_t_ns", "address", "kind", "mapping", "offset", "thread_id", "write")
+
+    def __init__(
+        self,
+        address: int,
+        mapping: Mapping,
+        kind: str,
+        write: bool,
+        thread_id: int | None,
+        slot: int,
+        t_ns: int,
+    ) -> None:
+        self.address = address
+        self.offset = address - mapping.start
+        self.mapping = mapping
+        self.kind = kind
+        self.write = write
+        self.thread_id = thread_id
+        self._slot = slot
+        self._t_ns = t_ns
+
+    def __repr__(self) -> str:
+        return f"<uffd.Fault {self.kind} {self.address:#x} (+{self.offset:#x}) tid={self.thread_id}>"
+
+
+Mapping.__module__ = Fault.__module__ = "uffd"
+
+
+def _required_features(kind: str, mode: Mode) -> Feature:
+    """The features an fd must have negotiated to serve ``mode`` on ``kind`` memory."""
+    need = Feature(0)
+    file_backed = kind in ("shmem", "hugetlb")
+    if mode & Mode.MISSING and file_backed:
+        need |= Feature.MISSING_SHMEM if kind == "shmem" else Feature.MISSING_HUGETLBFS
+    if mode & Mode.MINOR:
+        need |= Feature.MINOR_HUGETLBFS if kind == "hugetlb" else Feature.MINOR_SHMEM
+    if mode & Mode.WP:
+        need |= Feature.PAGEFAULT_FLAG_WP | (Feature.WP_HUGETLBFS_SHMEM if file_backed else 0)
+    return need
+
+
+class _Table:
+    """One fd's mappings, sorted by start; replaced whole on change so readers need no lock."""
+
+    __slots__ = ("maps", "starts")
+
+    def __init__(self, maps: list[Mapping]) -> None:
+        self.maps = sorted(maps, key=lambda m: m.start)
+        self.starts = [m.start for m in self.maps]
+
+    def find(self, addr: int) -> Mapping | None:
+        i = bisect.bisect_right(self.starts, addr) - 1
+        if i >= 0:
+            m = self.maps[i]
+            if addr < m.end:
+                return m
+        return None
+
+
+class FaultHandler:
+    """A thread that serves the page faults of registered mappings.
+
+    ``features`` are extra UFFD features to negotiate (EVENT_FORK, EVENT_REMAP,
+    EVENT_REMOVE, EVENT_UNMAP to follow the process's mappings); the handler
+    adds the features it needs when the kernel has them (``auto_features``).
+    ``fallback`` ("sigbus" or "zero") resolves faults a handler failed; a
+    poison marker is never used for a thread of this process outside a
+    SIGBUS-safe Region access (the SIGBUS would kill the process): that thread
+    gets a zero page. ``deadline`` (seconds) bounds every fault.
+
+    Methods may be called from any thread; the handlers run on the dispatch
+    thread. With EVENT_FORK, a ``os.fork()`` in this process is safe: the
+    FORK event is read by C code that needs no GIL.
+
+    Raises (constructor): PermissionError, UnsupportedError (a requested
+    feature the kernel lacks), ValueError (bad fallback or deadline).
+    """
+
+    def __init__(
+        self,
+        *,
+        features: Feature = Feature(0),
+        fallback: str = "sigbus",
+        deadline: float = 1.0,
+        auto_features: bool = True,
+        batch: int = 64,
+    ) -> None:
+        if fallback not in _FALLBACKS:
+            raise ValueError(f"fallback must be 'sigbus' or 'zero', not {fallback!r}")
+        if not deadline > 0:
+            raise ValueError(f"deadline must be positive seconds, got {deadline!r}")
+        self.fallback = fallback
+        self.deadline = float(deadline)
+        self._batch = batch
+        self._pump: Any = None
+        self._fds: dict[int, Userfaultfd] = {}
+        self._tables: dict[int, _Table] = {}
+        self._retired: list[Mapping] = []
+        self._orphans = Counters()
+        self._errors: list[BaseException] = []
+        self._deferred: dict[int, Fault] = {}
+        self._retry: list[tuple[Fault, Resolution, int]] = []
+        self._lock = threading.RLock()
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+        self._expired = 0
+        if auto_features:
+            from uffd.probe import probe
+
+            features = Feature(features | (AUTO_FEATURES & probe().available))
+        self.uffd = Userfaultfd(features)
+        self.features = self.uffd.features
+        pump = lib.pyuffd_pump_new(int(self.deadline * 1e9))
+        if pump == ffi.NULL:
+            self.uffd.close()
+            raise OSError(ffi.errno, "could not start the fault pump (out of memory or threads?)")
+        self._pump = pump
+        self._add_fd(self.uffd)
+
+    # -- registration ----------------------------------------------------
+
+    def _add_fd(self, fd: Userfaultfd) -> None:
+        check(lib.pyuffd_pump_add_fd(self._pump, fd.fileno()), "epoll add userfaultfd")
+        self._fds[fd.fileno()] = fd
+        self._tables[fd.fileno()] = _Table([])
+
+    def adopt(self, fd: Userfaultfd) -> None:
+        """Serve an externally created userfaultfd too (e.g. received over SCM_RIGHTS).
+
+        The handler owns it from now on and closes it at ``stop()``.
+        """
+        self._require_running("adopt")
+        with self._lock:
+            self._add_fd(fd)
+
+    def register(
+        self,
+        target: mem.Region | tuple[int, int],
+        mode: Mode = Mode.MISSING,
+        ops: UffdOps | None = None,
+        *,
+        uffd: Userfaultfd | None = None,
+        registered: bool = False,
+        kind: str | None = None,
+    ) -> Mapping:
+        """Register ``target`` (a Region or ``(addr, length)``) for ``mode`` with ``ops``.
+
+        Resolves the ops (``ops``, else the built-in for the memory kind),
+        asks ``ops.can_userfault``, checks the negotiated features, calls
+        UFFDIO_REGISTER (skipped when ``registered=True``: the owner of an
+        adopted fd did it) and honours ``ops.ioctls`` & the kernel's grant.
+
+        Raises:
+            UnsupportedError: the ops, the negotiated features or the kernel
+                refused; the message says who and why.
+            ValueError: mode 0, an unaligned range, an overlap with a mapping.
+        """
+        self._require_running("register")
+        mode = Mode(mode)
+        if not mode:
+            raise ValueError("register: mode must name at least one of Mode.MISSING, WP, MINOR")
+        fd = uffd or self.uffd
+        if isinstance(target, mem.Region):
+            addr, length, page_size = target.addr, target.length, target.page_size
+            kind = kind or target.kind
+        else:
+            addr, length = target
+            if kind is None and not registered:
+                kind, _, _, page_size = mem.kind_of(addr)
+            else:
+                kind = kind or (ops.kind if ops is not None and ops.kind else "anon")
+                page_size = mem.huge_page_size() if kind == "hugetlb" else mem.PAGE_SIZE
+        if length <= 0 or addr % page_size or length % page_size:
+            raise ValueError(
+                f"register: {describe_range(addr, length)} is not a positive multiple of the "
+                f"{page_size}-byte page size of this {kind} memory"
+            )
+        ops = get_uffd_ops(kind, ops)
+        mapping = Mapping(addr, addr + length, kind, mode, ops, page_size, fd)
+        where = f"{kind} mapping {describe_range(addr, length)}"
+        if not ops.can_userfault(mapping, mode):
+            raise UnsupportedError(
+                f"{type(ops).__name__} refused {mode!r} on the {where}: it serves "
+                f"{ops.features!r} (features derive from its handle_* methods)",
+                op="register",
+                addr=addr,
+                length=length,
+            )
+        missing = _required_features(kind, mode) & ~fd.features
+        if missing:
+            have = "the kernel has it: pass it in features=" if missing & fd.available == missing else "the kernel lacks it"
+            raise UnsupportedError(
+                f"the handler's userfaultfd did not negotiate {missing!r}, needed for {mode!r} "
+                f"on the {where} ({have})",
+                op="register",
+                addr=addr,
+                length=length,
+            )
+        with self._lock:
+            table = self._tables[fd.fileno()]
+            for other in table.maps:
+                if other.start < addr + length and addr < other.end:
+                    raise ValueError(f"register: {where} overlaps {other!r}")
+            granted = kernel_grant(kind, mode) if registered else fd.register(addr, length, mode)
+            if granted is None:
+                raise UnsupportedError(f"the kernel refuses {mode!r} on the {where}", op="register")
+            mapping.ioctls = Ioctl(ops.ioctls & granted)
+            mapping._fallback = self._fallback_for(mapping)
+            self._publish(mapping)
+        return mapping
+
+    def _fallback_for(self, m: Mapping) -> int:
+        if self.fallback == "sigbus" and m.ioctls & Ioctl.POISON and m.uffd.features & Feature.POISON:
+            return lib.PYUFFD_FALLBACK_POISON
+        if m.ioctls & Ioctl.ZEROPAGE:
+            return lib.PYUFFD_FALLBACK_ZEROPAGE
+        return lib.PYUFFD_FALLBACK_ZEROCOPY
+
+    def _publish(self, m: Mapping) -> None:
+        """Add ``m`` to its fd's table and to the pump (lock held)."""
+        native = m.ops.native
+        source, src_addr, src_fd, src_off = native.spec(m) if native is not None else (0, 0, -1, 0)
+        check(
+            lib.pyuffd_pump_map(
+                self._pump, m.uffd.fileno(), m.start, m.end, m.page_size, m._fallback, source, src_addr, src_fd, src_off
+            ),
+            "pump map",
+        )
+        fd = m.uffd.fileno()
+        self._tables[fd] = _Table([*self._tables[fd].maps, m])
+
+    def unregister(self, mapping: Mapping) -> None:
+        """UFFDIO_UNREGISTER ``mapping`` and drop it; faults pending on it are woken."""
+        with self._lock:
+            fd = mapping.uffd.fileno() if not mapping.uffd.closed else -1
+            table = self._tables.get(fd)
+            if table is None or mapping not in table.maps:
+                raise ValueError(f"unregister: {mapping!r} is not registered on this handler")
+            mapping.uffd.unregister(mapping.start, mapping.length)
+            self._drop(fd, mapping.start, mapping.end)
+
+    def _split(self, fd: int, start: int, end: int) -> list[Mapping]:
+        """Split fd's mappings at ``start`` and ``end``; return those inside (lock held)."""
+        maps: list[Mapping] = []
+        inside: list[Mapping] = []
+        for m in self._tables[fd].maps:
+            pieces = [m]
+            for cut in (start, end):
+                last = pieces[-1]
+                if last.start < cut < last.end:
+                    head, tail = last._clone(last.start, cut), last._clone(cut, last.end)
+                    head.stats = last.stats
+                    pieces[-1:] = [head, tail]
+            for piece in pieces:
+                (inside if start <= piece.start and piece.end <= end else maps).append(piece)
+        self._tables[fd] = _Table(maps + inside)
+        return inside
+
+    def _drop(self, fd: int, start: int, end: int) -> None:
+        """Remove [start, end) from fd's table and the pump (lock held)."""
+        inside = self._split(fd, start, end)
+        self._retired.extend(inside)
+        self._tables[fd] = _Table([m for m in self._tables[fd].maps if m not in inside])
+        check(lib.pyuffd_pump_unmap(self._pump, fd, start, end), "pump unmap")
+
+    # -- lifecycle -------------------------------------------------------
+
+    def _require_running(self, op: str) -> None:
+        if self._stopped:
+            raise ValueError(f"FaultHandler.{op} after stop()")
+
+    def start(self) -> FaultHandler:
+        """Start the dispatch thread (once)."""
+        self._require_running("start")
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="uffd-fault-handler", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop serving, resolve pending faults by the fallback, close the fds, re-raise errors.
+
+        Order: stop the pump, join the dispatch thread, resolve what is still
+        pending (deferred faults never answered), then close every fd, which
+        wakes any thread still waiting and unregisters its ranges. Idempotent;
+        the first recorded handler error is raised (with a note counting the others).
+        """
+        if not self._stopped:
+            self._stopped = True
+            lib.pyuffd_pump_stop(self._pump)
+            stuck = False
+            if self._thread is not None:
+                self._thread.join(timeout if timeout is not None else max(5.0, 2 * self.deadline))
+                stuck = self._thread.is_alive()
+            with self._lock:
+                for fault in self._deferred.values():
+                    self._errors.append(
+                        DeadlineExceededError(
+                            f"deferred fault at {fault.address:#x} was never resolved before stop(); "
+                            "resolved by the fallback",
+                            address=fault.address,
+                            thread_id=fault.thread_id,
+                        )
+                    )
+                self._deferred.clear()
+                lib.pyuffd_pump_drain(self._pump)
+                if stuck:
+                    self._errors.append(
+                        UffdError(0, "the dispatch thread did not stop: a handler is blocked; its fds were closed")
+                    )
+                else:
+                    lib.pyuffd_pump_free(self._pump)
+                for fd in self._fds.values():
+                    fd.close()
+        self._raise_errors()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the dispatch thread to end (after ``stop()`` elsewhere), then re-raise errors."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._raise_errors()
+
+    def _raise_errors(self) -> None:
+        with self._lock:
+            errors, self._errors = self._errors, []
+        if errors:
+            first = errors[0]
+            if len(errors) > 1 and hasattr(first, "add_note"):
+                first.add_note(f"({len(errors) - 1} more handler errors were recorded)")
+            raise first
+
+    def __enter__(self) -> FaultHandler:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            self.stop()
+        except Exception:
+            if exc is None:
+                raise
+
+    def __del__(self) -> None:
+        if getattr(self, "_pump", None) is not None and not self._stopped and self._thread is None:
+            # Never started: release the pump and fd quietly.
+            self._stopped = True
+            lib.pyuffd_pump_free(self._pump)
+            self.uffd.close()
+
+    # -- introspection ---------------------------------------------------
+
+    @property
+    def mappings(self) -> list[Mapping]:
+        """Every registered mapping (forked children's too), sorted by start."""
+        return sorted((m for t in self._tables.values() for m in t.maps), key=lambda m: (m.start, m.uffd.fileno() if not m.uffd.closed else -1))
+
+    @property
+    def stats(self) -> HandlerStats:
+        """Counters per mapping and in total, native faults, deadline fallbacks."""
+        with self._lock:
+            live = {(m.start, m.end): m.stats for m in self.mappings}
+            total = self._orphans
+            for m in [*self.mappings, *self._retired]:
+                total = total.merged(m.stats)
+            native = int(lib.pyuffd_pump_native_faults(self._pump)) if not self._stopped else 0
+        return HandlerStats(total, live, native, self._expired)
+
+    # -- prefetch helpers (core-side installs, not handlers) --------------
+
+    def install(self, mapping: Mapping, offset: int, data: Any, *, wake: bool = False) -> int:
+        """UFFDIO_COPY ``data`` at ``mapping.start + offset``; pages already present are skipped.
+
+        For background prefetch: ``wake=False`` sets DONTWAKE; call ``wake``
+        once per batch. Returns the bytes installed. Raises UnsupportedError
+        if COPY is not honoured on the mapping.
+        """
+        if not mapping.ioctls & Ioctl.COPY:
+            raise UnsupportedError(f"install: COPY is not honoured on {mapping!r}")
+        view = memoryview(data).cast("B")
+        ps = mapping.page_size
+        if offset % ps or view.nbytes % ps or offset < 0 or offset + view.nbytes > mapping.length:
+            raise ValueError(f"install: offset {offset} + {view.nbytes} bytes is not whole pages inside {mapping!r}")
+        installed = pos = 0
+        while pos < view.nbytes:
+            try:
+                installed += mapping.uffd.copy(mapping.start + offset + pos, view[pos:], view.nbytes - pos, wake=wake)
+                break
+            except UffdError as err:
+                if err.errno not in (_errno.EEXIST, _errno.EAGAIN):
+                    raise
+                installed += err.done
+                pos += err.done + (ps if err.errno == _errno.EEXIST else 0)
+                if err.errno == _errno.EAGAIN:
+                    return installed
+        return installed
+
+    def wake(self, mapping: Mapping, offset: int, length: int) -> None:
+        """UFFDIO_WAKE a part of ``mapping`` (after DONTWAKE installs)."""
+        mapping.uffd.wake(mapping.start + offset, length)
+
+    # -- dispatch --------------------------------------------------------
+
+    def _run(self) -> None:
+        items = ffi.new("struct pyuffd_item[]", self._batch)
+        view = ffi.buffer(items)
+        unpack = _ITEM.unpack_from
+        pump = self._pump
+        while True:
+            n = lib.pyuffd_pump_wait(pump, items, self._batch, 100 if self._retry else -1)
+            if n == 0:
+                return
+            if n < 0:
+                if n in (-_errno.EINTR, -_errno.ETIMEDOUT):
+                    self._retry_pending()
+                    continue
+                self._record(UffdError(-n, f"fault pump wait failed: [{_errno.errorcode.get(-n)}]"))
+                return
+            for i in range(n):
+                fd, slot, t_ns, event, a, b, c = unpack(view, i * _ITEM_SIZE)
+                try:
+                    if event == lib.UFFD_EVENT_PAGEFAULT:
+                        self._dispatch(fd, slot, t_ns, a, b, c)
+                    else:
+                        self._on_event(fd, slot, event, a, b, c)
+                except Exception as err:  # noqa: BLE001 - recorded, re-raised from stop()
+                    self._record(err)
+            if self._retry:
+                self._retry_pending()
+
+    def _dispatch(self, fd: int, slot: int, t_ns: int, flags: int, address: int, ptid: int) -> None:
+        table = self._tables.get(fd)
+        m = table.find(address) if table is not None else None
+        if m is None:
+            # Unregistered under the fault (a REMOVE raced it): zero-fill, or wake on ENOENT.
+            ps = mem.PAGE_SIZE
+            done = ffi.new("int64_t *")
+            lib.pyuffd_pump_resolve(self._pump, slot, lib.PYUFFD_OP_ZEROPAGE, address & ~(ps - 1), 0, ps, 0, done)
+            self._orphans.record("missing", "zero", time.monotonic_ns() - t_ns)
+            return
+        if flags & lib.UFFD_PAGEFAULT_FLAG_MINOR:
+            kind, handle = "minor", m.ops.handle_continue
+        elif flags & lib.UFFD_PAGEFAULT_FLAG_WP:
+            kind, handle = "wp", m.ops.handle_wp
+        else:
+            kind, handle = "missing", m.ops.handle_missing
+        fault = Fault(
+            address & ~(m.page_size - 1),
+            m,
+            kind,
+            bool(flags & lib.UFFD_PAGEFAULT_FLAG_WRITE),
+            (ptid & 0xFFFFFFFF) or None,
+            slot,
+            t_ns,
+        )
+        try:
+            if handle is None:
+                raise UnsupportedError(f"{type(m.ops).__name__} has no handler for {kind} faults ({fault!r})")
+            resolution = handle(fault)
+        except Exception as err:  # noqa: BLE001 - any handler failure takes the fallback
+            self._fail(fault, err)
+            return
+        if resolution is None:
+            self._fail(fault, TypeError(f"{type(m.ops).__name__}.handle_{kind} returned None for {fault!r}"))
+        elif resolution is Resolution.defer():
+            with self._lock:
+                self._deferred[slot] = fault
+        else:
+            self._apply(fault, resolution)
+
+    def resolve(self, fault: Fault, resolution: Resolution) -> bool:
+        """Answer a deferred fault, from any thread.
+
+        Returns True if the resolution was installed, False if the fault was
+        already resolved (the deadline fallback, or ``stop()``). Errors are
+        recorded like a handler's and the fault takes the fallback.
+        """
+        with self._lock:
+            if self._deferred.pop(fault._slot, None) is None:
+                return False
+        return self._apply(fault, resolution)
+
+    def _apply(self, fault: Fault, r: Resolution, attempt: int = 0) -> bool:
+        m = fault.mapping
+        kind = r.kind
+        if kind == Resolution.REFUSE:
+            self._fail(fault, HandlerRefusedError(0, f"{type(m.ops).__name__} refused {fault!r}: {r.reason}"))
+            return False
+        op = _OPS.get(kind)
+        need = r.ioctl
+        ps = m.page_size
+        src, keep, mode = 0, None, 0
+        if kind == Resolution.ZERO and not m.ioctls & Ioctl.ZEROPAGE and m.ioctls & Ioctl.COPY:
+            # hugetlb has no ZEROPAGE: a zero page is a copy of zeros.
+            keep = bytes(ps)
+            op, need = lib.PYUFFD_OP_COPY, Ioctl.COPY
+        elif kind == Resolution.COPY:
+            keep = r.data
+        if op is None or need & ~m.ioctls:
+            self._fail(
+                fault,
+                UnsupportedError(
+                    f"{type(m.ops).__name__} answered {r!r} for {fault!r}, but {need!r} is not "
+                    f"honoured on this mapping (honoured: {m.ioctls!r})"
+                ),
+            )
+            return False
+        if kind == Resolution.POISON and not m.uffd.features & Feature.POISON:
+            self._fail(fault, UnsupportedError(f"{r!r} for {fault!r}: UFFD_FEATURE_POISON was not negotiated"))
+            return False
+        if keep is not None:
+            try:
+                buf = ffi.from_buffer(keep)
+            except TypeError as err:
+                self._fail(fault, TypeError(f"Resolution.copy data for {fault!r} is not a buffer: {err}"))
+                return False
+            if len(buf) < ps:
+                self._fail(fault, ValueError(f"Resolution.copy data for {fault!r} holds {len(buf)} bytes, a page is {ps}"))
+                return False
+            src = int(ffi.cast("uintptr_t", buf))
+            if r.keep_wp:
+                mode = lib.UFFDIO_COPY_MODE_WP
+        done = ffi.new("int64_t *")
+        rc = lib.pyuffd_pump_resolve(self._pump, fault._slot, op, fault.address, src, ps, mode, done)
+        if rc in (0, -_errno.EEXIST, -_errno.ENOENT):
+            with self._lock:
+                m.stats.record(fault.kind, kind, time.monotonic_ns() - fault._t_ns)
+            return True
+        if rc == -_errno.ETIME:
+            return False  # the watchdog resolved it; its notice reports that
+        if rc == -_errno.EAGAIN and attempt < _EAGAIN_RETRIES:
+            # The mappings are changing: the event is queued; retry after reading it.
+            self._retry.append((fault, r, attempt + 1))
+            return False
+        try:
+            check(rc, f"resolving {fault!r} with {r!r}", fault.address, ps)
+        except UffdError as err:
+            self._fail(fault, err)
+        return False
+
+    def _retry_pending(self) -> None:
+        pending, self._retry = self._retry, []
+        for fault, r, attempt in pending:
+            self._apply(fault, r, attempt)
+
+    def _fail(self, fault: Fault, err: BaseException) -> None:
+        """Record ``err`` and resolve ``fault`` by the fallback."""
+        did = lib.pyuffd_pump_fallback(self._pump, fault._slot)
+        with self._lock:
+            fault.mapping.stats.errors += 1
+            if did >= 0:
+                fault.mapping.stats.record(fault.kind, "fallback-" + _DID.get(did & 0xFF, "?"), time.monotonic_ns() - fault._t_ns)
+        self._record(err)
+
+    def _record(self, err: BaseException) -> None:
+        with self._lock:
+            self._errors.append(err)
+
+    # -- events ----------------------------------------------------------
+
+    def _on_event(self, fd: int, did: int, event: int, a: int, b: int, c: int) -> None:
+        if event == lib.PYUFFD_EVENT_EXPIRED:
+            self._on_expired(fd, did, a, b, c & 0xFFFFFFFF)
+            return
+        with self._lock:
+            if event == lib.UFFD_EVENT_FORK:
+                parent = self._fds[fd]
+                child = Userfaultfd._adopt(a & 0xFFFFFFFF, parent)
+                self._add_fd(child)
+                for m in self._tables[fd].maps:
+                    self._publish(m._clone(m.start, m.end, child))
+            elif event == lib.UFFD_EVENT_REMAP:
+                moved = self._split(fd, a, a + c)
+                rest = [m for m in self._tables[fd].maps if m not in moved]
+                for m in moved:
+                    m.start, m.end = m.start - a + b, m.end - a + b
+                self._tables[fd] = _Table(rest + moved)
+                check(lib.pyuffd_pump_move(self._pump, fd, a, b, c), "pump move")
+            elif event == lib.UFFD_EVENT_REMOVE:
+                # The pages are gone; unregister so later accesses get zero pages.
+                if self._split(fd, a, b):
+                    try:
+                        self._fds[fd].unregister(a, b - a)
+                    except (UffdError, ValueError):
+                        pass  # the range or the process is already gone
+                    self._drop(fd, a, b)
+            elif event == lib.UFFD_EVENT_UNMAP:
+                self._drop(fd, a, b)
+            elif event == lib.PYUFFD_EVENT_FD_ERROR:
+                self._fd_lost(fd, a)
+
+    def _fd_lost(self, fd: int, err: int) -> None:
+        lost = self._fds.pop(fd, None)
+        table = self._tables.pop(fd, None)
+        if table is not None:
+            self._retired.extend(table.maps)
+        lib.pyuffd_pump_remove_fd(self._pump, fd)
+        if lost is not None and lost is self.uffd:
+            self._errors.append(
+                UffdError(err, f"the handler's userfaultfd (fd {fd}) failed under it: [{_errno.errorcode.get(err, err)}] "
+                          "(was it closed by someone else?)")
+            )
+
+    def _on_expired(self, fd: int, did: int, flags: int, address: int, ptid: int) -> None:
+        with self._lock:
+            self._expired += 1
+            for slot, fault in list(self._deferred.items()):
+                if fault.address == address & ~(fault.mapping.page_size - 1) and fault.mapping.uffd.fileno() == fd:
+                    del self._deferred[slot]
+                    break
+            table = self._tables.get(fd)
+            m = table.find(address) if table is not None else None
+            if m is not None:
+                m.stats.errors += 1
+                kind = "minor" if flags & lib.UFFD_PAGEFAULT_FLAG_MINOR else "wp" if flags & lib.UFFD_PAGEFAULT_FLAG_WP else "missing"
+                m.stats.record(kind, "fallback-" + _DID.get(did & 0xFF, "?"), int(self.deadline * 1e9))
+        what = _DID.get(did & 0xFF, "nothing (the fallback failed)")
+        if did & lib.PYUFFD_DID_UNGUARDED:
+            why = (
+                f"thread {ptid} of this process faulted there while the dispatch thread could not "
+                "run, most likely because the faulting thread held the GIL (plain Python or ctypes "
+                "access to registered memory); use Region.read/write/touch, which release it"
+            )
+        else:
+            why = "the handler did not answer in time"
+        self._record(
+            DeadlineExceededError(
+                f"fault at {address:#x} missed the {self.deadline:g} s deadline: {why}; resolved with {what}",
+                address=address,
+                thread_id=ptid or None,
+            )
+        )
+

@@ -1,0 +1,217 @@
+"""``UffdOps``: per-mapping userfaultfd operations, a user-space ``vm_uffd_ops``.
+
+A memory type opts in to userfaultfd by providing handlers; what it supports
+is derived from which handlers exist, never declared separately (the review
+of the kernel's vm_uffd_ops series, ../shared/reference). ``get_uffd_ops``
+picks the ops for a mapping: explicit ops first, else the built-in for its
+memory kind. The built-ins mirror what the 6.18 kernel grants per kind.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from uffd._constants import Ioctl, Mode
+from uffd._errors import UnsupportedError
+from uffd._resolution import Resolution
+
+if TYPE_CHECKING:
+    from uffd._handler import Fault, Mapping
+
+__all__ = [
+    "AnonOps",
+    "HugetlbOps",
+    "ShmemOps",
+    "UffdOps",
+    "get_uffd_ops",
+    "kernel_grant",
+]
+
+# What UFFDIO_REGISTER grants per memory kind on 6.18 before the mode masks
+# (UFFD_API_RANGE_IOCTLS; hugetlb gets the _BASIC set: no ZEROPAGE, no MOVE).
+_RANGE_IOCTLS = (
+    Ioctl.WAKE
+    | Ioctl.COPY
+    | Ioctl.ZEROPAGE
+    | Ioctl.MOVE
+    | Ioctl.WRITEPROTECT
+    | Ioctl.CONTINUE
+    | Ioctl.POISON
+)
+_RANGE_IOCTLS_BASIC = Ioctl.WAKE | Ioctl.COPY | Ioctl.WRITEPROTECT | Ioctl.CONTINUE | Ioctl.POISON
+KIND_IOCTLS: dict[str, Ioctl] = {
+    "anon": _RANGE_IOCTLS,
+    "shmem": _RANGE_IOCTLS,
+    "hugetlb": _RANGE_IOCTLS_BASIC,
+}
+_ALL_MODES = Mode.MISSING | Mode.WP | Mode.MINOR
+
+
+def kernel_grant(kind: str, mode: Mode) -> Ioctl | None:
+    """What the 6.18 kernel's UFFDIO_REGISTER answers for ``kind`` and ``mode``; None if it refuses.
+
+    The kernel refuses mode 0 and unknown bits, MINOR outside shmem/hugetlb,
+    and memory kinds it does not know; CONTINUE is granted only with MINOR,
+    WRITEPROTECT only with WP.
+    """
+    if kind not in KIND_IOCTLS or not mode or mode & ~_ALL_MODES:
+        return None
+    if mode & Mode.MINOR and kind == "anon":
+        return None
+    grant = KIND_IOCTLS[kind]
+    if not mode & Mode.MINOR:
+        grant &= ~Ioctl.CONTINUE
+    if not mode & Mode.WP:
+        grant &= ~Ioctl.WRITEPROTECT
+    return grant
+
+
+def _overrides(cls: type, name: str) -> bool:
+    return getattr(cls, name, None) is not getattr(UffdOps, name, None)
+
+
+class UffdOps:
+    """Base class of per-mapping ops; subclass it and define the handlers you support.
+
+    Handlers (each optional; absence means "not supported"):
+
+    - ``handle_missing(fault) -> Resolution``: a MISSING fault (copy, zero,
+      poison or refuse);
+    - ``handle_continue(fault) -> Resolution``: a MINOR fault (the page is
+      in the page cache: continue, after updating it through another view);
+    - ``handle_wp(fault) -> Resolution``: a write-protect fault (unprotect,
+      copy with ``keep_wp``, or refuse).
+
+    Calling context: handlers run on the FaultHandler's dispatch thread, one
+    at a time. A handler must not touch memory of any mapping registered on
+    the same handler (it would fault and wait for itself); it may block on
+    I/O, but a handler that fetches over a network should return
+    ``Resolution.defer()`` and call ``handler.resolve(fault, r)`` when the
+    answer arrives, so faults from several threads are fetched concurrently.
+    If a handler raises, returns None, or misses the deadline, the fault is
+    resolved by the handler's fallback policy and the error is re-raised
+    from ``FaultHandler.stop()``.
+
+    Derived class attributes: ``features`` (the Mode bits the handlers
+    serve: MISSING iff handle_missing, MINOR iff handle_continue, WP iff
+    handle_wp) and ``ioctls`` (what those handlers need, plus what the memory
+    ``kind`` always allows). A subclass that declares either must match the
+    derivation, or defining it raises TypeError.
+    """
+
+    features: ClassVar[Mode] = Mode(0)
+    ioctls: ClassVar[Ioctl] = Ioctl(0)
+    #: The memory kind this ops serves ("anon", "shmem", "hugetlb"), or None for any.
+    kind: ClassVar[str | None] = None
+    #: A native source served by the C pump without Python (see uffd.modules.native).
+    native: Any = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        features = Mode(0)
+        if _overrides(cls, "handle_missing"):
+            features |= Mode.MISSING
+        if _overrides(cls, "handle_wp"):
+            features |= Mode.WP
+        if _overrides(cls, "handle_continue"):
+            features |= Mode.MINOR
+        if cls.kind is not None:
+            ioctls = KIND_IOCTLS[cls.kind]
+        else:
+            ioctls = Ioctl.WAKE | Ioctl.COPY | Ioctl.ZEROPAGE | Ioctl.POISON
+        if not features & Mode.MINOR:
+            ioctls &= ~Ioctl.CONTINUE
+        else:
+            ioctls |= Ioctl.CONTINUE
+        if not features & Mode.WP:
+            ioctls &= ~Ioctl.WRITEPROTECT
+        else:
+            ioctls |= Ioctl.WRITEPROTECT
+        for name, derived in (("features", features), ("ioctls", ioctls)):
+            declared = cls.__dict__.get(name)
+            if declared is not None and int(declared) != int(derived):
+                raise TypeError(
+                    f"{cls.__qualname__}.{name} = {declared!r} disagrees with its handlers, "
+                    f"which imply {derived!r}; drop the declaration (it is derived)"
+                )
+        cls.features = features
+        cls.ioctls = ioctls
+
+    # Handlers are looked up with getattr; the base class defines none of them.
+    handle_missing: Any = None
+    handle_continue: Any = None
+    handle_wp: Any = None
+
+    def can_userfault(self, mapping: Mapping, mode: Mode) -> bool:
+        """May ``mapping`` be registered with ``mode``? Default: ``mode`` is within ``features``."""
+        return bool(mode) and not mode & ~self.features
+
+    def honoured(self, kind: str, mode: Mode) -> Ioctl | None:
+        """The ioctls this ops honours on memory of ``kind`` registered with ``mode``; None if refused.
+
+        This is the emulated UFFDIO_REGISTER answer: the kernel's grant for
+        the kind, masked by what the ops supports.
+        """
+        grant = kernel_grant(kind, mode)
+        return None if grant is None else grant & self.ioctls
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__qualname__} features={self.features!r}>"
+
+
+class AnonOps(UffdOps):
+    """Private anonymous memory: MISSING and WP; MINOR refused (no page cache).
+
+    Missing pages are zero-filled and WP faults un-protected, as the kernel
+    does without a userfaultfd.
+    """
+
+    kind = "anon"
+
+    def handle_missing(self, fault: Fault) -> Resolution:
+        """Zero-fill the page."""
+        return Resolution.zero()
+
+    def handle_wp(self, fault: Fault) -> Resolution:
+        """Let the write through."""
+        return Resolution.unprotect()
+
+
+class ShmemOps(AnonOps):
+    """shmem (memfd, tmpfs, SysV): MISSING, WP and MINOR."""
+
+    kind = "shmem"
+
+    def handle_continue(self, fault: Fault) -> Resolution:
+        """Map the page that is already in the page cache."""
+        return Resolution.continue_()
+
+
+class HugetlbOps(ShmemOps):
+    """hugetlbfs: MISSING, WP and MINOR; no ZEROPAGE and no MOVE (zero-fill copies zeros)."""
+
+    kind = "hugetlb"
+
+
+_BUILTIN: dict[str, UffdOps] = {"anon": AnonOps(), "shmem": ShmemOps(), "hugetlb": HugetlbOps()}
+for _cls in (UffdOps, AnonOps, ShmemOps, HugetlbOps):
+    _cls.__module__ = "uffd"
+
+
+def get_uffd_ops(kind: str, ops: UffdOps | None = None) -> UffdOps:
+    """The ops for a mapping of ``kind``: ``ops`` if given, else the built-in for the kind.
+
+    Raises UnsupportedError for a memory kind no ops covers (file-backed
+    memory other than shmem/hugetlb has no userfaultfd support in 6.18).
+    """
+    if ops is not None:
+        if not isinstance(ops, UffdOps):
+            raise TypeError(f"ops must be a uffd.UffdOps instance, not {type(ops).__name__}")
+        return ops
+    try:
+        return _BUILTIN[kind]
+    except KeyError:
+        raise UnsupportedError(
+            f"no vm_uffd_ops for {kind!r} memory: the kernel supports anon, shmem and "
+            "hugetlb; pass ops= for anything else"
+        ) from None
