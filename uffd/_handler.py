@@ -360,8 +360,7 @@ class FaultHandler:
 
     def _publish(self, m: Mapping) -> None:
         """Add ``m`` to its fd's table and to the pump (lock held)."""
-        native = m.ops.native
-        source, src_addr, src_fd, src_off = native.spec(m) if native is not None else (0, 0, -1, 0)
+        source, src_addr, src_fd, src_off = m.ops.native_source(m) or (lib.PYUFFD_SOURCE_NONE, 0, -1, 0)
         check(
             lib.pyuffd_pump_map(
                 self._pump, m.uffd.fileno(), m.start, m.end, m.page_size, m._fallback, source, src_addr, src_fd, src_off

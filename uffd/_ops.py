@@ -103,8 +103,6 @@ class UffdOps:
     ioctls: ClassVar[Ioctl] = Ioctl(0)
     #: The memory kind this ops serves ("anon", "shmem", "hugetlb"), or None for any.
     kind: ClassVar[str | None] = None
-    #: A native source served by the C pump without Python (see uffd.modules.native).
-    native: Any = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -145,6 +143,17 @@ class UffdOps:
     def can_userfault(self, mapping: Mapping, mode: Mode) -> bool:
         """May ``mapping`` be registered with ``mode``? Default: ``mode`` is within ``features``."""
         return bool(mode) and not mode & ~self.features
+
+    def native_source(self, mapping: Mapping) -> tuple[int, int, int, int] | None:
+        """A source the C pump serves MISSING faults from without entering Python, or None.
+
+        Returns ``(source, address, fd, offset)`` with ``source`` one of the
+        pump's PYUFFD_SOURCE_* kinds (memory at ``address``, a file ``fd`` at
+        ``offset``, or zeros). The object that owns the memory or fd must
+        outlive the mapping. Faults the pump cannot serve still reach the
+        handlers, so ``handle_missing`` must give the same answer.
+        """
+        return None
 
     def honoured(self, kind: str, mode: Mode) -> Ioctl | None:
         """The ioctls this ops honours on memory of ``kind`` registered with ``mode``; None if refused.
