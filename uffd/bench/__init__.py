@@ -1,0 +1,1 @@
+"""Baselines and helpers for the pyuffd benchmark suite."""
