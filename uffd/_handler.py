@@ -61,6 +61,15 @@ _DID = {
     lib.PYUFFD_DID_CONTINUE: "continue",
     lib.PYUFFD_DID_WAKE: "wake",
 }
+_REFUSE, _ZERO, _POISON = Resolution.REFUSE, Resolution.ZERO, Resolution.POISON
+_ZEROPAGE, _COPY = int(Ioctl.ZEROPAGE), int(Ioctl.COPY)
+_OP_COPY = lib.PYUFFD_OP_COPY
+_COPY_MODE_WP = lib.UFFDIO_COPY_MODE_WP
+_FLAG_MINOR = lib.UFFD_PAGEFAULT_FLAG_MINOR
+_FLAG_WP = lib.UFFD_PAGEFAULT_FLAG_WP
+_FLAG_WRITE = lib.UFFD_PAGEFAULT_FLAG_WRITE
+_EVENT_PAGEFAULT = lib.UFFD_EVENT_PAGEFAULT
+_resolve = lib.pyuffd_pump_resolve
 _OPS = {
     Resolution.COPY: lib.PYUFFD_OP_COPY,
     Resolution.ZERO: lib.PYUFFD_OP_ZEROPAGE,
@@ -95,7 +104,7 @@ class Mapping:
     mappings live on the child's fd). ``stats`` counts its faults.
     """
 
-    __slots__ = ("_fallback", "end", "kind", "mode", "ops", "page_size", "start", "stats", "uffd", "ioctls")
+    __slots__ = ("_fallback", "_honoured", "_ioctls", "end", "kind", "mode", "ops", "page_size", "start", "stats", "uffd")
 
     def __init__(
         self,
@@ -118,6 +127,16 @@ class Mapping:
         self.ioctls = ioctls
         self.stats = Counters()
         self._fallback = lib.PYUFFD_FALLBACK_ZEROPAGE
+
+    @property
+    def ioctls(self) -> Ioctl:
+        """The honoured ioctls: ``ops.ioctls`` & the kernel's grant."""
+        return self._ioctls
+
+    @ioctls.setter
+    def ioctls(self, value: Ioctl) -> None:
+        self._ioctls = Ioctl(value)
+        self._honoured = int(value)  # the fault path tests plain ints
 
     @property
     def length(self) -> int:
@@ -246,6 +265,8 @@ class FaultHandler:
         self._thread: threading.Thread | None = None
         self._stopped = False
         self._expired = 0
+        # Written by C, never read: the pump reports progress through rc.
+        self._done = ffi.new("int64_t *")
         if auto_features:
             from uffd.probe import probe
 
@@ -560,7 +581,7 @@ class FaultHandler:
             for i in range(n):
                 fd, slot, t_ns, event, a, b, c = unpack(view, i * _ITEM_SIZE)
                 try:
-                    if event == lib.UFFD_EVENT_PAGEFAULT:
+                    if event == _EVENT_PAGEFAULT:
                         self._dispatch(fd, slot, t_ns, a, b, c)
                     else:
                         self._on_event(fd, slot, event, a, b, c)
@@ -579,9 +600,9 @@ class FaultHandler:
             lib.pyuffd_pump_resolve(self._pump, slot, lib.PYUFFD_OP_ZEROPAGE, address & ~(ps - 1), 0, ps, 0, done)
             self._orphans.record("missing", "zero", time.monotonic_ns() - t_ns)
             return
-        if flags & lib.UFFD_PAGEFAULT_FLAG_MINOR:
+        if flags & _FLAG_MINOR:
             kind, handle = "minor", m.ops.handle_continue
-        elif flags & lib.UFFD_PAGEFAULT_FLAG_WP:
+        elif flags & _FLAG_WP:
             kind, handle = "wp", m.ops.handle_wp
         else:
             kind, handle = "missing", m.ops.handle_missing
@@ -589,7 +610,7 @@ class FaultHandler:
             address & ~(m.page_size - 1),
             m,
             kind,
-            bool(flags & lib.UFFD_PAGEFAULT_FLAG_WRITE),
+            bool(flags & _FLAG_WRITE),
             (ptid & 0xFFFFFFFF) or None,
             slot,
             t_ns,
@@ -624,29 +645,28 @@ class FaultHandler:
     def _apply(self, fault: Fault, r: Resolution, attempt: int = 0) -> bool:
         m = fault.mapping
         kind = r.kind
-        if kind == Resolution.REFUSE:
+        if kind == _REFUSE:
             self._fail(fault, HandlerRefusedError(0, f"{type(m.ops).__name__} refused {fault!r}: {r.reason}"))
             return False
         op = _OPS.get(kind)
-        need = r.ioctl
+        need = r.need
+        honoured = m._honoured
         ps = m.page_size
-        src, keep, mode = 0, None, 0
-        if kind == Resolution.ZERO and not m.ioctls & Ioctl.ZEROPAGE and m.ioctls & Ioctl.COPY:
+        src, keep, mode = 0, r.data, 0
+        if kind == _ZERO and not honoured & _ZEROPAGE and honoured & _COPY:
             # hugetlb has no ZEROPAGE: a zero page is a copy of zeros.
             keep = bytes(ps)
-            op, need = lib.PYUFFD_OP_COPY, Ioctl.COPY
-        elif kind == Resolution.COPY:
-            keep = r.data
-        if op is None or need & ~m.ioctls:
+            op, need = _OP_COPY, _COPY
+        if op is None or need & ~honoured:
             self._fail(
                 fault,
                 UnsupportedError(
-                    f"{type(m.ops).__name__} answered {r!r} for {fault!r}, but {need!r} is not "
-                    f"honoured on this mapping (honoured: {m.ioctls!r})"
+                    f"{type(m.ops).__name__} answered {r!r} for {fault!r}, but {Ioctl(need & ~honoured)!r} "
+                    f"is not honoured on this mapping (honoured: {m.ioctls!r})"
                 ),
             )
             return False
-        if kind == Resolution.POISON and not m.uffd.features & Feature.POISON:
+        if kind == _POISON and not m.uffd.features & Feature.POISON:
             self._fail(fault, UnsupportedError(f"{r!r} for {fault!r}: UFFD_FEATURE_POISON was not negotiated"))
             return False
         if keep is not None:
@@ -660,11 +680,10 @@ class FaultHandler:
                 return False
             src = int(ffi.cast("uintptr_t", buf))
             if r.keep_wp:
-                mode = lib.UFFDIO_COPY_MODE_WP
-        done = ffi.new("int64_t *")
-        rc = lib.pyuffd_pump_resolve(self._pump, fault._slot, op, fault.address, src, ps, mode, done)
-        if rc in (0, -_errno.EEXIST, -_errno.ENOENT):
-            with self._lock:
+                mode = _COPY_MODE_WP
+        rc = _resolve(self._pump, fault._slot, op, fault.address, src, ps, mode, self._done)
+        if rc == 0 or rc == -_errno.EEXIST or rc == -_errno.ENOENT:
+            with self._lock:  # resolve() may run on other threads
                 m.stats.record(fault.kind, kind, time.monotonic_ns() - fault._t_ns)
             return True
         if rc == -_errno.ETIME:

@@ -58,7 +58,7 @@ class Capabilities:
 
     def __str__(self) -> str:
         def path_line(name: str, p: OpenPath) -> str:
-            return f"  {name:<15} {'works' if p.works else 'fails'}{': ' + p.reason if p.reason else ''}"
+            return f"  {name:<17} {'works' if p.works else 'fails'}{': ' + p.reason if p.reason else ''}"
 
         known = [f for f in Feature]
         lines = [
@@ -83,6 +83,19 @@ class Capabilities:
         return "\n".join(lines)
 
 
+def _why_it_works(via: str, flags: int) -> str:
+    if via == "device":
+        st = os.stat("/dev/userfaultfd")
+        return f"/dev/userfaultfd (mode {st.st_mode & 0o777:o}, uid {st.st_uid}, gid {st.st_gid}) is accessible"
+    if flags & lib.UFFD_USER_MODE_ONLY:
+        return "user-mode-only fds need no privilege"
+    if os.geteuid() == 0:
+        return "running as root (CAP_SYS_PTRACE)"
+    if _read_int("/proc/sys/vm/unprivileged_userfaultfd") == 1:
+        return "vm.unprivileged_userfaultfd = 1"
+    return "this process has CAP_SYS_PTRACE"
+
+
 def _try_open(opener: Any, flags: int, via: str) -> tuple[OpenPath, int, int]:
     fd = opener(flags)
     if fd < 0:
@@ -93,7 +106,7 @@ def _try_open(opener: Any, flags: int, via: str) -> tuple[OpenPath, int, int]:
         rc = lib.pyuffd_api(fd, 0, features, ioctls)
         if rc < 0:
             return OpenPath(False, -rc, f"UFFDIO_API failed: {os.strerror(-rc)}"), 0, 0
-        return OpenPath(True), features[0], ioctls[0]
+        return OpenPath(True, None, _why_it_works(via, flags)), features[0], ioctls[0]
     finally:
         os.close(fd)
 
