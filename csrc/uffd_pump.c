@@ -1,6 +1,7 @@
 /* The fault pump and its watchdog; the model is described in uffd_pump.h. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -402,6 +403,15 @@ int pyuffd_pump_add_fd(struct pyuffd_pump *p, int fd)
 {
 	struct epoll_event ev = { .events = EPOLLIN };
 	ev.data.fd = fd;
+	/*
+	 * A blocking userfaultfd always polls as EPOLLERR (the kernel cannot
+	 * promise that read() will not block), and the pump reads under its
+	 * lock: it needs O_NONBLOCK. The flag is on the open file, so a peer
+	 * that sent us its fd sees it too; userfaultfd owners do not read.
+	 */
+	int fl = fcntl(fd, F_GETFL);
+	if (fl < 0 || (!(fl & O_NONBLOCK) && fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0))
+		return -errno;
 	pthread_mutex_lock(&p->lock);
 	int rc = p->nfds == MAX_FDS ? -EMFILE : 0;
 	if (rc == 0 && epoll_ctl(p->epfd, EPOLL_CTL_ADD, fd, &ev) < 0)
