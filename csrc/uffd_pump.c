@@ -537,8 +537,8 @@ int pyuffd_pump_wait(struct pyuffd_pump *p, struct pyuffd_item *items, int max_i
 	return n;
 }
 
-int pyuffd_pump_resolve(struct pyuffd_pump *p, uint32_t id, int op, uint64_t dst, uint64_t src,
-			uint64_t len, uint64_t mode, int64_t *done)
+int pyuffd_pump_resolve(struct pyuffd_pump *p, int fd, uint32_t id, int op, uint64_t dst,
+			uint64_t src, uint64_t len, uint64_t mode, int64_t *done)
 {
 	pthread_mutex_lock(&p->lock);
 	struct slot *s = slot_get(p, id);
@@ -547,12 +547,9 @@ int pyuffd_pump_resolve(struct pyuffd_pump *p, uint32_t id, int op, uint64_t dst
 		*done = 0;
 		return -ETIME; /* the watchdog resolved it already */
 	}
-	int fd = s ? s->fd : -1;
 	if (s)
 		s->state = SLOT_RESOLVING;
 	pthread_mutex_unlock(&p->lock);
-	if (fd < 0)
-		return -EINVAL;
 
 	int rc;
 	*done = 0;
@@ -571,12 +568,14 @@ int pyuffd_pump_resolve(struct pyuffd_pump *p, uint32_t id, int op, uint64_t dst
 		if (wrc < 0)
 			rc = wrc;
 	}
-	pthread_mutex_lock(&p->lock);
-	if (rc < 0 && rc != -EEXIST && rc != -ENOENT)
-		s->state = SLOT_PENDING; /* still unresolved: Python falls back or the deadline will */
-	else
-		s->state = SLOT_FREE;
-	pthread_mutex_unlock(&p->lock);
+	if (s) {
+		pthread_mutex_lock(&p->lock);
+		if (rc < 0 && rc != -EEXIST && rc != -ENOENT)
+			s->state = SLOT_PENDING; /* still unresolved: Python falls back or the deadline will */
+		else
+			s->state = SLOT_FREE;
+		pthread_mutex_unlock(&p->lock);
+	}
 	return rc;
 }
 

@@ -596,9 +596,9 @@ class FaultHandler:
         if m is None:
             # Unregistered under the fault (a REMOVE raced it): zero-fill, or wake on ENOENT.
             ps = mem.PAGE_SIZE
-            done = ffi.new("int64_t *")
-            lib.pyuffd_pump_resolve(self._pump, slot, lib.PYUFFD_OP_ZEROPAGE, address & ~(ps - 1), 0, ps, 0, done)
-            self._orphans.record("missing", "zero", time.monotonic_ns() - t_ns)
+            _resolve(self._pump, fd, slot, lib.PYUFFD_OP_ZEROPAGE, address & ~(ps - 1), 0, ps, 0, self._done)
+            with self._lock:
+                self._orphans.record("missing", "zero", time.monotonic_ns() - t_ns)
             return
         if flags & _FLAG_MINOR:
             kind, handle = "minor", m.ops.handle_continue
@@ -681,7 +681,7 @@ class FaultHandler:
             src = int(ffi.cast("uintptr_t", buf))
             if r.keep_wp:
                 mode = _COPY_MODE_WP
-        rc = _resolve(self._pump, fault._slot, op, fault.address, src, ps, mode, self._done)
+        rc = _resolve(self._pump, m.uffd._fd, fault._slot, op, fault.address, src, ps, mode, self._done)
         if rc == 0 or rc == -_errno.EEXIST or rc == -_errno.ENOENT:
             with self._lock:  # resolve() may run on other threads
                 m.stats.record(fault.kind, kind, time.monotonic_ns() - fault._t_ns)
