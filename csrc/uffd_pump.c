@@ -39,6 +39,9 @@ struct map {
 	uint64_t start, end, page_size;
 	int fallback, source, src_fd;
 	uint64_t src_addr, src_offset;
+	uint64_t max_run; /* native sources: the most bytes one fault may install */
+	uint64_t run;     /* the current run: doubles while faults are sequential */
+	uint64_t next;    /* where the next sequential fault would be */
 };
 
 struct pyuffd_pump {
@@ -219,7 +222,12 @@ static int do_fallback(struct pyuffd_pump *p, int fd, uint64_t addr, uint64_t fl
 	return rc < 0 ? rc : did | (unguarded ? PYUFFD_DID_UNGUARDED : 0);
 }
 
-/* Serve a MISSING fault from a native source; 1 if served, 0 to hand it to Python. */
+/*
+ * Serve a MISSING fault from a native source; 1 if served, 0 to hand it to
+ * Python. While faults are sequential the pump installs a growing run of
+ * pages from the faulting one on (up to max_run bytes), in one UFFDIO_COPY:
+ * the kernel stops at the first page already present, and wakes once.
+ */
 static int serve_native(struct pyuffd_pump *p, int fd, const struct uffd_msg *msg)
 {
 	uint64_t flags = msg->arg.pagefault.flags;
@@ -228,31 +236,38 @@ static int serve_native(struct pyuffd_pump *p, int fd, const struct uffd_msg *ms
 	struct map *m = find_map(p, fd, msg->arg.pagefault.address);
 	if (!m || m->source == PYUFFD_SOURCE_NONE)
 		return 0;
-	uint64_t page = msg->arg.pagefault.address & ~(m->page_size - 1);
+	uint64_t ps = m->page_size;
+	uint64_t page = msg->arg.pagefault.address & ~(ps - 1);
 	uint64_t off = page - m->start;
-	int64_t done;
+	m->run = (page == m->next && m->run * 2 <= m->max_run) ? m->run * 2 : page == m->next ? m->run : ps;
+	uint64_t len = m->run < m->end - page ? m->run : m->end - page;
+	int64_t done = 0;
 	int rc;
-	if (m->source == PYUFFD_SOURCE_ZERO) {
-		rc = m->page_size > (uint64_t)sysconf(_SC_PAGESIZE)
-			     ? (ensure_buffer(&p->zero_page, &p->zero_len, m->page_size) ?: pyuffd_copy(fd, page, (uint64_t)(uintptr_t)p->zero_page, m->page_size, 0, &done))
-			     : pyuffd_zeropage(fd, page, m->page_size, 0, &done);
+	if (m->source == PYUFFD_SOURCE_ZERO && ps == (uint64_t)sysconf(_SC_PAGESIZE)) {
+		rc = pyuffd_zeropage(fd, page, len, 0, &done);
 	} else if (m->source == PYUFFD_SOURCE_MEMORY) {
-		rc = pyuffd_copy(fd, page, m->src_addr + off, m->page_size, 0, &done);
+		rc = pyuffd_copy(fd, page, m->src_addr + off, len, 0, &done);
 	} else {
-		rc = ensure_buffer(&p->bounce, &p->bounce_len, m->page_size);
-		if (rc == 0) {
-			ssize_t n = pread(m->src_fd, p->bounce, m->page_size, (off_t)(m->src_offset + off));
+		rc = ensure_buffer(&p->bounce, &p->bounce_len, len);
+		if (rc == 0 && m->source == PYUFFD_SOURCE_FILE) {
+			ssize_t n = pread(m->src_fd, p->bounce, len, (off_t)(m->src_offset + off));
 			if (n < 0)
 				return 0;
-			if ((uint64_t)n < m->page_size) /* past the end of the file reads as zeros */
-				memset((char *)p->bounce + n, 0, m->page_size - (uint64_t)n);
-			rc = pyuffd_copy(fd, page, (uint64_t)(uintptr_t)p->bounce, m->page_size, 0, &done);
+			/* Past the end of the file reads as zeros. */
+			memset((char *)p->bounce + n, 0, len - (uint64_t)n);
+		} else if (rc == 0) {
+			memset(p->bounce, 0, len);
 		}
+		if (rc == 0)
+			rc = pyuffd_copy(fd, page, (uint64_t)(uintptr_t)p->bounce, len, 0, &done);
 	}
-	if (rc == -EEXIST)
-		rc = pyuffd_wake(fd, page, m->page_size);
+	if (rc == -EEXIST && done == 0)
+		rc = pyuffd_wake(fd, page, ps); /* someone installed it first */
+	else if (done > 0)
+		rc = 0; /* the faulting page is in; the run stopped at a present page */
 	if (rc < 0)
 		return 0; /* EAGAIN and the like: Python knows what to do */
+	m->next = page + (done > (int64_t)ps ? (uint64_t)done : ps);
 	p->native_faults++;
 	return 1;
 }
@@ -437,12 +452,15 @@ int pyuffd_pump_remove_fd(struct pyuffd_pump *p, int fd)
 }
 
 int pyuffd_pump_map(struct pyuffd_pump *p, int fd, uint64_t start, uint64_t end, uint64_t page_size,
-		    int fallback, int source, uint64_t src_addr, int src_fd, uint64_t src_offset)
+		    int fallback, int source, uint64_t src_addr, int src_fd, uint64_t src_offset,
+		    uint64_t max_run)
 {
 	pthread_mutex_lock(&p->lock);
 	int rc = grow((void **)&p->maps, &p->maps_cap, p->nmaps + 1, sizeof(struct map));
 	if (rc == 0)
-		p->maps[p->nmaps++] = (struct map){ fd, start, end, page_size, fallback, source, src_fd, src_addr, src_offset };
+		p->maps[p->nmaps++] = (struct map){ fd, start, end, page_size, fallback, source, src_fd,
+						    src_addr, src_offset, max_run > page_size ? max_run : page_size,
+						    page_size, 0 };
 	pthread_mutex_unlock(&p->lock);
 	return rc;
 }

@@ -381,10 +381,12 @@ class FaultHandler:
 
     def _publish(self, m: Mapping) -> None:
         """Add ``m`` to its fd's table and to the pump (lock held)."""
-        source, src_addr, src_fd, src_off = m.ops.native_source(m) or (lib.PYUFFD_SOURCE_NONE, 0, -1, 0)
+        native = m.ops.native_source(m)
+        source, src_addr, src_fd, src_off, max_run = native or (lib.PYUFFD_SOURCE_NONE, 0, -1, 0, 0)
         check(
             lib.pyuffd_pump_map(
-                self._pump, m.uffd.fileno(), m.start, m.end, m.page_size, m._fallback, source, src_addr, src_fd, src_off
+                self._pump, m.uffd.fileno(), m.start, m.end, m.page_size, m._fallback,
+                source, src_addr, src_fd, src_off, max_run,
             ),
             "pump map",
         )

@@ -144,12 +144,14 @@ class UffdOps:
         """May ``mapping`` be registered with ``mode``? Default: ``mode`` is within ``features``."""
         return bool(mode) and not mode & ~self.features
 
-    def native_source(self, mapping: Mapping) -> tuple[int, int, int, int] | None:
+    def native_source(self, mapping: Mapping) -> tuple[int, int, int, int, int] | None:
         """A source the C pump serves MISSING faults from without entering Python, or None.
 
-        Returns ``(source, address, fd, offset)`` with ``source`` one of the
-        pump's PYUFFD_SOURCE_* kinds (memory at ``address``, a file ``fd`` at
-        ``offset``, or zeros). The object that owns the memory or fd must
+        Returns ``(source, address, fd, offset, max_run)`` with ``source`` one
+        of the pump's PYUFFD_SOURCE_* kinds (memory at ``address``, a file
+        ``fd`` at ``offset``, or zeros); while faults are sequential the pump
+        installs up to ``max_run`` bytes per fault (a run that doubles from
+        one page). The object that owns the memory or fd must
         outlive the mapping. Faults the pump cannot serve still reach the
         handlers, so ``handle_missing`` must give the same answer.
         """

@@ -10,7 +10,9 @@ from uffd._native import ffi, lib
 from uffd._ops import UffdOps
 from uffd._resolution import Resolution
 
-__all__ = ["BufferOps", "FileOps"]
+__all__ = ["DEFAULT_PREFETCH", "BufferOps", "FileOps"]
+
+DEFAULT_PREFETCH = 1 << 20
 
 
 class BufferOps(UffdOps):
@@ -19,20 +21,23 @@ class BufferOps(UffdOps):
     ``buffer`` is any writable or read-only buffer (bytes, bytearray, mmap,
     a Region's memory is not: it would fault); it must hold at least as many
     bytes as every mapping it serves and outlive them. ``native=True`` (the
-    default) lets the C pump install pages without entering Python.
+    default) lets the C pump install pages without entering Python;
+    ``prefetch`` (bytes) is the longest run it installs per fault while
+    faults are sequential (1 MiB by default; one page turns it off).
     """
 
-    def __init__(self, buffer: Any, *, native: bool = True) -> None:
+    def __init__(self, buffer: Any, *, native: bool = True, prefetch: int = DEFAULT_PREFETCH) -> None:
         self._view = memoryview(buffer).cast("B")
         self._cdata = ffi.from_buffer(self._view)
         self._native = native
+        self.prefetch = prefetch
 
-    def native_source(self, mapping: Mapping) -> tuple[int, int, int, int] | None:
+    def native_source(self, mapping: Mapping) -> tuple[int, int, int, int, int] | None:
         """The buffer's address, for the pump's MEMORY source."""
         if not self._native:
             return None
         self._check_size(mapping)
-        return (lib.PYUFFD_SOURCE_MEMORY, int(ffi.cast("uintptr_t", self._cdata)), -1, 0)
+        return (lib.PYUFFD_SOURCE_MEMORY, int(ffi.cast("uintptr_t", self._cdata)), -1, 0, self.prefetch)
 
     def _check_size(self, mapping: Mapping) -> None:
         if len(self._view) < mapping.length:
@@ -48,18 +53,27 @@ class FileOps(UffdOps):
 
     Bytes past the end of the file read as zeros. The file is opened
     read-only and closed by ``close()``. ``native=True`` lets the C pump
-    pread and install pages without entering Python.
+    pread and install pages without entering Python, up to ``prefetch``
+    bytes per fault while faults are sequential.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, offset: int = 0, native: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        offset: int = 0,
+        native: bool = True,
+        prefetch: int = DEFAULT_PREFETCH,
+    ) -> None:
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self.path = os.fspath(path)
         self.offset = offset
         self._native = native
+        self.prefetch = prefetch
 
-    def native_source(self, mapping: Mapping) -> tuple[int, int, int, int] | None:
+    def native_source(self, mapping: Mapping) -> tuple[int, int, int, int, int] | None:
         """The file's fd and offset, for the pump's FILE source."""
-        return (lib.PYUFFD_SOURCE_FILE, 0, self._fd, self.offset) if self._native else None
+        return (lib.PYUFFD_SOURCE_FILE, 0, self._fd, self.offset, self.prefetch) if self._native else None
 
     def handle_missing(self, fault: Fault) -> Resolution:
         """pread the page; a short read is padded with zeros."""
