@@ -37,6 +37,7 @@ CONSTANTS = """
     MADV_DONTNEED MADV_REMOVE MADV_HUGEPAGE MADV_NOHUGEPAGE
 """
 
+
 def _declarations(header: str) -> str:
     """The part of one of our headers after its includes, for cdef.
 

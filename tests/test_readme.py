@@ -19,7 +19,9 @@ def test_readme_example_runs(script: str) -> None:
     source = (ROOT / "examples" / script).read_text()
     body = source.split('"""', 2)[2].strip()
     assert body in README, f"README does not show examples/{script} as written"
-    done = subprocess.run([sys.executable, str(ROOT / "examples" / script)], capture_output=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script)], capture_output=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr.decode()
 
 

@@ -147,7 +147,10 @@ def check(
         return rc
     err = -rc
     where = describe_range(addr, length)
-    text = f"{op}{' on ' + where if where else ''} failed: " f"[{_errno.errorcode.get(err, err)}] {os.strerror(err)}"
+    text = (
+        f"{op}{' on ' + where if where else ''} failed: "
+        f"[{_errno.errorcode.get(err, err)}] {os.strerror(err)}"
+    )
     advice = _ADVICE.get(err)
     if advice:
         text += f"; {advice}"

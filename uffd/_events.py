@@ -52,7 +52,7 @@ class PageFault:
 
     @property
     def minor(self) -> bool:
-        """A minor fault: the page is in the page cache but not mapped (UFFD_PAGEFAULT_FLAG_MINOR)."""
+        """A minor fault: the page is cached but not mapped (UFFD_PAGEFAULT_FLAG_MINOR)."""
         return bool(self.flags & lib.UFFD_PAGEFAULT_FLAG_MINOR)
 
 
@@ -88,7 +88,7 @@ class Unmap:
     end: int
 
 
-Event = Union[PageFault, Fork, Remap, Remove, Unmap]
+Event = Union[PageFault, Fork, Remap, Remove, Unmap]  # noqa: UP007 - a runtime alias on 3.10
 
 for _cls in (PageFault, Fork, Remap, Remove, Unmap):
     _cls.__module__ = "uffd"

@@ -14,7 +14,7 @@ __all__ = ["Resolution"]
 
 
 class Resolution:
-    """One of: copy, zero, continue_, unprotect, poison, refuse, defer (build with the classmethods)."""
+    """A fault's outcome: copy, zero, continue_, unprotect, poison, refuse, defer."""
 
     __slots__ = ("data", "keep_wp", "kind", "need", "reason")
 
@@ -26,7 +26,9 @@ class Resolution:
     REFUSE = "refuse"
     DEFER = "defer"
 
-    def __init__(self, kind: str, data: Any = None, keep_wp: bool = False, reason: str = "") -> None:
+    def __init__(
+        self, kind: str, data: Any = None, keep_wp: bool = False, reason: str = ""
+    ) -> None:
         self.kind = kind
         self.data = data
         self.keep_wp = keep_wp

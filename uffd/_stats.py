@@ -31,7 +31,7 @@ class Counters:
             self.faults + other.faults,
             self.resolutions + other.resolutions,
             self.errors + other.errors,
-            [a + b for a, b in zip(self.latency_us_log2, other.latency_us_log2)],
+            [a + b for a, b in zip(self.latency_us_log2, other.latency_us_log2, strict=True)],
         )
 
     def percentile_us(self, q: float) -> float:

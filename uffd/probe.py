@@ -58,7 +58,8 @@ class Capabilities:
 
     def __str__(self) -> str:
         def path_line(name: str, p: OpenPath) -> str:
-            return f"  {name:<17} {'works' if p.works else 'fails'}{': ' + p.reason if p.reason else ''}"
+            state = "works" if p.works else "fails"
+            return f"  {name:<17} {state}{': ' + p.reason if p.reason else ''}"
 
         known = [f for f in Feature]
         lines = [
@@ -66,7 +67,10 @@ class Capabilities:
             f"page size         {self.page_size}",
             "huge pages        "
             + (
-                ", ".join(f"{s // 1024} KiB: {self.free_huge_pages.get(s, 0)} free" for s in self.huge_page_sizes)
+                ", ".join(
+                    f"{s // 1024} KiB: {self.free_huge_pages.get(s, 0)} free"
+                    for s in self.huge_page_sizes
+                )
                 or "none"
             )
             + f" (vm.nr_hugepages={self.nr_hugepages})",
@@ -76,17 +80,20 @@ class Capabilities:
             path_line("syscall", self.syscall),
             path_line("/dev/userfaultfd", self.device),
             path_line("user_mode_only", self.user_mode_only),
-            f"features          {sum(1 for f in known if f in self.available)} of {len(known)} available",
+            f"features          {sum(f in self.available for f in known)} of {len(known)} present",
         ]
         lines += [f"  {'yes' if f in self.available else 'no ':<4} {f.name}" for f in known]
-        lines.append("ioctls            " + " ".join(i.name or "" for i in Ioctl if i in self.ioctls))
+        lines.append(
+            "ioctls            " + " ".join(i.name or "" for i in Ioctl if i in self.ioctls)
+        )
         return "\n".join(lines)
 
 
 def _why_it_works(via: str, flags: int) -> str:
     if via == "device":
         st = os.stat("/dev/userfaultfd")
-        return f"/dev/userfaultfd (mode {st.st_mode & 0o777:o}, uid {st.st_uid}, gid {st.st_gid}) is accessible"
+        mode = st.st_mode & 0o777
+        return f"/dev/userfaultfd (mode {mode:o}, uid {st.st_uid}, gid {st.st_gid}) is accessible"
     if flags & lib.UFFD_USER_MODE_ONLY:
         return "user-mode-only fds need no privilege"
     if os.geteuid() == 0:
@@ -138,7 +145,9 @@ def probe() -> Capabilities:
     flags = os.O_CLOEXEC | os.O_NONBLOCK
     syscall, s_feat, s_ioctls = _try_open(lib.pyuffd_open_syscall, flags, "syscall")
     device, d_feat, d_ioctls = _try_open(lib.pyuffd_open_device, flags, "device")
-    umo, u_feat, u_ioctls = _try_open(lib.pyuffd_open_syscall, flags | lib.UFFD_USER_MODE_ONLY, "syscall")
+    umo, u_feat, u_ioctls = _try_open(
+        lib.pyuffd_open_syscall, flags | lib.UFFD_USER_MODE_ONLY, "syscall"
+    )
     features = s_feat or d_feat or u_feat
     ioctls = s_ioctls or d_ioctls or u_ioctls
     huge = _huge_pages()

@@ -7,8 +7,8 @@ cache through a second view of a memfd and CONTINUEs MINOR faults, and
 ``WriteLogOps`` logs write-protect faults and un-protects.
 """
 
-from uffd.modules.sources import BufferOps, FileOps
 from uffd.modules.minor import MinorFillOps
+from uffd.modules.sources import BufferOps, FileOps
 from uffd.modules.wplog import WriteLogOps
 
 __all__ = ["BufferOps", "FileOps", "MinorFillOps", "WriteLogOps"]

@@ -26,7 +26,9 @@ class BufferOps(UffdOps):
     faults are sequential (1 MiB by default; one page turns it off).
     """
 
-    def __init__(self, buffer: Any, *, native: bool = True, prefetch: int = DEFAULT_PREFETCH) -> None:
+    def __init__(
+        self, buffer: Any, *, native: bool = True, prefetch: int = DEFAULT_PREFETCH
+    ) -> None:
         self._view = memoryview(buffer).cast("B")
         self._cdata = ffi.from_buffer(self._view)
         self._native = native
@@ -37,11 +39,19 @@ class BufferOps(UffdOps):
         if not self._native:
             return None
         self._check_size(mapping)
-        return (lib.PYUFFD_SOURCE_MEMORY, int(ffi.cast("uintptr_t", self._cdata)), -1, 0, self.prefetch)
+        return (
+            lib.PYUFFD_SOURCE_MEMORY,
+            int(ffi.cast("uintptr_t", self._cdata)),
+            -1,
+            0,
+            self.prefetch,
+        )
 
     def _check_size(self, mapping: Mapping) -> None:
         if len(self._view) < mapping.length:
-            raise ValueError(f"BufferOps: buffer of {len(self._view)} bytes is shorter than {mapping!r}")
+            raise ValueError(
+                f"BufferOps: buffer of {len(self._view)} bytes is shorter than {mapping!r}"
+            )
 
     def handle_missing(self, fault: Fault) -> Resolution:
         """Copy the page at the fault's offset."""
@@ -73,7 +83,11 @@ class FileOps(UffdOps):
 
     def native_source(self, mapping: Mapping) -> tuple[int, int, int, int, int] | None:
         """The file's fd and offset, for the pump's FILE source."""
-        return (lib.PYUFFD_SOURCE_FILE, 0, self._fd, self.offset, self.prefetch) if self._native else None
+        return (
+            (lib.PYUFFD_SOURCE_FILE, 0, self._fd, self.offset, self.prefetch)
+            if self._native
+            else None
+        )
 
     def handle_missing(self, fault: Fault) -> Resolution:
         """pread the page; a short read is padded with zeros."""
