@@ -19,6 +19,7 @@ safe in those cases.
 from __future__ import annotations
 
 import errno as _errno
+import fcntl
 import math
 import mmap
 import operator
@@ -294,27 +295,31 @@ class Userfaultfd:
             ProcessGoneError, UffdError; ValueError/TypeError for bad arguments.
         """
         fd, dst, length = self._range("UFFDIO_COPY", dst, length)
-        keep: Any = None
+        mode = (0 if wake else lib.UFFDIO_COPY_MODE_DONTWAKE) | (lib.UFFDIO_COPY_MODE_WP if wp else 0)
         if isinstance(src, int):
-            src_addr = src
-        else:
-            try:
-                view = memoryview(src)
-            except TypeError:
-                raise TypeError(
-                    f"UFFDIO_COPY: src must be an address or a buffer, not {type(src).__name__}"
-                ) from None
+            return self._fill(
+                "UFFDIO_COPY", lib.pyuffd_copy, dst, length, fd, dst, src, length, mode
+            )
+        try:
+            view = memoryview(src)
+        except TypeError:
+            raise TypeError(
+                f"UFFDIO_COPY: src must be an address or a buffer, not {type(src).__name__}"
+            ) from None
+        # Both buffers are released before an error propagates: a traceback
+        # cycle holding a memoryview with a live export crashes CPython's GC
+        # (memoryview tp_clear drops its mbuf while the export still exists).
+        with view:
             if view.nbytes < length:
                 raise ValueError(
                     f"UFFDIO_COPY to {describe_range(dst, length)}: src holds only "
                     f"{view.nbytes} bytes, {length} needed"
                 )
-            keep = ffi.from_buffer(view)
-            src_addr = int(ffi.cast("uintptr_t", keep))
-        mode = (0 if wake else lib.UFFDIO_COPY_MODE_DONTWAKE) | (lib.UFFDIO_COPY_MODE_WP if wp else 0)
-        done = self._fill("UFFDIO_COPY", lib.pyuffd_copy, dst, length, fd, dst, src_addr, length, mode)
-        del keep  # the buffer must outlive the ioctl
-        return done
+            with ffi.from_buffer(view) as keep:  # the buffer must outlive the ioctl
+                src_addr = int(ffi.cast("uintptr_t", keep))
+                return self._fill(
+                    "UFFDIO_COPY", lib.pyuffd_copy, dst, length, fd, dst, src_addr, length, mode
+                )
 
     def zeropage(self, addr: int, length: int, *, wake: bool = True) -> int:
         """UFFDIO_ZEROPAGE: map the zero page over the range; returns the bytes mapped.
@@ -389,6 +394,8 @@ class Userfaultfd:
         ``timeout=0`` returns ``[]`` at once when nothing is pending, ``None``
         waits forever, a float waits up to that many seconds. EINTR is retried
         (signal handlers run in between). The GIL is released while waiting.
+        On a blocking fd (``nonblock=False``) a bounded wait sets O_NONBLOCK
+        on the open file for the duration of the call.
 
         Raises:
             ValueError: closed fd or ``max_events`` < 1.
@@ -400,6 +407,20 @@ class Userfaultfd:
             raise ValueError(f"read_events: max_events must be at least 1, got {max_events}")
         if timeout is not None and timeout < 0:
             raise ValueError(f"read_events: timeout must be >= 0 or None, got {timeout}")
+        if timeout is not None:
+            status = fcntl.fcntl(fd, fcntl.F_GETFL)
+            if not status & os.O_NONBLOCK:
+                # poll() on a blocking userfaultfd always answers POLLERR (the
+                # kernel cannot promise read() won't block), so a bounded wait
+                # needs O_NONBLOCK for the duration of the call.
+                fcntl.fcntl(fd, fcntl.F_SETFL, status | os.O_NONBLOCK)
+                try:
+                    return self._read_events(fd, max_events, timeout)
+                finally:
+                    fcntl.fcntl(fd, fcntl.F_SETFL, status)
+        return self._read_events(fd, max_events, timeout)
+
+    def _read_events(self, fd: int, max_events: int, timeout: float | None) -> list[Event]:
         buf = ffi.new("struct uffd_msg[]", max_events)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:

@@ -36,13 +36,18 @@ def huge_page_size() -> int:
     raise OSError(_errno.ENOTSUP, "this kernel has no hugetlb support (no Hugepagesize in /proc/meminfo)")
 
 
+def _mmap_hint(err: int, what: str) -> str:
+    """The remedy to append to an mmap failure message, if there is one."""
+    if err == _errno.ENOMEM and "hugetlb" in what:
+        return " (reserve huge pages first: echo N > /proc/sys/vm/nr_hugepages)"
+    return ""
+
+
 def _mmap(length: int, prot: int, flags: int, fd: int, what: str) -> int:
     addr = int(ffi.cast("uintptr_t", lib.mmap(ffi.NULL, length, prot, flags, fd, 0)))
     if addr == _MAP_FAILED:
         err = ffi.errno
-        hint = ""
-        if err == _errno.ENOMEM and "hugetlb" in what:
-            hint = " (reserve huge pages first: echo N > /proc/sys/vm/nr_hugepages)"
+        hint = _mmap_hint(err, what)
         raise OSError(err, f"mmap of {length} bytes for {what} failed: {os.strerror(err)}{hint}")
     return addr
 
@@ -69,7 +74,8 @@ def _map_aligned(length: int, align: int | None, prot: int, flags: int, fd: int,
     if placed == _MAP_FAILED:
         err = ffi.errno
         _munmap(base, span)
-        raise OSError(err, f"mmap of {length} bytes for {what} at {start:#x}: {os.strerror(err)}")
+        hint = _mmap_hint(err, what)
+        raise OSError(err, f"mmap of {length} bytes for {what} at {start:#x}: {os.strerror(err)}{hint}")
     _munmap(base, start - base)
     _munmap(start + length, base + span - start - length)
     return start

@@ -1,0 +1,504 @@
+"""Shared helpers for the whole suite: capability gates, fixtures and fault helpers.
+
+Everything here runs against the real kernel. What a test may rely on:
+
+- ``CAPS`` (``uffd.probe()``, computed once), ``KERNEL`` ((major, minor)),
+  ``PAGE`` (the base page size) and ``HPAGE`` (the default huge page size).
+- ``requires(*features)`` / ``requires_kernel(major, minor, why)``: skip marks
+  whose reason names what is missing and the running kernel.
+- ``reserve_hugepages(n)`` (factory) and ``hugetlb_pages`` (indirect param,
+  default 4): make at least n free default-size huge pages exist, restore
+  vm.nr_hugepages at teardown, skip with the reason when that fails.
+- ``uffd_factory(features, **kwargs)``: Userfaultfd objects closed at teardown.
+- ``region_factory(kind, pages=4, **kwargs)``, ``anon_region``,
+  ``shmem_region``, ``region_kind`` (parametrised anon/shmem/hugetlb): regions
+  unmapped at teardown (after every uffd is closed, so no thread stays stuck);
+  ``track_region(region)`` adds one the test made itself (an alias).
+- ``run_toucher(region, offset, n, write=False, read=False)`` and
+  ``run_in_thread(fn, *args)``: run a blocking access in a helper thread while
+  the main thread serves the fault; ``.finish()`` joins with a timeout.
+- ``pagemap(addr)``: the /proc/self/pagemap entry, with ``PM_PRESENT`` and
+  ``PM_UFFD_WP`` bit masks.
+
+Teardown order: uffds are closed first (that wakes any thread still blocked in
+a fault or in an event wait), then helper threads are joined, then regions
+are unmapped, then vm.nr_hugepages is restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import mmap
+import os
+import re
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import uffd
+from uffd import Feature, mem
+
+CAPS = uffd.probe()
+"""What this host allows; every feature-dependent test gates on it."""
+
+
+def _kernel_version(release: str) -> tuple[int, int]:
+    match = re.match(r"(\d+)\.(\d+)", release)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+KERNEL = _kernel_version(CAPS.kernel)
+"""The running kernel's (major, minor)."""
+
+PAGE = mmap.PAGESIZE
+"""The base page size."""
+
+try:
+    HPAGE = mem.huge_page_size()
+except OSError:
+    HPAGE = 2 << 20
+"""The default huge page size (2 MiB on x86_64)."""
+
+NO_FEATURES = Feature(0)
+"""The empty feature set (a module-level default for factories)."""
+
+WAIT = 5.0
+"""Upper bound, in seconds, of every wait in the suite (events, joins, sockets)."""
+
+PM_PRESENT = 1 << 63
+"""/proc/self/pagemap: page present."""
+
+PM_UFFD_WP = 1 << 57
+"""/proc/self/pagemap: pte is uffd-wp write-protected (admin-guide/mm/pagemap.rst)."""
+
+HAS_PAGEMAP_WP = KERNEL >= (5, 13)
+"""Whether pagemap reports ``PM_UFFD_WP`` (Linux 5.13)."""
+
+KIND_MISSING_FEATURE = {
+    "anon": Feature(0),
+    "shmem": Feature.MISSING_SHMEM,
+    "hugetlb": Feature.MISSING_HUGETLBFS,
+}
+"""The feature a kernel reports when MISSING registration works for a memory kind."""
+
+KIND_MINOR_FEATURE = {
+    "shmem": Feature.MINOR_SHMEM,
+    "hugetlb": Feature.MINOR_HUGETLBFS,
+}
+"""The feature MINOR registration (UFFDIO_CONTINUE) needs, per memory kind."""
+
+
+# -- capability gates ------------------------------------------------------
+
+
+def missing(*features: Feature) -> list[str]:
+    """Names of the single feature bits in ``features`` that this kernel does not offer."""
+    wanted = 0
+    for f in features:
+        wanted |= int(f)
+    absent = wanted & ~int(CAPS.available)
+    bits = [1 << i for i in range(absent.bit_length()) if absent >> i & 1]
+    return [Feature(bit).name or hex(bit) for bit in bits]
+
+
+def requires(*features: Feature) -> pytest.MarkDecorator:
+    """Skip unless the kernel offers every feature; the reason names the missing ones."""
+    absent = missing(*features)
+    return pytest.mark.skipif(
+        bool(absent),
+        reason=f"needs UFFD_FEATURE_{', UFFD_FEATURE_'.join(absent)}: "
+        f"not available on Linux {CAPS.kernel}",
+    )
+
+
+def requires_kernel(major: int, minor: int, why: str) -> pytest.MarkDecorator:
+    """Skip on kernels older than ``major.minor``; the reason says why and what runs."""
+    return pytest.mark.skipif(
+        (major, minor) > KERNEL,
+        reason=f"needs Linux {major}.{minor}+ ({why}); running {CAPS.kernel}",
+    )
+
+
+def skip_unless(*features: Feature) -> None:
+    """``pytest.skip`` inside a test (for parametrised cases) unless the features exist."""
+    absent = missing(*features)
+    if absent:
+        pytest.skip(
+            f"needs UFFD_FEATURE_{', UFFD_FEATURE_'.join(absent)}: "
+            f"not available on Linux {CAPS.kernel}"
+        )
+
+
+# -- huge pages --------------------------------------------------------------
+
+_HUGE_DIR = Path(f"/sys/kernel/mm/hugepages/hugepages-{HPAGE // 1024}kB")
+_HUGE_LOCK = Path("/tmp/pyuffd-tests-hugepages.lock")
+
+
+def _huge_read(name: str) -> int:
+    return int((_HUGE_DIR / name).read_text())
+
+
+def huge_available() -> int:
+    """Default-size huge pages free and not reserved by another mapping."""
+    return _huge_read("free_hugepages") - _huge_read("resv_hugepages")
+
+
+@contextlib.contextmanager
+def hugepage_lock(timeout: float = 30.0) -> Iterator[None]:
+    """Serialise vm.nr_hugepages changes with other test processes on this host.
+
+    Several engineers may run the suite at once; without the lock one run
+    could restore nr_hugepages between another run's reservation and mmap.
+    """
+    with open(_HUGE_LOCK, "a") as lock:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    pytest.skip(f"another test run held {_HUGE_LOCK} for {timeout:.0f} s")
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@pytest.fixture
+def reserve_hugepages() -> Iterator[Callable[[int], int]]:
+    """Factory: ``reserve_hugepages(n)`` makes >= n free default-size huge pages exist.
+
+    Raises /proc/sys/vm/nr_hugepages by what is missing, holds the host-wide
+    lock for the rest of the test, and restores the old value at teardown
+    (always). Skips with the reason (not root, no hugetlb, fragmentation)
+    when the pages cannot be had. Returns the huge page size.
+    """
+    stack = contextlib.ExitStack()
+    state: dict[str, int] = {}
+
+    def reserve(n: int) -> int:
+        if not _HUGE_DIR.is_dir():
+            pytest.skip(f"no {HPAGE // 1024} KiB hugetlb pool on Linux {CAPS.kernel}")
+        if "old" not in state:
+            stack.enter_context(hugepage_lock())
+        if huge_available() >= n:
+            return HPAGE
+        if os.geteuid() != 0:
+            pytest.skip(
+                f"could not reserve {n} huge pages: not root (vm.nr_hugepages is read-only)"
+            )
+        path = _HUGE_DIR / "nr_hugepages"
+        old = _huge_read("nr_hugepages")
+        if "old" not in state:
+            state["old"] = old
+            stack.callback(path.write_text, f"{old}\n")
+        target = old + n - huge_available()
+        try:
+            path.write_text(f"{target}\n")
+        except OSError as err:
+            pytest.skip(f"could not reserve {n} huge pages: writing nr_hugepages={target}: {err}")
+        have = huge_available()
+        if have < n:
+            pytest.skip(
+                f"could not reserve {n} huge pages: only {have} free after writing "
+                f"nr_hugepages={target} (memory fragmented?)"
+            )
+        return HPAGE
+
+    with stack:
+        yield reserve
+
+
+@pytest.fixture
+def hugetlb_pages(request: pytest.FixtureRequest, reserve_hugepages: Callable[[int], int]) -> int:
+    """At least ``request.param`` (default 4) free huge pages; returns the huge page size.
+
+    Use ``@pytest.mark.parametrize("hugetlb_pages", [n], indirect=True)`` for n.
+    """
+    return reserve_hugepages(getattr(request, "param", 4))
+
+
+# -- uffds, regions, threads -------------------------------------------------
+
+
+class Helper(threading.Thread):
+    """A daemon thread running ``fn(*args)``; keeps its result or exception."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        super().__init__(daemon=True, name=f"helper-{getattr(fn, '__name__', 'fn')}")
+        self._fn, self._args = fn, args
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self._fn(*self._args)
+        except BaseException as err:  # handed to the test by finish()
+            self.error = err
+
+    def finish(self, timeout: float = WAIT) -> Any:
+        """Join (bounded), assert the thread ended, re-raise its error, return its result."""
+        self.join(timeout)
+        assert not self.is_alive(), f"{self.name} still blocked after {timeout} s"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+_LIVE_THREADS: list[Helper] = []
+
+
+def run_in_thread(fn: Callable[..., Any], *args: Any) -> Helper:
+    """Start ``fn(*args)`` in a helper thread (for calls that block until an event is read)."""
+    thread = Helper(fn, *args)
+    thread.start()
+    _LIVE_THREADS.append(thread)
+    return thread
+
+
+def run_toucher(
+    region: mem.Region, offset: int, n: int, write: bool = False, *, read: bool = False
+) -> Helper:
+    """Access ``region`` from a helper thread and return it, started.
+
+    ``Region.touch`` (or ``Region.read`` with ``read=True``; ``.result`` then
+    holds the bytes) releases the GIL, so the main thread can serve the fault
+    with ``read_events(timeout=...)`` and then ``finish()`` the thread.
+    """
+    if read:
+        return run_in_thread(region.read, offset, n)
+    return run_in_thread(region.touch, offset, n, write)
+
+
+def wait_readable(ufd: uffd.Userfaultfd, timeout: float = WAIT) -> bool:
+    """True once an event is pending on ``ufd`` (without reading it)."""
+    import select
+
+    poller = select.poll()
+    poller.register(ufd.fileno(), select.POLLIN)
+    return bool(poller.poll(int(timeout * 1000)))
+
+
+def read_one(ufd: uffd.Userfaultfd, timeout: float = WAIT) -> uffd.Event:
+    """Read exactly one event, waiting at most ``timeout`` seconds."""
+    events = ufd.read_events(max_events=1, timeout=timeout)
+    assert len(events) == 1, f"expected one event within {timeout} s, got {events}"
+    return events[0]
+
+
+def pagemap(addr: int) -> int:
+    """The 64-bit /proc/self/pagemap entry of the page holding ``addr``."""
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(addr // PAGE * 8)
+        (entry,) = struct.unpack("=Q", f.read(8))
+    return int(entry)
+
+
+class _Resources:
+    """What one test opened; released in a safe order at teardown."""
+
+    def __init__(self) -> None:
+        self.uffds: list[uffd.Userfaultfd] = []
+        self.regions: list[mem.Region] = []
+
+    def release(self) -> None:
+        for ufd in self.uffds:
+            ufd.close()
+        threads, _LIVE_THREADS[:] = list(_LIVE_THREADS), []
+        for thread in threads:
+            thread.join(WAIT)
+        for region in reversed(self.regions):
+            region.close()
+
+
+@pytest.fixture
+def _resources(reserve_hugepages: Callable[[int], int]) -> Iterator[_Resources]:
+    # Depends on reserve_hugepages so that it is torn down after regions close.
+    res = _Resources()
+    try:
+        yield res
+    finally:
+        res.release()
+
+
+@pytest.fixture
+def uffd_factory(_resources: _Resources) -> Callable[..., uffd.Userfaultfd]:
+    """Factory: ``uffd_factory(features=Feature(0), **kwargs)`` -> an open Userfaultfd.
+
+    Every fd it opens is closed at teardown, before regions are unmapped.
+    """
+
+    def make(features: Feature | int = NO_FEATURES, **kwargs: Any) -> uffd.Userfaultfd:
+        ufd = uffd.Userfaultfd(features, **kwargs)
+        _resources.uffds.append(ufd)
+        return ufd
+
+    return make
+
+
+@pytest.fixture
+def region_factory(
+    _resources: _Resources, reserve_hugepages: Callable[[int], int]
+) -> Callable[..., mem.Region]:
+    """Factory: ``region_factory(kind, pages=4, **kwargs)`` -> a Region unmapped at teardown.
+
+    ``pages`` counts the kind's own pages (huge pages for "hugetlb", reserved
+    through ``reserve_hugepages``); kwargs go to ``uffd.mem.<kind>``.
+    """
+
+    def make(kind: str, pages: int = 4, **kwargs: Any) -> mem.Region:
+        if kind == "hugetlb":
+            size = reserve_hugepages(pages)
+            region = mem.hugetlb(pages * size, **kwargs)
+        else:
+            region = getattr(mem, kind)(pages * PAGE, **kwargs)
+        _resources.regions.append(region)
+        return region
+
+    return make
+
+
+@pytest.fixture
+def track_region(_resources: _Resources) -> Callable[[mem.Region], mem.Region]:
+    """``track_region(region)`` hands a region the test made (an alias...) to the teardown."""
+
+    def track(region: mem.Region) -> mem.Region:
+        _resources.regions.append(region)
+        return region
+
+    return track
+
+
+@pytest.fixture
+def anon_region(region_factory: Callable[..., mem.Region]) -> mem.Region:
+    """Four pages of private anonymous memory."""
+    return region_factory("anon")
+
+
+@pytest.fixture
+def shmem_region(region_factory: Callable[..., mem.Region]) -> mem.Region:
+    """Four pages of shared memfd (shmem) memory."""
+    return region_factory("shmem")
+
+
+@pytest.fixture(params=["anon", "shmem", "hugetlb"])
+def region_kind(
+    request: pytest.FixtureRequest, region_factory: Callable[..., mem.Region]
+) -> mem.Region:
+    """Two pages of each memory kind (huge pages for hugetlb, reserved for the test)."""
+    return region_factory(request.param, pages=2)
+
+
+def adopt_fd(fd: int, features: int, available: int, ioctls: int) -> uffd.Userfaultfd:
+    """Wrap a userfaultfd received from another process (SCM_RIGHTS) as a Userfaultfd.
+
+    The library has no public constructor from a raw, already initialised fd,
+    so this uses the same private path as a Fork event.
+    """
+    from types import SimpleNamespace
+
+    parent = SimpleNamespace(
+        features=Feature(features), available=Feature(available), ioctls=uffd.Ioctl(ioctls)
+    )
+    return uffd.Userfaultfd._adopt(fd, parent)  # type: ignore[arg-type]
+
+
+# -- a forking child process (EVENT_FORK) -------------------------------------
+
+HELPERS = Path(__file__).resolve().parent / "helpers"
+
+
+class Forker:
+    """Drives ``tests/helpers/forker.py`` in a child process (see its docstring).
+
+    ``uffd`` is the child's userfaultfd (EVENT_FORK, a region registered
+    MISSING at ``header["addr"]``), received over SCM_RIGHTS.
+    """
+
+    def __init__(self, nbytes: int = 16) -> None:
+        import json
+        import socket
+        import subprocess
+        import sys
+
+        self.sock, theirs = socket.socketpair()
+        self.sock.settimeout(WAIT)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(HELPERS / "forker.py"), str(theirs.fileno()), str(nbytes)],
+                pass_fds=[theirs.fileno()],
+            )
+        finally:
+            theirs.close()
+        self.uffd: uffd.Userfaultfd | None = None
+        try:
+            msg, fds, _, _ = socket.recv_fds(self.sock, 4096, 1)
+            self.header: dict[str, int] = json.loads(msg)
+            if "error" in self.header:
+                pytest.skip(f"the forking child cannot open a userfaultfd: {self.header['error']}")
+            assert fds, f"forker sent no fd (message {msg!r})"
+            self.uffd = adopt_fd(
+                fds[0], self.header["features"], self.header["available"], self.header["ioctls"]
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    def _recv_exact(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            assert chunk, f"forker closed the socket after {data!r}"
+            data += chunk
+        return data
+
+    def fork(self) -> None:
+        """Tell the child to fork; it blocks until the FORK event is read here."""
+        self.sock.sendall(b"g")
+
+    def grandchild_data(self) -> bytes:
+        """The bytes the grandchild read from the region (after its fault was served)."""
+        import struct as _struct
+
+        assert self._recv_exact(1) == b"D"
+        (n,) = _struct.unpack("=I", self._recv_exact(4))
+        return self._recv_exact(n)
+
+    def wait_grandchild_gone(self) -> None:
+        """Return once the child has reaped the grandchild (its mm has exited)."""
+        assert self._recv_exact(1) == b"X"
+
+    def close(self) -> None:
+        """Close our end, then make sure the child is gone (killed if it lingers)."""
+        self.sock.close()
+        if self.uffd is not None:
+            self.uffd.close()
+        try:
+            self.proc.wait(WAIT)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait(WAIT)
+
+
+@pytest.fixture
+def forker() -> Iterator[Callable[..., Forker]]:
+    """Factory: ``forker(nbytes=16)`` -> a started ``Forker``; killed at teardown."""
+    started: list[Forker] = []
+
+    def start(nbytes: int = 16) -> Forker:
+        child = Forker(nbytes)
+        started.append(child)
+        return child
+
+    yield start
+    for child in started:
+        child.close()
