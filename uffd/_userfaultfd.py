@@ -43,7 +43,9 @@ def explain_open_error(via: str, err: int) -> str:
     """Why opening a userfaultfd through ``via`` ("syscall"/"device") failed, and the remedy."""
     if via == "device":
         if err == _errno.ENOENT:
-            return "/dev/userfaultfd does not exist (Linux 6.1 added it; udev may not have created it)"
+            return (
+                "/dev/userfaultfd does not exist (Linux 6.1 added it; udev may not have created it)"
+            )
         if err in (_errno.EACCES, _errno.EPERM):
             return (
                 "/dev/userfaultfd is not accessible to this user: grant access to its group "
@@ -83,6 +85,22 @@ def _open_fd(flags: int, via: str) -> int:
         raise PermissionError(err, f"cannot open a userfaultfd ({reasons})")
     check(-err, f"open userfaultfd ({reasons})")
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+# fdinfo's API line shows the kernel's internal "initialised" flag with the features.
+_INITIALISED = 1 << 31
+_api_cache: list[tuple[int, int]] = []
+
+
+def _api_answer() -> tuple[int, int] | None:
+    """(available features, ioctls) that UFFDIO_API answers here (one short-lived fd, cached)."""
+    if not _api_cache:
+        try:
+            with Userfaultfd() as probe:
+                _api_cache.append((int(probe.available), int(probe.ioctls)))
+        except OSError:
+            return None
+    return _api_cache[0]
 
 
 def _index(name: str, value: Any) -> int:
@@ -153,7 +171,8 @@ class Userfaultfd:
             if missing:
                 raise UnsupportedError(
                     f"UFFDIO_API: this kernel ({os.uname().release}) does not support "
-                    f"{missing!r}; check uffd.probe().available before asking for it",
+                    f"{missing!r} (bits {int(missing):#x}); check uffd.probe().available "
+                    "before asking for it",
                     op="UFFDIO_API",
                 )
         if rc in (-_errno.EPERM, -_errno.EACCES):
@@ -177,6 +196,33 @@ class Userfaultfd:
         """Wrap an fd the kernel already initialised (a FORK event's child fd)."""
         obj = cls.__new__(cls)
         obj._init(fd, parent.features, parent.available, parent.ioctls)
+        return obj
+
+    @classmethod
+    def from_fd(cls, fd: int) -> Userfaultfd:
+        """Wrap a userfaultfd initialised elsewhere (received over SCM_RIGHTS, inherited).
+
+        The object takes ownership of ``fd``. ``features`` and ``ioctls`` are
+        what its creator negotiated, read from /proc/self/fdinfo; ``available``
+        is what this kernel offers (both as UFFDIO_API answers them here, or
+        fdinfo's view when no fd can be opened). Raises ValueError if ``fd``
+        is not an initialised userfaultfd.
+        """
+        fd = _index("fd", fd)
+        try:
+            with open(f"/proc/self/fdinfo/{fd}") as info:
+                api = [line.split()[1] for line in info if line.startswith("API:")]
+        except OSError as err:
+            raise ValueError(f"from_fd: fd {fd} is not open ({err.strerror})") from None
+        if not api:
+            raise ValueError(f"from_fd: fd {fd} is not a userfaultfd (no API line in its fdinfo)")
+        _, features, ioctls = (int(x, 16) for x in api[0].split(":"))
+        if not features & _INITIALISED:
+            raise ValueError(f"from_fd: userfaultfd {fd} has not been through UFFDIO_API yet")
+        features &= ~_INITIALISED
+        available, ioctls = _api_answer() or (features, ioctls)
+        obj = cls.__new__(cls)
+        obj._init(fd, Feature(features), Feature(available | features), Ioctl(ioctls))
         return obj
 
     # -- lifecycle -------------------------------------------------------
@@ -230,7 +276,9 @@ class Userfaultfd:
         if length <= 0:
             raise ValueError(f"{op}: length must be positive, got {length}")
         if addr < 0 or addr + length > 1 << 64:
-            raise ValueError(f"{op}: range {describe_range(addr, length)} is outside the address space")
+            raise ValueError(
+                f"{op}: range {describe_range(addr, length)} is outside the address space"
+            )
         if addr % PAGE_SIZE or length % PAGE_SIZE:
             raise ValueError(
                 f"{op}: range {describe_range(addr, length)} is not aligned to the "
@@ -281,9 +329,7 @@ class Userfaultfd:
         check(rc, op, dst, length, done=int(done[0]))
         return int(done[0])
 
-    def copy(
-        self, dst: int, src: Any, length: int, *, wake: bool = True, wp: bool = False
-    ) -> int:
+    def copy(self, dst: int, src: Any, length: int, *, wake: bool = True, wp: bool = False) -> int:
         """UFFDIO_COPY ``length`` bytes from ``src`` into ``dst``; returns the bytes copied.
 
         ``src`` is an address or a buffer (bytes, bytearray, memoryview, mmap)
@@ -295,7 +341,9 @@ class Userfaultfd:
             ProcessGoneError, UffdError; ValueError/TypeError for bad arguments.
         """
         fd, dst, length = self._range("UFFDIO_COPY", dst, length)
-        mode = (0 if wake else lib.UFFDIO_COPY_MODE_DONTWAKE) | (lib.UFFDIO_COPY_MODE_WP if wp else 0)
+        mode = (0 if wake else lib.UFFDIO_COPY_MODE_DONTWAKE) | (
+            lib.UFFDIO_COPY_MODE_WP if wp else 0
+        )
         if isinstance(src, int):
             return self._fill(
                 "UFFDIO_COPY", lib.pyuffd_copy, dst, length, fd, dst, src, length, mode
@@ -328,7 +376,9 @@ class Userfaultfd:
         """
         fd, addr, length = self._range("UFFDIO_ZEROPAGE", addr, length)
         mode = 0 if wake else lib.UFFDIO_ZEROPAGE_MODE_DONTWAKE
-        return self._fill("UFFDIO_ZEROPAGE", lib.pyuffd_zeropage, addr, length, fd, addr, length, mode)
+        return self._fill(
+            "UFFDIO_ZEROPAGE", lib.pyuffd_zeropage, addr, length, fd, addr, length, mode
+        )
 
     def continue_(self, addr: int, length: int, *, wake: bool = True, wp: bool = False) -> int:
         """UFFDIO_CONTINUE: map the page-cache pages of a MINOR range; returns the bytes mapped.
@@ -339,7 +389,9 @@ class Userfaultfd:
         mode = (0 if wake else lib.UFFDIO_CONTINUE_MODE_DONTWAKE) | (
             lib.UFFDIO_CONTINUE_MODE_WP if wp else 0
         )
-        return self._fill("UFFDIO_CONTINUE", lib.pyuffd_continue, addr, length, fd, addr, length, mode)
+        return self._fill(
+            "UFFDIO_CONTINUE", lib.pyuffd_continue, addr, length, fd, addr, length, mode
+        )
 
     def poison(self, addr: int, length: int, *, wake: bool = True) -> int:
         """UFFDIO_POISON: install poison markers (accesses get SIGBUS); returns the bytes handled.
@@ -360,7 +412,9 @@ class Userfaultfd:
         fd, dst, length = self._range("UFFDIO_MOVE", dst, length)
         src = _index("src", src)
         if src % PAGE_SIZE:
-            raise ValueError(f"UFFDIO_MOVE: src {src:#x} is not aligned to the {PAGE_SIZE}-byte page size")
+            raise ValueError(
+                f"UFFDIO_MOVE: src {src:#x} is not aligned to the {PAGE_SIZE}-byte page size"
+            )
         mode = (0 if wake else lib.UFFDIO_MOVE_MODE_DONTWAKE) | (
             lib.UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES if allow_src_holes else 0
         )
@@ -432,9 +486,14 @@ class Userfaultfd:
             if n > 0:
                 data = ffi.buffer(buf, n * MSG_SIZE)
                 return decode_events(
-                    data, thread_ids=self._thread_ids, adopt_fd=lambda ufd: Userfaultfd._adopt(ufd, self)
+                    data,
+                    thread_ids=self._thread_ids,
+                    adopt_fd=lambda ufd: Userfaultfd._adopt(ufd, self),
                 )
             if n != -_errno.EINTR:
                 check(n, "read userfaultfd events")
             if wait_ms == 0:
                 return []
+
+
+Userfaultfd.__module__ = "uffd"

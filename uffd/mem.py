@@ -22,7 +22,7 @@ from typing import Any
 from uffd._errors import PageAccessError, check, describe_range
 from uffd._native import ffi, lib
 
-__all__ = ["Region", "anon", "hugetlb", "huge_page_size", "kind_of", "shmem"]
+__all__ = ["Region", "anon", "huge_page_size", "hugetlb", "kind_of", "shmem"]
 
 PAGE_SIZE = mmap.PAGESIZE
 _MAP_FAILED = 2**64 - 1
@@ -33,7 +33,9 @@ def huge_page_size() -> int:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("Hugepagesize:"):
             return int(line.split()[1]) * 1024
-    raise OSError(_errno.ENOTSUP, "this kernel has no hugetlb support (no Hugepagesize in /proc/meminfo)")
+    raise OSError(
+        _errno.ENOTSUP, "this kernel has no hugetlb support (no Hugepagesize in /proc/meminfo)"
+    )
 
 
 def _mmap_hint(err: int, what: str) -> str:
@@ -66,16 +68,23 @@ def _map_aligned(length: int, align: int | None, prot: int, flags: int, fd: int,
         raise ValueError(f"align must be a positive power of two, got {align}")
     # Reserve length + align of nothing, then place the real mapping inside it.
     span = length + align
-    base = _mmap(span, lib.PROT_NONE, lib.MAP_PRIVATE | lib.MAP_ANONYMOUS | lib.MAP_NORESERVE, -1, what)
+    base = _mmap(
+        span, lib.PROT_NONE, lib.MAP_PRIVATE | lib.MAP_ANONYMOUS | lib.MAP_NORESERVE, -1, what
+    )
     start = (base + align - 1) & ~(align - 1)
     placed = int(
-        ffi.cast("uintptr_t", lib.mmap(ffi.cast("void *", start), length, prot, flags | lib.MAP_FIXED, fd, 0))
+        ffi.cast(
+            "uintptr_t",
+            lib.mmap(ffi.cast("void *", start), length, prot, flags | lib.MAP_FIXED, fd, 0),
+        )
     )
     if placed == _MAP_FAILED:
         err = ffi.errno
         _munmap(base, span)
         hint = _mmap_hint(err, what)
-        raise OSError(err, f"mmap of {length} bytes for {what} at {start:#x}: {os.strerror(err)}{hint}")
+        raise OSError(
+            err, f"mmap of {length} bytes for {what} at {start:#x}: {os.strerror(err)}{hint}"
+        )
     _munmap(base, start - base)
     _munmap(start + length, base + span - start - length)
     return start
@@ -117,7 +126,8 @@ class Region:
         offset, n = operator.index(offset), operator.index(n)
         if offset < 0 or n < 0 or offset + n > self.length:
             raise ValueError(
-                f"Region.{op}: offset {offset} + {n} bytes is outside the region of {self.length} bytes"
+                f"Region.{op}: offset {offset} + {n} bytes is outside the "
+                f"region of {self.length} bytes"
             )
         return self.addr + offset
 
@@ -168,13 +178,21 @@ class Region:
         addr = self._span("madvise", offset, length)
         if lib.madvise(ffi.cast("void *", addr), length, advice) != 0:
             err = ffi.errno
-            raise OSError(err, f"madvise({advice}) on {describe_range(addr, length)}: {os.strerror(err)}")
+            raise OSError(
+                err, f"madvise({advice}) on {describe_range(addr, length)}: {os.strerror(err)}"
+            )
 
     def mremap(self) -> int:
         """Move the mapping to a new address (mremap MAYMOVE|FIXED); returns the old address."""
         if self._closed:
             raise ValueError("Region.mremap on a closed region")
-        target = _mmap(self.length, lib.PROT_NONE, lib.MAP_PRIVATE | lib.MAP_ANONYMOUS | lib.MAP_NORESERVE, -1, "mremap target")
+        target = _mmap(
+            self.length,
+            lib.PROT_NONE,
+            lib.MAP_PRIVATE | lib.MAP_ANONYMOUS | lib.MAP_NORESERVE,
+            -1,
+            "mremap target",
+        )
         moved = int(
             ffi.cast(
                 "uintptr_t",
@@ -190,19 +208,29 @@ class Region:
         if moved == _MAP_FAILED:
             err = ffi.errno
             _munmap(target, self.length)
-            raise OSError(err, f"mremap of {describe_range(self.addr, self.length)}: {os.strerror(err)}")
+            raise OSError(
+                err, f"mremap of {describe_range(self.addr, self.length)}: {os.strerror(err)}"
+            )
         old, self.addr = self.addr, moved
         return old
 
     def alias(self) -> Region:
         """A second MAP_SHARED mapping of the same memfd (shmem and hugetlb only)."""
         if self.memfd is None:
-            raise ValueError("Region.alias: anonymous memory has no second view; use shmem or hugetlb")
+            raise ValueError(
+                "Region.alias: anonymous memory has no second view; use shmem or hugetlb"
+            )
         if self._closed:
             raise ValueError("Region.alias on a closed region")
         fd = os.dup(self.memfd)
         try:
-            addr = _mmap(self.length, lib.PROT_READ | lib.PROT_WRITE, lib.MAP_SHARED, fd, f"{self.kind} alias")
+            addr = _mmap(
+                self.length,
+                lib.PROT_READ | lib.PROT_WRITE,
+                lib.MAP_SHARED,
+                fd,
+                f"{self.kind} alias",
+            )
         except BaseException:
             os.close(fd)
             raise
@@ -221,7 +249,10 @@ class Region:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.close()
 
@@ -234,7 +265,10 @@ class Region:
 def _check_length(length: Any, page_size: int, what: str) -> int:
     length = operator.index(length)
     if length <= 0 or length % page_size:
-        raise ValueError(f"{what}: length must be a positive multiple of the {page_size}-byte page size, got {length}")
+        raise ValueError(
+            f"{what}: length must be a positive multiple of the {page_size}-byte "
+            f"page size, got {length}"
+        )
     return length
 
 
@@ -246,7 +280,9 @@ def anon(length: int, *, align: int | None = None) -> Region:
     return Region(addr, length, PAGE_SIZE, "anon", None, True)
 
 
-def _memfd_region(kind: str, length: int, page_size: int, memfd_flags: int, private: bool, align: int | None) -> Region:
+def _memfd_region(
+    kind: str, length: int, page_size: int, memfd_flags: int, private: bool, align: int | None
+) -> Region:
     fd = os.memfd_create(f"pyuffd-{kind}", os.MFD_CLOEXEC | memfd_flags)
     try:
         os.ftruncate(fd, length)
@@ -296,7 +332,7 @@ def kind_of(addr: int) -> tuple[str, int, int, int]:
                 break
         if page_size > PAGE_SIZE:
             kind = "hugetlb"
-        elif not path or path.startswith("[") :
+        elif not path or path.startswith("["):
             kind = "anon"
         elif path.startswith(("/memfd:", "/dev/zero", "/SYSV", "/dev/shm/")):
             kind = "shmem"
