@@ -1,0 +1,709 @@
+"""An asyncio page server: serves a snapshot's pages over TCP (see docs/protocol.md).
+
+Each client gets a HELLO, authenticates with AUTH when the server has a
+token, then sends LIST and pipelined READ requests. Requests wait in a
+per-client priority queue, URGENT ones (a faulting thread is blocked) ahead
+of prefetch; a long request is served one frame-sized piece at a time and
+put back in the queue between pieces, so an urgent request never waits for
+more than one piece. File reads run in a thread pool so the event loop keeps
+accepting and answering. Zero runs go out as ZERO frames (no bytes).
+
+A broken client (a malformed or oversized frame, a wrong token, a handshake
+that does not finish within ``handshake_timeout``: slow loris) gets an ERROR
+frame and is disconnected; the others are not affected. A bad request (an
+unknown region, a range outside it) gets an ERROR for that request id only.
+
+:class:`ServerThread` runs a server on its own event-loop thread for tests
+and synchronous programs; :func:`add_cli` adds ``serve`` and
+``snapshot info`` to ``python -m uffd``.
+
+This module is pure Python: no userfaultfd and no compiled extension needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import ipaddress
+import itertools
+import json
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from uffd import protocol as p
+from uffd.snapshot import PageSource, Snapshot, SnapshotError, open_source
+
+__all__ = ["PageServer", "ServerStats", "ServerThread", "add_cli", "format_url", "main"]
+
+_READ_CHUNK = 1 << 16
+_LINGER = 0.5
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def format_url(host: str, port: int) -> str:
+    """``tcp://HOST:PORT`` (an IPv6 host in brackets)."""
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+@dataclasses.dataclass
+class ServerStats:
+    """Counters of a PageServer; updated on its event loop, readable from any thread.
+
+    ``clients``: connections accepted; ``active``: connected now; ``requests``:
+    READ frames received; ``bytes``: page bytes sent in DATA frames;
+    ``zero_bytes``: bytes sent as ZERO ranges; ``errors``: ERROR frames sent.
+    """
+
+    clients: int = 0
+    active: int = 0
+    requests: int = 0
+    bytes: int = 0
+    zero_bytes: int = 0
+    errors: int = 0
+
+
+class _Disconnect(Exception):
+    """End this client's connection, after sending ERROR(code, message) if code is set."""
+
+    def __init__(self, code: p.ErrorCode | int | None = None, message: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclasses.dataclass(eq=False)
+class _Request:
+    request_id: int
+    region: str
+    offset: int
+    end: int
+    served: int = 0
+
+
+class _Client:
+    """One connection: handshake, a frame reader and a worker serving its queue.
+
+    Runs on the server's event loop; the worker hands file reads to the
+    server's thread pool.
+    """
+
+    def __init__(
+        self, server: PageServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.decoder = p.FrameDecoder(max_payload=server.max_frame)
+        self.queue: asyncio.PriorityQueue[tuple[int, int, _Request]] = asyncio.PriorityQueue()
+        self.pending = 0
+        self.seq = itertools.count()
+        self.frames: list[p.Frame] = []
+        self.loop = asyncio.get_running_loop()
+        self.last_activity = self.loop.time()
+        self.partial_since: float | None = None
+        self.write_lock = asyncio.Lock()
+
+    async def send(self, *frames: p.Frame) -> None:
+        """Write ``frames`` in one go and wait for the buffer to drain (backpressure)."""
+        stats = self.server.stats
+        for frame in frames:
+            if isinstance(frame, p.Error):
+                stats.errors += 1
+            elif isinstance(frame, p.Data):
+                stats.bytes += len(frame.data)
+            elif isinstance(frame, p.Zero):
+                stats.zero_bytes += frame.length
+        async with self.write_lock:
+            self.writer.write(b"".join(p.encode(f) for f in frames))
+            await self.writer.drain()
+        self.last_activity = self.loop.time()
+
+    async def next_frame(self, deadline: float | None) -> p.Frame:
+        """The next frame; ``deadline`` (loop time) bounds the wait, else the idle timeout."""
+        server = self.server
+        while not self.frames:
+            now = self.loop.time()
+            if self.partial_since is not None:
+                # A started frame must finish quickly whatever the idle timeout (slow loris).
+                limit = self.partial_since + server.handshake_timeout
+                deadline = limit if deadline is None else min(deadline, limit)
+            if deadline is None:
+                timeout = max(0.05, self.last_activity + server.idle_timeout - now)
+            else:
+                timeout = max(0.0, deadline - now)
+            try:
+                data = await asyncio.wait_for(self.reader.read(_READ_CHUNK), timeout)
+            except asyncio.TimeoutError:
+                if deadline is None and (self.pending or self._recently_active()):
+                    continue
+                raise _Disconnect(
+                    p.ErrorCode.TIMEOUT,
+                    "handshake not completed in time"
+                    if self.decoder.buffered == 0 and deadline is not None
+                    else "timed out waiting for a complete frame",
+                ) from None
+            if not data:
+                raise _Disconnect()
+            try:
+                self.frames += self.decoder.feed(data)
+            except p.ProtocolError as err:
+                raise _Disconnect(err.code, err.message) from None
+            self.partial_since = (
+                (self.partial_since or self.loop.time()) if self.decoder.buffered else None
+            )
+            self.last_activity = self.loop.time()
+        return self.frames.pop(0)
+
+    def _recently_active(self) -> bool:
+        return self.loop.time() - self.last_activity < self.server.idle_timeout
+
+    async def run(self) -> None:
+        """The whole connection: HELLO, handshake, then frames until EOF or an error."""
+        server = self.server
+        nonce = os.urandom(p.NONCE_SIZE)
+        worker = None
+        try:
+            try:
+                await self.send(
+                    p.Hello(
+                        nonce,
+                        server.token is not None,
+                        server.max_frame,
+                        server.max_pending,
+                    )
+                )
+                deadline = self.loop.time() + server.handshake_timeout
+                first = await self.next_frame(deadline)
+                if server.token is not None:
+                    if not isinstance(first, p.Auth):
+                        raise _Disconnect(
+                            p.ErrorCode.AUTH_FAILED, "this server requires AUTH first"
+                        )
+                    if not p.check_auth(server.token, nonce, first.mac):
+                        raise _Disconnect(p.ErrorCode.AUTH_FAILED, "wrong token")
+                worker = asyncio.create_task(self.work())
+                worker.add_done_callback(self._worker_done)
+                if not isinstance(first, p.Auth):
+                    await self.handle(first)
+                while True:
+                    await self.handle(await self.next_frame(None))
+            except _Disconnect as stop:
+                if stop.code is not None:
+                    await self.send(p.Error(stop.code, stop.message))
+                    await self.linger()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            if worker is not None:
+                worker.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await worker
+            self.writer.close()
+
+    def _worker_done(self, worker: asyncio.Task[None]) -> None:
+        # A worker that died (the peer vanished mid-write) must not leave the
+        # reader queueing requests nobody serves: drop the connection.
+        if not worker.cancelled() and worker.exception() is not None:
+            self.writer.transport.abort()
+
+    async def linger(self) -> None:
+        """Half-close and drain what the peer still sends, so our ERROR is not lost to a RST."""
+        if self.writer.can_write_eof():
+            self.writer.write_eof()
+        end = self.loop.time() + _LINGER
+        with contextlib.suppress(asyncio.TimeoutError, ConnectionError, OSError):
+            while self.loop.time() < end:
+                data = await asyncio.wait_for(self.reader.read(_READ_CHUNK), end - self.loop.time())
+                if not data:
+                    break
+
+    async def handle(self, frame: p.Frame) -> None:
+        """Answer or queue one frame received after the handshake."""
+        server = self.server
+        if isinstance(frame, p.Read):
+            server.stats.requests += 1
+            error = server.check_read(frame)
+            if error is not None:
+                await self.send(p.Error(error[0], error[1], frame.request_id))
+            elif frame.length == 0:
+                await self.send(p.End(0, frame.request_id))
+            elif self.pending >= server.max_pending:
+                await self.send(
+                    p.Error(
+                        p.ErrorCode.BUSY,
+                        f"{self.pending} requests pending, the limit is {server.max_pending}",
+                        frame.request_id,
+                    )
+                )
+            else:
+                name = server.names[frame.region]
+                end = frame.offset + min(frame.length, server.max_read)
+                request = _Request(frame.request_id, name, frame.offset, end)
+                self.pending += 1
+                self.queue.put_nowait((0 if frame.urgent else 1, next(self.seq), request))
+        elif isinstance(frame, p.List):
+            await self.send(server.regions_frame(frame.request_id))
+        elif isinstance(frame, p.Error):
+            raise _Disconnect()
+        else:
+            raise _Disconnect(
+                p.ErrorCode.BAD_FRAME, f"a client may not send {frame.TYPE.name} here"
+            )
+
+    async def work(self) -> None:
+        """Serve queued READs one piece at a time, most urgent first."""
+        server = self.server
+        while True:
+            priority, seq, request = await self.queue.get()
+            start = request.offset + request.served
+            length = min(request.end - start, server.frame_bytes)
+            rid = request.request_id
+            try:
+                # Page-cache hits are answered here; only reads that would block use a thread.
+                frames = server.read_piece_cached(rid, request.region, start, length)
+                if frames is None:
+                    frames = await self.loop.run_in_executor(
+                        server.executor, server.read_piece, rid, request.region, start, length
+                    )
+            except Exception as err:
+                self.pending -= 1
+                await self.send(p.Error(p.ErrorCode.INTERNAL, str(err), rid))
+                continue
+            request.served += length
+            if request.offset + request.served < request.end:
+                # Back in the queue behind any urgent request that arrived meanwhile.
+                self.queue.put_nowait((priority, seq, request))
+            else:
+                self.pending -= 1
+                frames.append(p.End(request.served, rid))
+            await self.send(*frames)
+            # drain() does not yield below the high-water mark and cached reads do not
+            # either: yield so that other clients and this client's reader get a turn.
+            await asyncio.sleep(0)
+
+
+class PageServer:
+    """Serves the pages of ``source`` (a Snapshot or RawMemoryFile) over TCP.
+
+    ``token``: when set, clients must prove they know it (HMAC of a nonce);
+    binding to anything but a loopback address requires one. ``max_frame``:
+    the largest payload accepted or sent; ``max_read``: the most served for one
+    READ (more is served short: END says how much); ``max_pending``: queued
+    requests per client (more get ERROR BUSY); ``idle_timeout``: seconds
+    without frames or pending work before a client is dropped;
+    ``handshake_timeout``: seconds for a client's first frame (its AUTH), and
+    for any frame once started.
+
+    Calling context: ``start``/``close``/``serve_forever`` on one event loop;
+    ``source`` is read from a thread pool, so it must be thread-safe (Snapshot
+    and RawMemoryFile are). The server does not close ``source``.
+
+    Raises:
+        ValueError: a non-loopback ``host`` without a token, an empty token,
+            or a ``max_frame`` too small for one page.
+    """
+
+    def __init__(
+        self,
+        source: PageSource,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        token: bytes | None = None,
+        max_frame: int = p.MAX_FRAME,
+        max_read: int = p.MAX_FRAME,
+        max_pending: int = 64,
+        idle_timeout: float = 30.0,
+        handshake_timeout: float = 5.0,
+        workers: int | None = None,
+    ) -> None:
+        if token is not None and not token:
+            raise ValueError("token is empty; pass None for no authentication or a real secret")
+        if token is None and not _is_loopback(host):
+            raise ValueError(
+                f"binding to {host!r} without a token would serve memory contents to anyone "
+                "who can reach it; pass token=... (or bind to 127.0.0.1)"
+            )
+        page_size = source.page_size
+        if max_frame < page_size + 8:
+            raise ValueError(f"max_frame {max_frame} cannot carry one {page_size}-byte page")
+        if not 1 <= max_pending <= 0xFFFFFFFF:
+            raise ValueError(f"max_pending {max_pending} must be at least 1")
+        self.source = source
+        self.host = host
+        self.port = port
+        self.token = token
+        self.max_frame = max_frame
+        self.max_read = max(page_size, max_read // page_size * page_size)
+        self.frame_bytes = (max_frame - 8) // page_size * page_size
+        self.max_pending = max_pending
+        self.idle_timeout = idle_timeout
+        self.handshake_timeout = handshake_timeout
+        self.names = [r.name for r in source.regions]
+        self._lengths = [r.length for r in source.regions]
+        self._regions_frame = p.Regions(
+            page_size, tuple(p.RegionEntry(r.name, r.length) for r in source.regions)
+        )
+        if len(p.encode(self._regions_frame)) - p.HEADER.size > max_frame:
+            raise ValueError(f"the region list does not fit in max_frame {max_frame}")
+        self.stats = ServerStats()
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="uffd-page-read"
+        )
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) the server listens on; only after :meth:`start`."""
+        if self._server is None or not self._server.sockets:
+            raise ValueError("the server is not started")
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return host, port
+
+    @property
+    def url(self) -> str:
+        """``tcp://HOST:PORT`` of :attr:`address`."""
+        return format_url(*self.address)
+
+    def regions_frame(self, request_id: int) -> p.Regions:
+        """The REGIONS answer to a LIST."""
+        return dataclasses.replace(self._regions_frame, request_id=request_id)
+
+    def check_read(self, frame: p.Read) -> tuple[p.ErrorCode, str] | None:
+        """The ERROR (code, message) for a READ that cannot be served, else None."""
+        if frame.region >= len(self.names):
+            return p.ErrorCode.UNKNOWN_REGION, (
+                f"no region {frame.region}; there are {len(self.names)} (see LIST)"
+            )
+        ps, length = self.source.page_size, self._lengths[frame.region]
+        if frame.offset % ps or frame.length % ps:
+            return p.ErrorCode.OUT_OF_RANGE, (
+                f"offset {frame.offset} and length {frame.length} must be multiples of the "
+                f"page size {ps}"
+            )
+        if frame.offset + frame.length > length:
+            return p.ErrorCode.OUT_OF_RANGE, (
+                f"[{frame.offset}, +{frame.length}) is outside region "
+                f"{self.names[frame.region]!r} of {length} bytes"
+            )
+        return None
+
+    def read_piece(self, request_id: int, name: str, offset: int, length: int) -> list[p.Frame]:
+        """DATA and ZERO frames for one piece of a request (runs in the thread pool)."""
+        frames: list[p.Frame] = []
+        for run_offset, run_length, present in self.source.extents(name, offset, length):
+            if present:
+                data = self.source.read(name, run_offset, run_length)
+                frames.append(p.Data(run_offset, data, request_id))
+            else:
+                frames.append(p.Zero(run_offset, run_length, request_id))
+        return frames
+
+    def read_piece_cached(
+        self, request_id: int, name: str, offset: int, length: int
+    ) -> list[p.Frame] | None:
+        """Like :meth:`read_piece` from the page cache only, on the event loop.
+
+        None as soon as a read would wait for the disk, or when the source
+        has no ``read_cached`` (the caller then uses the thread pool).
+        """
+        read_cached = getattr(self.source, "read_cached", None)
+        if read_cached is None:
+            return None
+        frames: list[p.Frame] = []
+        for run_offset, run_length, present in self.source.extents(name, offset, length):
+            if present:
+                data = read_cached(name, run_offset, run_length)
+                if data is None:
+                    return None
+                frames.append(p.Data(run_offset, data, request_id))
+            else:
+                frames.append(p.Zero(run_offset, run_length, request_id))
+        return frames
+
+    async def start(self) -> None:
+        """Bind and start accepting clients.
+
+        Raises:
+            OSError: the address cannot be bound.
+        """
+        self._server = await asyncio.start_server(self._accept, self.host, self.port)
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A plain callback that spawns our own task: asyncio would log the
+        # cancellation of a handler task it created itself when close() drops clients.
+        task = asyncio.get_running_loop().create_task(self._serve_client(reader, writer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self._writers.add(writer)
+        self.stats.clients += 1
+        self.stats.active += 1
+        try:
+            await _Client(self, reader, writer).run()
+        finally:
+            self.stats.active -= 1
+            self._writers.discard(writer)
+
+    async def serve_forever(self) -> None:
+        """Start (if needed) and serve until cancelled, then close."""
+        if self._server is None:
+            await self.start()
+        assert self._server is not None
+        try:
+            await self._server.serve_forever()
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        """Stop accepting, drop every client at once and wait for them. Idempotent."""
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+        self.executor.shutdown(wait=False)
+
+
+class ServerThread:
+    """A PageServer on its own event-loop thread, for tests and synchronous programs.
+
+    ``ServerThread(source, **kw)`` takes PageServer's keywords, starts the
+    server and returns once it listens; ``address``/``url`` say where.
+    :meth:`close` (or leaving the ``with`` block) drops every client, stops
+    the loop and joins the thread; it is idempotent. ``source`` stays open.
+
+    Raises:
+        ValueError: as PageServer (checked in the calling thread).
+        OSError: the address cannot be bound.
+    """
+
+    def __init__(self, source: PageSource, **kwargs: Any) -> None:
+        self.server = PageServer(source, **kwargs)
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="uffd-page-server", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+
+    def _run(self) -> None:
+        loop = self._loop
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self.server.start())
+        except BaseException as err:
+            self._error = err
+            self._ready.set()
+            loop.close()
+            return
+        self._ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(self.server.close())
+            loop.close()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) the server listens on."""
+        return self.server.address
+
+    @property
+    def url(self) -> str:
+        """``tcp://HOST:PORT``."""
+        return self.server.url
+
+    @property
+    def stats(self) -> ServerStats:
+        """The server's counters."""
+        return self.server.stats
+
+    def close(self) -> None:
+        """Stop the server and join its thread (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+
+    def __enter__(self) -> ServerThread:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- command line ------------------------------------------------------------
+
+
+class _UsageError(Exception):
+    """A command-line mistake: exit code 2."""
+
+
+def _load_token(token_file: str | None) -> bytes | None:
+    if token_file is not None:
+        try:
+            with open(token_file, "rb") as f:
+                token = f.read().strip()
+        except OSError as err:
+            raise _UsageError(f"cannot read the token file: {err}") from None
+        if not token:
+            raise _UsageError(f"the token file {token_file} is empty")
+        return token
+    env = os.environ.get("UFFD_TOKEN")
+    return env.encode() if env else None
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        token = _load_token(args.token_file)
+    except _UsageError as err:
+        print(f"uffd serve: {err}", file=sys.stderr)
+        return 2
+    try:
+        source = open_source(args.snapshot)
+    except (SnapshotError, OSError) as err:
+        print(f"uffd serve: {err}", file=sys.stderr)
+        return 1
+    try:
+        try:
+            server = PageServer(source, host=args.host, port=args.port, token=token)
+        except ValueError as err:
+            print(f"uffd serve: {err}", file=sys.stderr)
+            return 2
+        return asyncio.run(_serve_until_signal(server))
+    except OSError as err:
+        print(f"uffd serve: cannot listen on {args.host}:{args.port}: {err}", file=sys.stderr)
+        return 1
+    finally:
+        source.close()
+
+
+async def _serve_until_signal(server: PageServer) -> int:
+    await server.start()
+    print(f"listening on {server.url}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await server.close()
+    return 0
+
+
+def _cmd_snapshot_info(args: argparse.Namespace) -> int:
+    try:
+        with Snapshot.open(args.path) as snap:
+            verified = snap.verify() if args.verify else None
+            size = snap.file_size
+            regions: list[dict[str, Any]] = [
+                {
+                    "name": r.name,
+                    "length": r.length,
+                    "pages": r.length // snap.page_size,
+                    "present_pages": r.present_pages,
+                }
+                for r in snap.regions
+            ]
+            page_size, chunk_pages = snap.page_size, snap.chunk_pages
+    except (SnapshotError, OSError) as err:
+        print(f"uffd snapshot info: {err}", file=sys.stderr)
+        return 1
+    if args.json:
+        info = {
+            "path": args.path,
+            "page_size": page_size,
+            "chunk_pages": chunk_pages,
+            "file_size": size,
+            "regions": regions,
+            "verified_pages": verified,
+        }
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"path:        {args.path}")
+    print(f"page size:   {page_size}")
+    print(f"chunk pages: {chunk_pages}")
+    print(f"file size:   {size} bytes")
+    print(f"regions:     {len(regions)}")
+    for r in regions:
+        share = 100.0 * r["present_pages"] / r["pages"] if r["pages"] else 0.0
+        print(
+            f"  {r['name']}: {r['length']} bytes, {r['pages']} pages, "
+            f"{r['present_pages']} present ({share:.1f}%)"
+        )
+    if verified is not None:
+        print(f"verified:    {verified} pages, all checksums match")
+    return 0
+
+
+def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``serve`` and ``snapshot info`` to the ``python -m uffd`` parser.
+
+    Each subcommand sets ``func``: ``args.func(args)`` returns the exit code
+    (0 ok, 1 runtime error, 2 usage).
+    """
+    serve = subparsers.add_parser(
+        "serve",
+        help="serve a snapshot or raw memory file to page clients over TCP",
+        description="Serve SNAPSHOT (a pyuffd snapshot or a raw memory file) until "
+        "SIGINT/SIGTERM. Prints 'listening on tcp://HOST:PORT' once bound. The token, "
+        "required off loopback, comes from --token-file or the UFFD_TOKEN environment "
+        "variable, never from the command line.",
+    )
+    serve.add_argument("snapshot", metavar="SNAPSHOT", help="the file to serve")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
+    serve.add_argument("--token-file", metavar="F", help="file holding the shared token")
+    serve.set_defaults(func=_cmd_serve)
+
+    snapshot = subparsers.add_parser("snapshot", help="inspect snapshot files")
+    actions = snapshot.add_subparsers(dest="snapshot_command", required=True, metavar="ACTION")
+    info = actions.add_parser("info", help="print page size, regions, present pages and size")
+    info.add_argument("path", metavar="PATH")
+    info.add_argument("--verify", action="store_true", help="check every chunk's checksum")
+    info.add_argument("--json", action="store_true", help="print as JSON")
+    info.set_defaults(func=_cmd_snapshot_info)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run just this module's subcommands (``python -m uffd.server serve ...``)."""
+    parser = argparse.ArgumentParser(prog="uffd")
+    add_cli(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
