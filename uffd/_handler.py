@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import errno as _errno
+import os
 import struct
 import threading
 import time
@@ -102,9 +103,11 @@ class Mapping:
     ``ioctls`` is what the dispatch layer honours: ``ops.ioctls`` & the
     kernel's grant. ``uffd`` is the fd it is registered on (a forked child's
     mappings live on the child's fd). ``stats`` counts its faults.
+    A mapping split by an event (munmap, MADV_DONTNEED or mremap of a part)
+    keeps, in each piece, the offsets of the range as registered.
     """
 
-    __slots__ = ("_fallback", "_honoured", "_ioctls", "end", "kind", "mode", "ops", "page_size", "start", "stats", "uffd")
+    __slots__ = ("_fallback", "_honoured", "_ioctls", "_origin", "end", "kind", "mode", "ops", "page_size", "start", "stats", "uffd")
 
     def __init__(
         self,
@@ -127,6 +130,8 @@ class Mapping:
         self.ioctls = ioctls
         self.stats = Counters()
         self._fallback = lib.PYUFFD_FALLBACK_ZEROPAGE
+        # Offset of ``start`` in the range as registered: non-zero for the tail of a split.
+        self._origin = 0
 
     @property
     def ioctls(self) -> Ioctl:
@@ -146,6 +151,7 @@ class Mapping:
     def _clone(self, start: int, end: int, uffd: Userfaultfd | None = None) -> Mapping:
         m = Mapping(start, end, self.kind, self.mode, self.ops, self.page_size, uffd or self.uffd, self.ioctls)
         m._fallback = self._fallback
+        m._origin = self._origin + start - self.start
         return m
 
     def __repr__(self) -> str:
@@ -156,8 +162,9 @@ class Mapping:
 
 
 class Fault:
-    """A page fault as handlers see it: ``address`` (page-aligned), ``offset`` (from the
-    mapping's start), ``mapping``, ``kind`` ("missing"|"minor"|"wp"), ``write``, ``thread_id``."""
+    """A page fault as handlers see it: ``address`` (page-aligned), ``offset`` (from the start
+    of the range as registered, also in a piece of a split mapping), ``mapping``, ``kind``
+    ("missing"|"minor"|"wp"), ``write``, ``thread_id``."""
 
     __slots__ = ("_slot", "_t_ns", "address", "kind", "mapping", "offset", "thread_id", "write")
 
@@ -172,7 +179,7 @@ class Fault:
         t_ns: int,
     ) -> None:
         self.address = address
-        self.offset = address - mapping.start
+        self.offset = address - mapping.start + mapping._origin
         self.mapping = mapping
         self.kind = kind
         self.write = write
@@ -198,6 +205,15 @@ def _required_features(kind: str, mode: Mode) -> Feature:
     if mode & Mode.WP:
         need |= Feature.PAGEFAULT_FLAG_WP | (Feature.WP_HUGETLBFS_SHMEM if file_backed else 0)
     return need
+
+
+def _identity(fd: int) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of an open fd (each userfaultfd has its own anon inode), or None."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 class _Table:
@@ -260,6 +276,8 @@ class FaultHandler:
         self._orphans = Counters()
         self._errors: list[BaseException] = []
         self._deferred: dict[int, Fault] = {}
+        self._identity: dict[int, tuple[int, int] | None] = {}
+        self._native_at_stop = 0  # stats after stop(): the pump is gone
         self._retry: list[tuple[Fault, Resolution, int]] = []
         self._lock = threading.RLock()
         self._thread: threading.Thread | None = None
@@ -285,6 +303,7 @@ class FaultHandler:
     def _add_fd(self, fd: Userfaultfd) -> None:
         check(lib.pyuffd_pump_add_fd(self._pump, fd.fileno()), "epoll add userfaultfd")
         self._fds[fd.fileno()] = fd
+        self._identity[fd.fileno()] = _identity(fd.fileno())
         self._tables[fd.fileno()] = _Table([])
 
     def adopt(self, fd: Userfaultfd) -> None:
@@ -381,8 +400,19 @@ class FaultHandler:
 
     def _publish(self, m: Mapping) -> None:
         """Add ``m`` to its fd's table and to the pump (lock held)."""
+        self._pump_map(m)
+        fd = m.uffd.fileno()
+        self._tables[fd] = _Table([*self._tables[fd].maps, m])
+
+    def _pump_map(self, m: Mapping) -> None:
+        """Give ``m`` (its fallback and native source) to the pump (lock held)."""
         native = m.ops.native_source(m)
         source, src_addr, src_fd, src_off, max_run = native or (lib.PYUFFD_SOURCE_NONE, 0, -1, 0, 0)
+        # A source describes the range as registered; a piece of a split starts further in.
+        if source == lib.PYUFFD_SOURCE_MEMORY:
+            src_addr += m._origin
+        elif source == lib.PYUFFD_SOURCE_FILE:
+            src_off += m._origin
         check(
             lib.pyuffd_pump_map(
                 self._pump, m.uffd.fileno(), m.start, m.end, m.page_size, m._fallback,
@@ -390,8 +420,6 @@ class FaultHandler:
             ),
             "pump map",
         )
-        fd = m.uffd.fileno()
-        self._tables[fd] = _Table([*self._tables[fd].maps, m])
 
     def unregister(self, mapping: Mapping) -> None:
         """UFFDIO_UNREGISTER ``mapping`` and drop it; faults pending on it are woken."""
@@ -457,6 +485,7 @@ class FaultHandler:
                 self._thread.join(timeout if timeout is not None else max(5.0, 2 * self.deadline))
                 stuck = self._thread.is_alive()
             with self._lock:
+                self._detach_lost_fds()
                 for fault in self._deferred.values():
                     self._errors.append(
                         DeadlineExceededError(
@@ -468,6 +497,7 @@ class FaultHandler:
                     )
                 self._deferred.clear()
                 lib.pyuffd_pump_drain(self._pump)
+                self._native_at_stop = int(lib.pyuffd_pump_native_faults(self._pump))
                 if stuck:
                     self._errors.append(
                         UffdError(0, "the dispatch thread did not stop: a handler is blocked; its fds were closed")
@@ -477,6 +507,27 @@ class FaultHandler:
                 for fd in self._fds.values():
                     fd.close()
         self._raise_errors()
+
+    def _detach_lost_fds(self) -> None:
+        """Forget, without closing, each fd that was closed under the handler (lock held).
+
+        Closing a userfaultfd releases its faulting threads and unregisters its
+        ranges, but epoll drops it silently, so only here is it noticed. Its
+        number may belong to another file by now: closing it would close that.
+        """
+        for n, fd in self._fds.items():
+            if fd.closed or _identity(n) == self._identity.get(n):
+                continue
+            fd._fd = -1  # not ours any more: never close that number
+            self._errors.insert(
+                0,
+                UffdError(
+                    _errno.EBADF,
+                    f"the handler's userfaultfd (fd {n}) was closed under the running handler "
+                    "(os.close by someone else?): the kernel released its faulting threads and "
+                    "unregistered its ranges; the handler did not close that fd number again",
+                ),
+            )
 
     def join(self, timeout: float | None = None) -> None:
         """Wait for the dispatch thread to end (after ``stop()`` elsewhere), then re-raise errors."""
@@ -517,7 +568,9 @@ class FaultHandler:
     @property
     def mappings(self) -> list[Mapping]:
         """Every registered mapping (forked children's too), sorted by start."""
-        return sorted((m for t in self._tables.values() for m in t.maps), key=lambda m: (m.start, m.uffd.fileno() if not m.uffd.closed else -1))
+        # list() copies at once: a FORK event may add a table on the dispatch thread meanwhile.
+        tables = list(self._tables.values())
+        return sorted((m for t in tables for m in t.maps), key=lambda m: (m.start, m.uffd.fileno() if not m.uffd.closed else -1))
 
     @property
     def stats(self) -> HandlerStats:
@@ -527,7 +580,10 @@ class FaultHandler:
             total = self._orphans
             for m in [*self.mappings, *self._retired]:
                 total = total.merged(m.stats)
-            native = int(lib.pyuffd_pump_native_faults(self._pump)) if not self._stopped else 0
+            if self._stopped:
+                native = self._native_at_stop
+            else:
+                native = int(lib.pyuffd_pump_native_faults(self._pump))
         return HandlerStats(total, live, native, self._expired)
 
     # -- prefetch helpers (core-side installs, not handlers) --------------
@@ -737,7 +793,12 @@ class FaultHandler:
                 for m in moved:
                     m.start, m.end = m.start - a + b, m.end - a + b
                 self._tables[fd] = _Table(rest + moved)
-                check(lib.pyuffd_pump_move(self._pump, fd, a, b, c), "pump move")
+                # Unmap the old range from the pump (that splits a map straddling it)
+                # and map the moved pieces anew: pyuffd_pump_move moves only maps wholly
+                # inside the range, so a partial mremap left a stale map over the hole.
+                check(lib.pyuffd_pump_unmap(self._pump, fd, a, a + c), "pump unmap")
+                for m in moved:
+                    self._pump_map(m)
             elif event == lib.UFFD_EVENT_REMOVE:
                 # The pages are gone; unregister so later accesses get zero pages.
                 if self._split(fd, a, b):

@@ -54,7 +54,9 @@ def kernel_grant(kind: str, mode: Mode) -> Ioctl | None:
     and memory kinds it does not know; CONTINUE is granted only with MINOR,
     WRITEPROTECT only with WP.
     """
-    if kind not in KIND_IOCTLS or not mode or mode & ~_ALL_MODES:
+    # int(): ~ on an IntFlag complements within the named bits only, so an
+    # unknown bit (Mode(8)) would pass; the kernel refuses it (EINVAL).
+    if kind not in KIND_IOCTLS or not mode or int(mode) & ~int(_ALL_MODES):
         return None
     if mode & Mode.MINOR and kind == "anon":
         return None
@@ -142,7 +144,7 @@ class UffdOps:
 
     def can_userfault(self, mapping: Mapping, mode: Mode) -> bool:
         """May ``mapping`` be registered with ``mode``? Default: ``mode`` is within ``features``."""
-        return bool(mode) and not mode & ~self.features
+        return bool(mode) and not int(mode) & ~int(self.features)
 
     def native_source(self, mapping: Mapping) -> tuple[int, int, int, int, int] | None:
         """A source the C pump serves MISSING faults from without entering Python, or None.
