@@ -298,10 +298,14 @@ static int read_fd(struct pyuffd_pump *p, int fd, struct pyuffd_item *items, int
 		backlog_push(p, &err);
 		return 0;
 	}
+	/* After an event, Python must update the mapping table before later faults are served. */
+	int native_ok = items != NULL;
 	for (int i = 0; i < (int)(got / (ssize_t)sizeof(msgs[0])); i++) {
 		struct pyuffd_item item = { .fd = fd, .slot = 0, .t_ns = t, .msg = msgs[i] };
+		if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
+			native_ok = 0;
 		if (msgs[i].event == UFFD_EVENT_PAGEFAULT) {
-			if (items && serve_native(p, fd, &msgs[i]))
+			if (native_ok && serve_native(p, fd, &msgs[i]))
 				continue;
 			item.slot = slot_alloc(p, fd, &msgs[i], t + deadline_ns);
 		}
@@ -494,20 +498,6 @@ int pyuffd_pump_unmap(struct pyuffd_pump *p, int fd, uint64_t start, uint64_t en
 	}
 	pthread_mutex_unlock(&p->lock);
 	return rc;
-}
-
-int pyuffd_pump_move(struct pyuffd_pump *p, int fd, uint64_t old, uint64_t new_, uint64_t len)
-{
-	pthread_mutex_lock(&p->lock);
-	for (int i = 0; i < p->nmaps; i++) {
-		struct map *m = &p->maps[i];
-		if (m->fd == fd && m->start >= old && m->end <= old + len) {
-			m->start = m->start - old + new_;
-			m->end = m->end - old + new_;
-		}
-	}
-	pthread_mutex_unlock(&p->lock);
-	return 0;
 }
 
 int pyuffd_pump_wait(struct pyuffd_pump *p, struct pyuffd_item *items, int max_items, int timeout_ms)

@@ -68,7 +68,6 @@ int pyuffd_pump_map(struct pyuffd_pump *pump, int fd, uint64_t start, uint64_t e
 		    uint64_t page_size, int fallback, int source, uint64_t src_addr, int src_fd,
 		    uint64_t src_offset, uint64_t max_run);
 int pyuffd_pump_unmap(struct pyuffd_pump *pump, int fd, uint64_t start, uint64_t end);
-int pyuffd_pump_move(struct pyuffd_pump *pump, int fd, uint64_t old, uint64_t new_, uint64_t len);
 int pyuffd_pump_wait(struct pyuffd_pump *pump, struct pyuffd_item *items, int max_items,
 		     int timeout_ms);
 int pyuffd_pump_resolve(struct pyuffd_pump *pump, int fd, uint32_t slot, int op, uint64_t dst,

@@ -793,9 +793,8 @@ class FaultHandler:
                 for m in moved:
                     m.start, m.end = m.start - a + b, m.end - a + b
                 self._tables[fd] = _Table(rest + moved)
-                # Unmap the old range from the pump (that splits a map straddling it)
-                # and map the moved pieces anew: pyuffd_pump_move moves only maps wholly
-                # inside the range, so a partial mremap left a stale map over the hole.
+                # Unmap the old range from the pump (that splits a map straddling
+                # it) and map the moved pieces anew at their new addresses.
                 check(lib.pyuffd_pump_unmap(self._pump, fd, a, a + c), "pump unmap")
                 for m in moved:
                     self._pump_map(m)
