@@ -546,7 +546,7 @@ int pyuffd_pump_wait(struct pyuffd_pump *p, struct pyuffd_item *items, int max_i
 }
 
 int pyuffd_pump_resolve(struct pyuffd_pump *p, int fd, uint32_t id, int op, uint64_t dst,
-			uint64_t src, uint64_t len, uint64_t mode, int64_t *done)
+			const char *src, uint64_t len, uint64_t mode, int64_t *done)
 {
 	pthread_mutex_lock(&p->lock);
 	struct slot *s = slot_get(p, id);
@@ -562,7 +562,7 @@ int pyuffd_pump_resolve(struct pyuffd_pump *p, int fd, uint32_t id, int op, uint
 	int rc;
 	*done = 0;
 	switch (op) {
-	case PYUFFD_OP_COPY: rc = pyuffd_copy(fd, dst, src, len, mode, done); break;
+	case PYUFFD_OP_COPY: rc = pyuffd_copy(fd, dst, (uint64_t)(uintptr_t)src, len, mode, done); break;
 	case PYUFFD_OP_ZEROPAGE: rc = pyuffd_zeropage(fd, dst, len, mode, done); break;
 	case PYUFFD_OP_CONTINUE: rc = pyuffd_continue(fd, dst, len, mode, done); break;
 	case PYUFFD_OP_POISON: rc = pyuffd_poison(fd, dst, len, mode, done); break;

@@ -63,6 +63,7 @@ _DID = {
     lib.PYUFFD_DID_WAKE: "wake",
 }
 _REFUSE, _ZERO, _POISON = Resolution.REFUSE, Resolution.ZERO, Resolution.POISON
+_COPY_KIND = Resolution.COPY
 _ZEROPAGE, _COPY = int(Ioctl.ZEROPAGE), int(Ioctl.COPY)
 _OP_COPY = lib.PYUFFD_OP_COPY
 _COPY_MODE_WP = lib.UFFDIO_COPY_MODE_WP
@@ -654,7 +655,7 @@ class FaultHandler:
         if m is None:
             # Unregistered under the fault (a REMOVE raced it): zero-fill, or wake on ENOENT.
             ps = mem.PAGE_SIZE
-            _resolve(self._pump, fd, slot, lib.PYUFFD_OP_ZEROPAGE, address & ~(ps - 1), 0, ps, 0, self._done)
+            _resolve(self._pump, fd, slot, lib.PYUFFD_OP_ZEROPAGE, address & ~(ps - 1), ffi.NULL, ps, 0, self._done)
             with self._lock:
                 self._orphans.record("missing", "zero", time.monotonic_ns() - t_ns)
             return
@@ -701,48 +702,23 @@ class FaultHandler:
         return self._apply(fault, resolution)
 
     def _apply(self, fault: Fault, r: Resolution, attempt: int = 0) -> bool:
+        """Install ``r`` for ``fault`` through the pump; False if it took the fallback or is retried."""
         m = fault.mapping
-        kind = r.kind
-        if kind == _REFUSE:
-            self._fail(fault, HandlerRefusedError(0, f"{type(m.ops).__name__} refused {fault!r}: {r.reason}"))
-            return False
-        op = _OPS.get(kind)
-        need = r.need
-        honoured = m._honoured
         ps = m.page_size
-        src, keep, mode = 0, r.data, 0
-        if kind == _ZERO and not honoured & _ZEROPAGE and honoured & _COPY:
-            # hugetlb has no ZEROPAGE: a zero page is a copy of zeros.
-            keep = bytes(ps)
-            op, need = _OP_COPY, _COPY
-        if op is None or need & ~honoured:
-            self._fail(
-                fault,
-                UnsupportedError(
-                    f"{type(m.ops).__name__} answered {r!r} for {fault!r}, but {Ioctl(need & ~honoured)!r} "
-                    f"is not honoured on this mapping (honoured: {m.ioctls!r})"
-                ),
-            )
-            return False
-        if kind == _POISON and not m.uffd.features & Feature.POISON:
-            self._fail(fault, UnsupportedError(f"{r!r} for {fault!r}: UFFD_FEATURE_POISON was not negotiated"))
-            return False
-        if keep is not None:
-            try:
-                buf = ffi.from_buffer(keep)
-            except TypeError as err:
-                self._fail(fault, TypeError(f"Resolution.copy data for {fault!r} is not a buffer: {err}"))
+        data = r.data
+        if r.kind is _COPY_KIND and type(data) is bytes and len(data) >= ps and m._honoured & r.need == r.need:
+            # The common case: bytes go to C as they are, no buffer export.
+            op, src, mode = _OP_COPY, data, 0
+        else:
+            prepared = self._prepare(fault, r)
+            if prepared is None:
                 return False
-            if len(buf) < ps:
-                self._fail(fault, ValueError(f"Resolution.copy data for {fault!r} holds {len(buf)} bytes, a page is {ps}"))
-                return False
-            src = int(ffi.cast("uintptr_t", buf))
-            if r.keep_wp:
-                mode = _COPY_MODE_WP
+            op, src, mode = prepared
         rc = _resolve(self._pump, m.uffd._fd, fault._slot, op, fault.address, src, ps, mode, self._done)
         if rc == 0 or rc == -_errno.EEXIST or rc == -_errno.ENOENT:
+            latency = time.monotonic_ns() - fault._t_ns
             with self._lock:  # resolve() may run on other threads
-                m.stats.record(fault.kind, kind, time.monotonic_ns() - fault._t_ns)
+                m.stats.record(fault.kind, r.kind, latency)
             return True
         if rc == -_errno.ETIME:
             return False  # the watchdog resolved it; its notice reports that
@@ -755,6 +731,51 @@ class FaultHandler:
         except UffdError as err:
             self._fail(fault, err)
         return False
+
+    def _prepare(self, fault: Fault, r: Resolution) -> tuple[int, Any, int] | None:
+        """(pump op, source, mode) for ``r``; None after recording why it cannot be installed."""
+        m = fault.mapping
+        kind = r.kind
+        if kind == _REFUSE:
+            self._fail(fault, HandlerRefusedError(0, f"{type(m.ops).__name__} refused {fault!r}: {r.reason}"))
+            return None
+        op = _OPS.get(kind)
+        need = r.need
+        honoured = m._honoured
+        ps = m.page_size
+        keep, mode = r.data, 0
+        if kind == _ZERO and not honoured & _ZEROPAGE and honoured & _COPY:
+            # hugetlb has no ZEROPAGE: a zero page is a copy of zeros.
+            keep = bytes(ps)
+            op, need = _OP_COPY, _COPY
+        if op is None or need & ~honoured:
+            self._fail(
+                fault,
+                UnsupportedError(
+                    f"{type(m.ops).__name__} answered {r!r} for {fault!r}, but "
+                    f"{Ioctl(need & ~honoured)!r} is not honoured on this mapping "
+                    f"(honoured: {m.ioctls!r})"
+                ),
+            )
+            return None
+        if kind == _POISON and not m.uffd.features & Feature.POISON:
+            self._fail(fault, UnsupportedError(f"{r!r} for {fault!r}: UFFD_FEATURE_POISON was not negotiated"))
+            return None
+        if keep is None:
+            return op, ffi.NULL, 0
+        try:
+            buf = ffi.from_buffer(keep)
+        except TypeError as err:
+            self._fail(fault, TypeError(f"Resolution.copy data for {fault!r} is not a buffer: {err}"))
+            return None
+        if len(buf) < ps:
+            self._fail(
+                fault, ValueError(f"Resolution.copy data for {fault!r} holds {len(buf)} bytes, a page is {ps}")
+            )
+            return None
+        if r.keep_wp:
+            mode = _COPY_MODE_WP
+        return op, buf, mode
 
     def _retry_pending(self) -> None:
         pending, self._retry = self._retry, []

@@ -20,10 +20,11 @@ class Counters:
     latency_us_log2: list[int] = field(default_factory=lambda: [0] * BUCKETS)
 
     def record(self, fault_kind: str, resolution: str, latency_ns: int) -> None:
-        """Count one resolved fault (called on the dispatch thread or a resolver thread)."""
+        """Count one resolved fault (caller holds the handler's lock: this is on the fault path)."""
         self.faults[fault_kind] += 1
         self.resolutions[resolution] += 1
-        self.latency_us_log2[min((latency_ns // 1000).bit_length(), BUCKETS - 1)] += 1
+        bucket = (latency_ns // 1000).bit_length()
+        self.latency_us_log2[bucket if bucket < BUCKETS else BUCKETS - 1] += 1
 
     def merged(self, other: Counters) -> Counters:
         """A new Counters holding both."""
