@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 # Modules that add their own subcommands through add_cli(subparsers).
-_COMMAND_MODULES = ("uffd.server",)
+_COMMAND_MODULES = ("uffd.server", "uffd.daemon", "uffd.bench.suite")
 
 
 def _probe(args: argparse.Namespace) -> int:

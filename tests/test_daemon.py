@@ -1,0 +1,351 @@
+"""The UFFD handler daemon end to end: real sockets, a real page server, real worker processes.
+
+Each test starts what it needs (page server, daemon in this process or as
+``python -m uffd handler``, worker processes from examples/_worker.py) and
+checks the restored memory page by page against the source.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from uffd.daemon import FileSource, HandlerDaemon, _FlatLayout
+from uffd.prefetch import WorkingSet
+from uffd.snapshot import write_snapshot
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+from _helpers import (  # noqa: E402
+    DIGEST,
+    PAGE,
+    DaemonProcess,
+    DaemonThread,
+    ServerProcess,
+    _Lines,
+    bad_pages,
+    digests_of_source,
+    finish_worker,
+    page_digest,
+    pattern,
+    read_digests,
+    spawn_worker,
+)
+
+WAIT = 30.0
+SIZE = 2 << 20
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[str]:
+    """A short temporary directory (Unix socket paths are limited to 107 bytes)."""
+    with tempfile.TemporaryDirectory(prefix="uffd-d-", dir="/tmp") as path:
+        yield path
+
+
+@pytest.fixture
+def snapshot(short_tmp: str) -> str:
+    """A 2 MiB snapshot of the known pattern (every 16th page zero, so not stored)."""
+    path = os.path.join(short_tmp, "w.snap")
+    write_snapshot(path, {"memory": pattern(SIZE)})
+    return path
+
+
+def restore(
+    sock: str, short_tmp: str, *args: str, size: int = SIZE
+) -> tuple[dict[str, object], bytes]:
+    """Run a restore worker against ``sock``; its JSON result and page digests."""
+    digests = os.path.join(short_tmp, f"digests-{os.urandom(4).hex()}")
+    proc = spawn_worker(
+        "restore", "--socket", sock, "--size", str(size), "--digests", digests, *args
+    )
+    result = finish_worker(proc, timeout=WAIT)
+    return result, read_digests(digests)
+
+
+@pytest.mark.parametrize(
+    ("order", "remote", "prefetch"),
+    [("random", True, True), ("sequential", True, True), ("sequential", False, False)],
+    ids=["random-page-server", "sequential-page-server", "sequential-file-faults-only"],
+)
+def test_lazy_restore_matches_the_snapshot_page_by_page(
+    short_tmp: str, snapshot: str, order: str, remote: bool, prefetch: bool
+) -> None:
+    """A worker process reading its memory in random or sequential order gets every page right."""
+    sock = os.path.join(short_tmp, "h.sock")
+    with ServerProcess(snapshot) as server:
+        source = server.url if remote else snapshot
+        with DaemonThread(sock, source, prefetch=prefetch, working_set=None) as daemon:
+            result, got = restore(sock, short_tmp, "--order", order)
+            (report,) = daemon.reports(1)
+    assert not bad_pages(got, digests_of_source(snapshot, SIZE))
+    pages = SIZE // PAGE
+    assert result["pages"] == pages and result["sigbus"] == 0
+    assert report["pid"] == result["pid"] and report["errors"] == []
+    assert report["faulted"] + report["prefetched"] >= pages
+    assert report["first_fault"] is not None and report["fault_p50_us"] > 0
+    if not prefetch:
+        assert report["faulted"] == pages and report["prefetched"] == 0
+
+
+def test_regions_map_to_their_offsets_in_the_source(short_tmp: str) -> None:
+    """Three regions at a handshake offset are filled from that part of a two-region snapshot."""
+    path = os.path.join(short_tmp, "two.snap")
+    image = pattern(3 << 20, seed=9)
+    write_snapshot(path, {"low": image[: 1 << 20], "high": image[1 << 20 :]})
+    sock = os.path.join(short_tmp, "h.sock")
+    with DaemonThread(sock, path, working_set=None) as daemon:
+        result, got = restore(sock, short_tmp, "--regions", "3", "--offset", str(512 << 10))
+        (report,) = daemon.reports(1)
+    assert report["regions"] == 3 and not report["errors"]
+    assert not bad_pages(got, digests_of_source(path, SIZE, offset=512 << 10))
+    assert result["pages"] == SIZE // PAGE
+
+
+def test_flat_layout_spans_regions() -> None:
+    """A flat range across two source regions is cut into one piece per region."""
+    layout = _FlatLayout([("a", 8192), ("b", 4096), ("c", 8192)])
+    assert layout.length == 20480
+    assert layout.pieces(4096, 12288) == [("a", 4096, 4096), ("b", 0, 4096), ("c", 0, 4096)]
+    with pytest.raises(ValueError, match="outside the source image"):
+        layout.pieces(16384, 8192)
+
+
+@pytest.mark.parametrize("first", [False, True], ids=["after-reads", "before-reads-prefetching"])
+def test_balloon_remove_reads_zeros(short_tmp: str, snapshot: str, first: bool) -> None:
+    """MADV_DONTNEED (a balloon) on a range: later reads there are zeros, prefetch or not."""
+    sock = os.path.join(short_tmp, "h.sock")
+    balloon = f"{256 << 10}:{512 << 10}"
+    extra = ["--balloon", balloon, "--order", "sequential"] + (["--balloon-first"] if first else [])
+    with DaemonThread(sock, snapshot, working_set=None) as daemon:
+        result, got = restore(sock, short_tmp, *extra)
+        (report,) = daemon.reports(1)
+    assert result["balloon_pages"] == 128
+    assert result["balloon_zero_pages"] == 128
+    want = bytearray(digests_of_source(snapshot, SIZE))
+    if first:
+        # Read after the balloon inflated: the worker saw zeros there from the start.
+        zero = page_digest(bytes(PAGE))
+        for index in range(64, 192):
+            want[index * DIGEST : (index + 1) * DIGEST] = zero
+    assert not bad_pages(got, bytes(want))
+    assert not report["errors"]
+
+
+def _restore_through_a_dying_server(
+    short_tmp: str, snapshot: str, server: ServerProcess, sock: str, pause: int
+) -> tuple[dict[str, object], bytes]:
+    digests = os.path.join(short_tmp, "digests")
+    proc = spawn_worker(
+        "restore",
+        "--socket",
+        sock,
+        "--size",
+        str(SIZE),
+        "--order",
+        "sequential",
+        "--pause-after",
+        str(pause),
+        "--digests",
+        digests,
+        stdin=True,
+    )
+    assert proc.stdout is not None and proc.stdin is not None
+    assert _Lines(proc.stdout).readline(WAIT) == f'{{"paused": {pause}}}'
+    server.kill()
+    proc.stdin.write(b"\n")
+    proc.stdin.flush()
+    return finish_worker(proc, timeout=WAIT), read_digests(digests)
+
+
+def test_killed_page_server_zero_fallback(
+    short_tmp: str, snapshot: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The page server dies mid-restore: later faults get zero pages, the error is logged."""
+    sock = os.path.join(short_tmp, "h.sock")
+    pause = 100
+    with (
+        ServerProcess(snapshot) as server,
+        DaemonThread(sock, server.url, prefetch=False, working_set=None, fallback="zero") as daemon,
+        caplog.at_level(logging.ERROR, logger="uffd.daemon"),
+    ):
+        result, got = _restore_through_a_dying_server(short_tmp, snapshot, server, sock, pause)
+        (report,) = daemon.reports(1)
+    want = digests_of_source(snapshot, SIZE)
+    zero = page_digest(bytes(PAGE))
+    assert not bad_pages(got[: pause * DIGEST], want[: pause * DIGEST])
+    rest = got[pause * DIGEST :]
+    assert all(rest[i : i + DIGEST] == zero for i in range(0, len(rest), DIGEST))
+    assert result["sigbus"] == 0
+    assert report["errors"] and "failed" in report["errors"][0]
+    assert f"source {report['errors'][0].split()[1]}" in caplog.text
+    assert "faults now fail by the 'zero' fallback" in caplog.text
+
+
+def test_killed_page_server_sigbus_fallback(short_tmp: str, snapshot: str) -> None:
+    """sigbus fallback: the worker's reads raise PageAccessError; the CLI logs it, exits 1."""
+    sock = os.path.join(short_tmp, "h.sock")
+    log = os.path.join(short_tmp, "daemon.log")
+    pause = 100
+    with (
+        ServerProcess(snapshot) as server,
+        DaemonProcess(
+            sock,
+            server.url,
+            "--once",
+            "--no-prefetch",
+            "--no-working-set",
+            "--fallback",
+            "sigbus",
+            log_path=log,
+        ) as daemon,
+    ):
+        result, got = _restore_through_a_dying_server(short_tmp, snapshot, server, sock, pause)
+        (report,) = daemon.reports(1)
+        code = daemon.wait(WAIT)
+        text = daemon.log()
+    assert result["sigbus"] == SIZE // PAGE - pause
+    assert not bad_pages(got[: pause * DIGEST], digests_of_source(snapshot, pause * PAGE))
+    assert code == 1
+    assert "ERROR" in text and f"source {server.url} failed" in text
+    assert "'sigbus' fallback" in text
+    assert report["errors"]
+
+
+def test_working_set_is_recorded_then_installed_first(short_tmp: str, snapshot: str) -> None:
+    """Run 1 records the faulted pages next to the snapshot; run 2 installs them before faults."""
+    sock = os.path.join(short_tmp, "h.sock")
+    ws_path = snapshot + ".ws.json"
+    with DaemonThread(sock, snapshot, prefetch=False) as daemon:
+        restore(sock, short_tmp, "--size", str(512 << 10))
+        (first,) = daemon.reports(1)
+    recorded = WorkingSet.load(ws_path, page_size=PAGE, length=SIZE)
+    assert len(recorded) == first["faulted"] == 128
+    with DaemonThread(sock, snapshot, prefetch=False) as daemon:
+        _, got = restore(sock, short_tmp, "--size", str(SIZE))
+        (second,) = daemon.reports(1)
+    assert second["working_set"] > 0
+    assert second["working_set"] + second["faulted"] >= SIZE // PAGE
+    assert not bad_pages(got, digests_of_source(snapshot, SIZE))
+    assert len(WorkingSet.load(ws_path, page_size=PAGE, length=SIZE)) >= 128
+
+
+def test_two_processes_are_restored_at_once(short_tmp: str, snapshot: str) -> None:
+    """Two workers restored concurrently through one daemon each get the right memory."""
+    sock = os.path.join(short_tmp, "h.sock")
+    with DaemonThread(sock, snapshot, working_set=None) as daemon:
+        procs = []
+        for seed in (1, 2):
+            digests = os.path.join(short_tmp, f"d{seed}")
+            proc = spawn_worker(
+                "restore",
+                "--socket",
+                sock,
+                "--size",
+                str(SIZE),
+                "--seed",
+                str(seed),
+                "--digests",
+                digests,
+            )
+            procs.append((proc, digests))
+        results = [finish_worker(proc, timeout=WAIT) for proc, _ in procs]
+        reports = daemon.reports(2)
+    want = digests_of_source(snapshot, SIZE)
+    for _, digests in procs:
+        assert not bad_pages(read_digests(digests), want)
+    assert {r["pid"] for r in reports} == {r["pid"] for r in results}
+
+
+def test_a_region_outside_the_source_is_refused(
+    short_tmp: str, snapshot: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handshake offset past the end of the source is refused, naming the field; no hang."""
+    sock = os.path.join(short_tmp, "h.sock")
+    with caplog.at_level(logging.ERROR, logger="uffd.daemon"):
+        daemon = HandlerDaemon(sock, snapshot, working_set=None, progress=False).start()
+        try:
+            proc = spawn_worker(
+                "restore",
+                "--socket",
+                sock,
+                "--size",
+                str(SIZE),
+                "--offset",
+                str(SIZE),
+                "--timeout",
+                "3",
+            )
+            (message,) = daemon.wait_refused(1, WAIT)
+            proc.kill()
+            proc.wait(WAIT)
+        finally:
+            daemon.close()
+    assert "mappings[0].offset" in message and "lies outside the source" in message
+    assert message in caplog.text
+    assert not os.path.exists(sock)
+
+
+def test_file_source_reads_across_regions(short_tmp: str) -> None:
+    """FileSource sees a snapshot's regions end to end as one image."""
+    path = os.path.join(short_tmp, "r.snap")
+    write_snapshot(path, {"a": b"\x01" * PAGE, "b": b"\x02" * PAGE})
+    source = FileSource(path)
+    try:
+        assert source.length == 2 * PAGE
+        assert source.read(0, 2 * PAGE) == b"\x01" * PAGE + b"\x02" * PAGE
+        assert source.fetch(PAGE, PAGE).result(0) == b"\x02" * PAGE
+    finally:
+        source.close()
+
+
+def test_cli_once_exits_0_after_a_clean_session(short_tmp: str, snapshot: str) -> None:
+    """`uffd handler --once` prints the summary line and exits 0 after one clean session."""
+    sock = os.path.join(short_tmp, "h.sock")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uffd", "handler", "--socket", sock, "--source", snapshot, "--once"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        assert _Lines(proc.stdout).readline(WAIT) == f"listening on {sock}"
+        restore(sock, short_tmp)
+        out, err = proc.communicate(timeout=WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(WAIT)
+    assert proc.returncode == 0, err
+    line = out.decode().strip()
+    assert line.startswith("uffd handler: pid ") and "pages faulted" in line and "MB/s" in line
+    assert "first fault" in line and "errors" not in line
+    assert os.path.exists(snapshot + ".ws.json")
+
+
+def test_a_live_socket_is_not_stolen_a_stale_one_is_replaced(short_tmp: str, snapshot: str) -> None:
+    """A second daemon on a socket in use fails with EADDRINUSE; a stale socket file is reused."""
+    sock = os.path.join(short_tmp, "h.sock")
+    with DaemonThread(sock, snapshot, working_set=None):
+        with pytest.raises(OSError, match="another process is serving") as info:
+            HandlerDaemon(sock, snapshot, working_set=None)
+        assert info.value.errno == errno.EADDRINUSE
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(sock)
+    stale.close()
+    assert os.path.exists(sock)
+    daemon = HandlerDaemon(sock, snapshot, working_set=None)
+    try:
+        assert oct(os.stat(sock).st_mode & 0o777) == "0o600"
+    finally:
+        daemon.close()
