@@ -62,6 +62,7 @@ struct pyuffd_pump {
 	int in_wait;
 	uint64_t left_wait_ns;
 	uint64_t native_faults;
+	uint64_t events_read; /* non-fault events read so far: installs check it */
 	void *zero_page; /* for ZEROCOPY fallbacks, sized to the largest page */
 	uint64_t zero_len;
 	void *bounce; /* FILE sources read here before UFFDIO_COPY */
@@ -302,8 +303,10 @@ static int read_fd(struct pyuffd_pump *p, int fd, struct pyuffd_item *items, int
 	int native_ok = items != NULL;
 	for (int i = 0; i < (int)(got / (ssize_t)sizeof(msgs[0])); i++) {
 		struct pyuffd_item item = { .fd = fd, .slot = 0, .t_ns = t, .msg = msgs[i] };
-		if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
+		if (msgs[i].event != UFFD_EVENT_PAGEFAULT) {
 			native_ok = 0;
+			p->events_read++;
+		}
 		if (msgs[i].event == UFFD_EVENT_PAGEFAULT) {
 			if (native_ok && serve_native(p, fd, &msgs[i]))
 				continue;
@@ -584,6 +587,24 @@ int pyuffd_pump_resolve(struct pyuffd_pump *p, int fd, uint32_t id, int op, uint
 			s->state = SLOT_FREE;
 		pthread_mutex_unlock(&p->lock);
 	}
+	return rc;
+}
+
+/*
+ * UFFDIO_COPY for a prefetch, refused with -EAGAIN unless Python has applied
+ * every event read so far (events_seen). Once a REMOVE is read the process
+ * goes on to drop the pages, and a copy landing after that would bring old
+ * contents back: doing the check and the copy under the lock the reads take
+ * orders every install before the read or after the table update.
+ */
+int pyuffd_pump_install(struct pyuffd_pump *p, int fd, uint64_t dst, const char *src, uint64_t len,
+			uint64_t mode, uint64_t events_seen, int64_t *done)
+{
+	pthread_mutex_lock(&p->lock);
+	int rc = p->events_read == events_seen
+			 ? pyuffd_copy(fd, dst, (uint64_t)(uintptr_t)src, len, mode, done)
+			 : (*done = 0, -EAGAIN);
+	pthread_mutex_unlock(&p->lock);
 	return rc;
 }
 

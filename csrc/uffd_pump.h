@@ -72,6 +72,8 @@ int pyuffd_pump_wait(struct pyuffd_pump *pump, struct pyuffd_item *items, int ma
 		     int timeout_ms);
 int pyuffd_pump_resolve(struct pyuffd_pump *pump, int fd, uint32_t slot, int op, uint64_t dst,
 			const char *src, uint64_t len, uint64_t mode, int64_t *done);
+int pyuffd_pump_install(struct pyuffd_pump *pump, int fd, uint64_t dst, const char *src,
+			uint64_t len, uint64_t mode, uint64_t events_seen, int64_t *done);
 int pyuffd_pump_fallback(struct pyuffd_pump *pump, uint32_t slot);
 int pyuffd_pump_drain(struct pyuffd_pump *pump);
 int pyuffd_pump_stop(struct pyuffd_pump *pump);

@@ -30,11 +30,11 @@ from typing import Any
 from uffd import mem
 from uffd._constants import Feature, Ioctl, Mode
 from uffd._errors import UffdError, UnsupportedError, check, describe_range
+from uffd._native import ffi, lib
 from uffd._ops import UffdOps, get_uffd_ops, kernel_grant
 from uffd._resolution import Resolution
 from uffd._stats import Counters, HandlerStats
-from uffd._userfaultfd import Userfaultfd
-from uffd._native import ffi, lib
+from uffd._userfaultfd import Userfaultfd, api_answer
 
 __all__ = ["DeadlineExceededError", "Fault", "FaultHandler", "HandlerRefusedError", "Mapping"]
 
@@ -64,6 +64,10 @@ _DID = {
 }
 _REFUSE, _ZERO, _POISON = Resolution.REFUSE, Resolution.ZERO, Resolution.POISON
 _COPY_KIND = Resolution.COPY
+_DEFER = Resolution.defer()
+_FINISHED = Resolution(
+    Resolution.REFUSE, reason="answered by its handler"
+)  # a Fault's _early once done
 _ZEROPAGE, _COPY = int(Ioctl.ZEROPAGE), int(Ioctl.COPY)
 _OP_COPY = lib.PYUFFD_OP_COPY
 _COPY_MODE_WP = lib.UFFDIO_COPY_MODE_WP
@@ -108,7 +112,20 @@ class Mapping:
     keeps, in each piece, the offsets of the range as registered.
     """
 
-    __slots__ = ("_fallback", "_honoured", "_ioctls", "_origin", "end", "kind", "mode", "ops", "page_size", "start", "stats", "uffd")
+    __slots__ = (
+        "_fallback",
+        "_honoured",
+        "_ioctls",
+        "_origin",
+        "end",
+        "kind",
+        "mode",
+        "ops",
+        "page_size",
+        "start",
+        "stats",
+        "uffd",
+    )
 
     def __init__(
         self,
@@ -150,7 +167,16 @@ class Mapping:
         return self.end - self.start
 
     def _clone(self, start: int, end: int, uffd: Userfaultfd | None = None) -> Mapping:
-        m = Mapping(start, end, self.kind, self.mode, self.ops, self.page_size, uffd or self.uffd, self.ioctls)
+        m = Mapping(
+            start,
+            end,
+            self.kind,
+            self.mode,
+            self.ops,
+            self.page_size,
+            uffd or self.uffd,
+            self.ioctls,
+        )
         m._fallback = self._fallback
         m._origin = self._origin + start - self.start
         return m
@@ -167,7 +193,17 @@ class Fault:
     of the range as registered, also in a piece of a split mapping), ``mapping``, ``kind``
     ("missing"|"minor"|"wp"), ``write``, ``thread_id``."""
 
-    __slots__ = ("_slot", "_t_ns", "address", "kind", "mapping", "offset", "thread_id", "write")
+    __slots__ = (
+        "_early",
+        "_slot",
+        "_t_ns",
+        "address",
+        "kind",
+        "mapping",
+        "offset",
+        "thread_id",
+        "write",
+    )
 
     def __init__(
         self,
@@ -187,9 +223,13 @@ class Fault:
         self.thread_id = thread_id
         self._slot = slot
         self._t_ns = t_ns
+        # None while the handler runs; then _DEFER once deferred, or an early answer.
+        self._early: Resolution | None = None
 
     def __repr__(self) -> str:
-        return f"<uffd.Fault {self.kind} {self.address:#x} (+{self.offset:#x}) tid={self.thread_id}>"
+        return (
+            f"<uffd.Fault {self.kind} {self.address:#x} (+{self.offset:#x}) tid={self.thread_id}>"
+        )
 
 
 Mapping.__module__ = Fault.__module__ = "uffd"
@@ -206,6 +246,20 @@ def _required_features(kind: str, mode: Mode) -> Feature:
     if mode & Mode.WP:
         need |= Feature.PAGEFAULT_FLAG_WP | (Feature.WP_HUGETLBFS_SHMEM if file_backed else 0)
     return need
+
+
+def _mm_gone(fd: int) -> bool:
+    """True once the process whose memory userfaultfd ``fd`` serves has exited.
+
+    UFFDIO_COPY answers ESRCH for a dead mm before looking at the range. The
+    probe targets an address no process maps (2**46) and copies from the same
+    address in this process, also unmapped, so on a live mm it installs
+    nothing: ENOENT (not registered) or EFAULT (the source).
+    """
+    done = ffi.new("int64_t *")
+    probe = 1 << 46
+    rc = lib.pyuffd_copy(fd, probe, probe, mem.PAGE_SIZE, lib.UFFDIO_COPY_MODE_DONTWAKE, done)
+    return bool(rc == -_errno.ESRCH)
 
 
 def _identity(fd: int) -> tuple[int, int] | None:
@@ -244,7 +298,9 @@ class FaultHandler:
     ``fallback`` ("sigbus" or "zero") resolves faults a handler failed; a
     poison marker is never used for a thread of this process outside a
     SIGBUS-safe Region access (the SIGBUS would kill the process): that thread
-    gets a zero page. ``deadline`` (seconds) bounds every fault.
+    gets a zero page. ``deadline`` (seconds) bounds every fault. ``uffd``
+    serves a userfaultfd opened elsewhere (``Userfaultfd.from_fd``) instead
+    of opening one; the handler owns it from then on.
 
     Methods may be called from any thread; the handlers run on the dispatch
     thread. With EVENT_FORK, a ``os.fork()`` in this process is safe: the
@@ -262,6 +318,7 @@ class FaultHandler:
         deadline: float = 1.0,
         auto_features: bool = True,
         batch: int = 64,
+        uffd: Userfaultfd | None = None,
     ) -> None:
         if fallback not in _FALLBACKS:
             raise ValueError(f"fallback must be 'sigbus' or 'zero', not {fallback!r}")
@@ -278,19 +335,24 @@ class FaultHandler:
         self._errors: list[BaseException] = []
         self._deferred: dict[int, Fault] = {}
         self._identity: dict[int, tuple[int, int] | None] = {}
+        # fds of forked children (FORK events), reaped once their process exits
+        self._forked: set[int] = set()
         self._native_at_stop = 0  # stats after stop(): the pump is gone
         self._retry: list[tuple[Fault, Resolution, int]] = []
         self._lock = threading.RLock()
         self._thread: threading.Thread | None = None
         self._stopped = False
         self._expired = 0
+        self._events_applied = 0  # kernel events applied to the table, for install()
         # Written by C, never read: the pump reports progress through rc.
         self._done = ffi.new("int64_t *")
-        if auto_features:
-            from uffd.probe import probe
-
-            features = Feature(features | (AUTO_FEATURES & probe().available))
-        self.uffd = Userfaultfd(features)
+        if uffd is not None:
+            self.uffd = uffd  # e.g. received from a process a daemon serves
+        else:
+            if auto_features:
+                answer = api_answer()
+                features = Feature(features | (AUTO_FEATURES & (answer[0] if answer else 0)))
+            self.uffd = Userfaultfd(features)
         self.features = self.uffd.features
         pump = lib.pyuffd_pump_new(int(self.deadline * 1e9))
         if pump == ffi.NULL:
@@ -371,7 +433,11 @@ class FaultHandler:
             )
         missing = _required_features(kind, mode) & ~fd.features
         if missing:
-            have = "the kernel has it: pass it in features=" if missing & fd.available == missing else "the kernel lacks it"
+            have = (
+                "the kernel has it: pass it in features="
+                if missing & fd.available == missing
+                else "the kernel lacks it"
+            )
             raise UnsupportedError(
                 f"the handler's userfaultfd did not negotiate {missing!r}, needed for {mode!r} "
                 f"on the {where} ({have})",
@@ -393,7 +459,11 @@ class FaultHandler:
         return mapping
 
     def _fallback_for(self, m: Mapping) -> int:
-        if self.fallback == "sigbus" and m.ioctls & Ioctl.POISON and m.uffd.features & Feature.POISON:
+        if (
+            self.fallback == "sigbus"
+            and m.ioctls & Ioctl.POISON
+            and m.uffd.features & Feature.POISON
+        ):
             return lib.PYUFFD_FALLBACK_POISON
         if m.ioctls & Ioctl.ZEROPAGE:
             return lib.PYUFFD_FALLBACK_ZEROPAGE
@@ -416,8 +486,17 @@ class FaultHandler:
             src_off += m._origin
         check(
             lib.pyuffd_pump_map(
-                self._pump, m.uffd.fileno(), m.start, m.end, m.page_size, m._fallback,
-                source, src_addr, src_fd, src_off, max_run,
+                self._pump,
+                m.uffd.fileno(),
+                m.start,
+                m.end,
+                m.page_size,
+                m._fallback,
+                source,
+                src_addr,
+                src_fd,
+                src_off,
+                max_run,
             ),
             "pump map",
         )
@@ -466,7 +545,9 @@ class FaultHandler:
         """Start the dispatch thread (once)."""
         self._require_running("start")
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="uffd-fault-handler", daemon=True)
+            self._thread = threading.Thread(
+                target=self._run, name="uffd-fault-handler", daemon=True
+            )
             self._thread.start()
         return self
 
@@ -501,7 +582,10 @@ class FaultHandler:
                 self._native_at_stop = int(lib.pyuffd_pump_native_faults(self._pump))
                 if stuck:
                     self._errors.append(
-                        UffdError(0, "the dispatch thread did not stop: a handler is blocked; its fds were closed")
+                        UffdError(
+                            0,
+                            "the dispatch thread did not stop: a handler is blocked; its fds were closed",
+                        )
                     )
                 else:
                     lib.pyuffd_pump_free(self._pump)
@@ -549,7 +633,10 @@ class FaultHandler:
         return self.start()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         try:
             self.stop()
@@ -571,7 +658,10 @@ class FaultHandler:
         """Every registered mapping (forked children's too), sorted by start."""
         # list() copies at once: a FORK event may add a table on the dispatch thread meanwhile.
         tables = list(self._tables.values())
-        return sorted((m for t in tables for m in t.maps), key=lambda m: (m.start, m.uffd.fileno() if not m.uffd.closed else -1))
+        return sorted(
+            (m for t in tables for m in t.maps),
+            key=lambda m: (m.start, m.uffd.fileno() if not m.uffd.closed else -1),
+        )
 
     @property
     def stats(self) -> HandlerStats:
@@ -592,28 +682,48 @@ class FaultHandler:
     def install(self, mapping: Mapping, offset: int, data: Any, *, wake: bool = False) -> int:
         """UFFDIO_COPY ``data`` at ``mapping.start + offset``; pages already present are skipped.
 
-        For background prefetch: ``wake=False`` sets DONTWAKE; call ``wake``
-        once per batch. Returns the bytes installed. Raises UnsupportedError
-        if COPY is not honoured on the mapping.
+        For background prefetch, from any thread: ``wake=False`` sets
+        DONTWAKE; call ``wake`` once per batch. Returns the bytes installed,
+        which is short when the mappings are changing (an event read but not
+        yet applied to the table: a page dropped by MADV_DONTNEED must not
+        come back); try again later. Raises UnsupportedError if COPY is not
+        honoured on the mapping, ValueError for a range outside it.
         """
         if not mapping.ioctls & Ioctl.COPY:
             raise UnsupportedError(f"install: COPY is not honoured on {mapping!r}")
         view = memoryview(data).cast("B")
         ps = mapping.page_size
         if offset % ps or view.nbytes % ps or offset < 0 or offset + view.nbytes > mapping.length:
-            raise ValueError(f"install: offset {offset} + {view.nbytes} bytes is not whole pages inside {mapping!r}")
+            raise ValueError(
+                f"install: offset {offset} + {view.nbytes} bytes is not whole pages inside {mapping!r}"
+            )
+        buf = ffi.from_buffer(view)
+        mode = 0 if wake else lib.UFFDIO_COPY_MODE_DONTWAKE
+        done = ffi.new("int64_t *")
         installed = pos = 0
         while pos < view.nbytes:
-            try:
-                installed += mapping.uffd.copy(mapping.start + offset + pos, view[pos:], view.nbytes - pos, wake=wake)
+            dst = mapping.start + offset + pos
+            rc = lib.pyuffd_pump_install(
+                self._pump,
+                mapping.uffd.fileno(),
+                dst,
+                buf + pos,
+                view.nbytes - pos,
+                mode,
+                self._events_applied,
+                done,
+            )
+            installed += done[0]
+            pos += done[0]
+            if rc == 0:
                 break
-            except UffdError as err:
-                if err.errno not in (_errno.EEXIST, _errno.EAGAIN):
-                    raise
-                installed += err.done
-                pos += err.done + (ps if err.errno == _errno.EEXIST else 0)
-                if err.errno == _errno.EAGAIN:
-                    return installed
+            if rc == -_errno.EEXIST:
+                pos += ps  # a page is there already: skip it
+            elif rc != -_errno.EAGAIN:
+                check(rc, "install (UFFDIO_COPY)", dst, view.nbytes - pos)
+            elif not done[0]:
+                break  # the mappings are changing: stop here
+            # A partial copy (EAGAIN with progress) stopped at a present page.
         return installed
 
     def wake(self, mapping: Mapping, offset: int, length: int) -> None:
@@ -644,7 +754,7 @@ class FaultHandler:
                         self._dispatch(fd, slot, t_ns, a, b, c)
                     else:
                         self._on_event(fd, slot, event, a, b, c)
-                except Exception as err:  # noqa: BLE001 - recorded, re-raised from stop()
+                except Exception as err:
                     self._record(err)
             if self._retry:
                 self._retry_pending()
@@ -655,7 +765,17 @@ class FaultHandler:
         if m is None:
             # Unregistered under the fault (a REMOVE raced it): zero-fill, or wake on ENOENT.
             ps = mem.PAGE_SIZE
-            _resolve(self._pump, fd, slot, lib.PYUFFD_OP_ZEROPAGE, address & ~(ps - 1), ffi.NULL, ps, 0, self._done)
+            _resolve(
+                self._pump,
+                fd,
+                slot,
+                lib.PYUFFD_OP_ZEROPAGE,
+                address & ~(ps - 1),
+                ffi.NULL,
+                ps,
+                0,
+                self._done,
+            )
             with self._lock:
                 self._orphans.record("missing", "zero", time.monotonic_ns() - t_ns)
             return
@@ -676,29 +796,50 @@ class FaultHandler:
         )
         try:
             if handle is None:
-                raise UnsupportedError(f"{type(m.ops).__name__} has no handler for {kind} faults ({fault!r})")
+                raise UnsupportedError(
+                    f"{type(m.ops).__name__} has no handler for {kind} faults ({fault!r})"
+                )
             resolution = handle(fault)
-        except Exception as err:  # noqa: BLE001 - any handler failure takes the fallback
+        except Exception as err:
+            fault._early = _FINISHED
             self._fail(fault, err)
             return
-        if resolution is None:
-            self._fail(fault, TypeError(f"{type(m.ops).__name__}.handle_{kind} returned None for {fault!r}"))
-        elif resolution is Resolution.defer():
+        if resolution is _DEFER:
             with self._lock:
-                self._deferred[slot] = fault
+                # resolve() may have answered already, from another thread.
+                early, fault._early = fault._early, _DEFER
+                if early is None:
+                    self._deferred[slot] = fault
+            if early is not None:
+                self._apply(fault, early)
+            return
+        fault._early = _FINISHED
+        if resolution is None:
+            self._fail(
+                fault,
+                TypeError(f"{type(m.ops).__name__}.handle_{kind} returned None for {fault!r}"),
+            )
         else:
             self._apply(fault, resolution)
 
     def resolve(self, fault: Fault, resolution: Resolution) -> bool:
         """Answer a deferred fault, from any thread.
 
-        Returns True if the resolution was installed, False if the fault was
-        already resolved (the deadline fallback, or ``stop()``). Errors are
-        recorded like a handler's and the fault takes the fallback.
+        May be called before the handler has even returned ``defer()`` (a
+        fast network reply); the answer is then installed as soon as it
+        does. Returns True if the resolution was installed or queued, False
+        if the fault was already resolved (the deadline fallback, or
+        ``stop()``) or its process has exited (nothing waits for the page:
+        counted as "gone", not an error). Errors are recorded like a
+        handler's and the fault takes the fallback.
         """
         with self._lock:
-            if self._deferred.pop(fault._slot, None) is None:
+            if fault._early is None:
+                fault._early = resolution  # the handler has not returned yet
+                return True
+            if self._deferred.get(fault._slot) is not fault:
                 return False
+            del self._deferred[fault._slot]
         return self._apply(fault, resolution)
 
     def _apply(self, fault: Fault, r: Resolution, attempt: int = 0) -> bool:
@@ -706,7 +847,12 @@ class FaultHandler:
         m = fault.mapping
         ps = m.page_size
         data = r.data
-        if r.kind is _COPY_KIND and type(data) is bytes and len(data) >= ps and m._honoured & r.need == r.need:
+        if (
+            r.kind is _COPY_KIND
+            and type(data) is bytes
+            and len(data) >= ps
+            and m._honoured & r.need == r.need
+        ):
             # The common case: bytes go to C as they are, no buffer export.
             op, src, mode = _OP_COPY, data, 0
         else:
@@ -714,7 +860,15 @@ class FaultHandler:
             if prepared is None:
                 return False
             op, src, mode = prepared
-        rc = _resolve(self._pump, m.uffd._fd, fault._slot, op, fault.address, src, ps, mode, self._done)
+        rc = _resolve(
+            self._pump, m.uffd._fd, fault._slot, op, fault.address, src, ps, mode, self._done
+        )
+        if src is not data and isinstance(src, ffi.CData) and src != ffi.NULL:
+            # Release the buffer export now: this frame may outlive the call in the
+            # traceback of an error recorded below, and a garbage cycle holding a
+            # memoryview with a live export crashes CPython 3.11's gc (tp_clear).
+            ffi.release(src)
+        del src
         if rc == 0 or rc == -_errno.EEXIST or rc == -_errno.ENOENT:
             latency = time.monotonic_ns() - fault._t_ns
             with self._lock:  # resolve() may run on other threads
@@ -722,10 +876,37 @@ class FaultHandler:
             return True
         if rc == -_errno.ETIME:
             return False  # the watchdog resolved it; its notice reports that
+        gone = rc == -_errno.EBADF and m.uffd.closed and m.uffd is not self.uffd
+        if rc == -_errno.ESRCH or gone:
+            # The faulting process has exited (its fd may be reaped already): nobody
+            # waits for this page, so it is not an error. Free the slot for the watchdog.
+            lib.pyuffd_pump_fallback(self._pump, fault._slot)
+            with self._lock:
+                m.stats.record(fault.kind, "gone", time.monotonic_ns() - fault._t_ns)
+            return False
         if rc == -_errno.EAGAIN and attempt < _EAGAIN_RETRIES:
             # The mappings are changing: the event is queued; retry after reading it.
             self._retry.append((fault, r, attempt + 1))
             return False
+        if rc == -_errno.EAGAIN:
+            # Still changing after every retry (a storm of forks keeps mmap_changing
+            # raised): wake the thread instead; it faults again and that fault is
+            # served like any other. Nothing is lost, so nothing is recorded.
+            rc = _resolve(
+                self._pump,
+                m.uffd._fd,
+                fault._slot,
+                lib.PYUFFD_OP_WAKE,
+                fault.address,
+                ffi.NULL,
+                ps,
+                0,
+                self._done,
+            )
+            if rc == 0:
+                with self._lock:
+                    m.stats.record(fault.kind, "wake", time.monotonic_ns() - fault._t_ns)
+                return False
         try:
             check(rc, f"resolving {fault!r} with {r!r}", fault.address, ps)
         except UffdError as err:
@@ -737,7 +918,10 @@ class FaultHandler:
         m = fault.mapping
         kind = r.kind
         if kind == _REFUSE:
-            self._fail(fault, HandlerRefusedError(0, f"{type(m.ops).__name__} refused {fault!r}: {r.reason}"))
+            self._fail(
+                fault,
+                HandlerRefusedError(0, f"{type(m.ops).__name__} refused {fault!r}: {r.reason}"),
+            )
             return None
         op = _OPS.get(kind)
         need = r.need
@@ -759,18 +943,26 @@ class FaultHandler:
             )
             return None
         if kind == _POISON and not m.uffd.features & Feature.POISON:
-            self._fail(fault, UnsupportedError(f"{r!r} for {fault!r}: UFFD_FEATURE_POISON was not negotiated"))
+            self._fail(
+                fault,
+                UnsupportedError(f"{r!r} for {fault!r}: UFFD_FEATURE_POISON was not negotiated"),
+            )
             return None
         if keep is None:
             return op, ffi.NULL, 0
         try:
             buf = ffi.from_buffer(keep)
         except TypeError as err:
-            self._fail(fault, TypeError(f"Resolution.copy data for {fault!r} is not a buffer: {err}"))
+            self._fail(
+                fault, TypeError(f"Resolution.copy data for {fault!r} is not a buffer: {err}")
+            )
             return None
         if len(buf) < ps:
             self._fail(
-                fault, ValueError(f"Resolution.copy data for {fault!r} holds {len(buf)} bytes, a page is {ps}")
+                fault,
+                ValueError(
+                    f"Resolution.copy data for {fault!r} holds {len(buf)} bytes, a page is {ps}"
+                ),
             )
             return None
         if r.keep_wp:
@@ -788,7 +980,11 @@ class FaultHandler:
         with self._lock:
             fault.mapping.stats.errors += 1
             if did >= 0:
-                fault.mapping.stats.record(fault.kind, "fallback-" + _DID.get(did & 0xFF, "?"), time.monotonic_ns() - fault._t_ns)
+                fault.mapping.stats.record(
+                    fault.kind,
+                    "fallback-" + _DID.get(did & 0xFF, "?"),
+                    time.monotonic_ns() - fault._t_ns,
+                )
         self._record(err)
 
     def _record(self, err: BaseException) -> None:
@@ -801,36 +997,81 @@ class FaultHandler:
         if event == lib.PYUFFD_EVENT_EXPIRED:
             self._on_expired(fd, did, a, b, c & 0xFFFFFFFF)
             return
-        with self._lock:
-            if event == lib.UFFD_EVENT_FORK:
-                parent = self._fds[fd]
-                child = Userfaultfd._adopt(a & 0xFFFFFFFF, parent)
-                self._add_fd(child)
-                for m in self._tables[fd].maps:
-                    self._publish(m._clone(m.start, m.end, child))
-            elif event == lib.UFFD_EVENT_REMAP:
-                moved = self._split(fd, a, a + c)
-                rest = [m for m in self._tables[fd].maps if m not in moved]
-                for m in moved:
-                    m.start, m.end = m.start - a + b, m.end - a + b
-                self._tables[fd] = _Table(rest + moved)
-                # Unmap the old range from the pump (that splits a map straddling
-                # it) and map the moved pieces anew at their new addresses.
-                check(lib.pyuffd_pump_unmap(self._pump, fd, a, a + c), "pump unmap")
-                for m in moved:
-                    self._pump_map(m)
-            elif event == lib.UFFD_EVENT_REMOVE:
-                # The pages are gone; unregister so later accesses get zero pages.
-                if self._split(fd, a, b):
-                    try:
-                        self._fds[fd].unregister(a, b - a)
-                    except (UffdError, ValueError):
-                        pass  # the range or the process is already gone
-                    self._drop(fd, a, b)
-            elif event == lib.UFFD_EVENT_UNMAP:
-                self._drop(fd, a, b)
-            elif event == lib.PYUFFD_EVENT_FD_ERROR:
+        if event == lib.PYUFFD_EVENT_FD_ERROR:
+            with self._lock:
                 self._fd_lost(fd, a)
+            return
+        try:
+            with self._lock:
+                self._apply_event(fd, event, a, b, c)
+        finally:
+            # Counted even when applying failed, or installs would wait forever.
+            self._events_applied += 1
+
+    def _apply_event(self, fd: int, event: int, a: int, b: int, c: int) -> None:
+        """Update the mapping table for a kernel event (lock held)."""
+        if event == lib.UFFD_EVENT_FORK:
+            self._reap_exited()
+            parent = self._fds[fd]
+            child = Userfaultfd._adopt(a & 0xFFFFFFFF, parent)
+            try:
+                self._add_fd(child)
+            except BaseException:
+                child.close()  # not served: closing it lets the child's faults through
+                raise
+            self._forked.add(child.fileno())
+            for m in self._tables[fd].maps:
+                self._publish(m._clone(m.start, m.end, child))
+        elif event == lib.UFFD_EVENT_REMAP:
+            moved = self._split(fd, a, a + c)
+            rest = [m for m in self._tables[fd].maps if m not in moved]
+            for m in moved:
+                m.start, m.end = m.start - a + b, m.end - a + b
+            self._tables[fd] = _Table(rest + moved)
+            # Unmap the old range from the pump (that splits a map straddling
+            # it) and map the moved pieces anew at their new addresses.
+            check(lib.pyuffd_pump_unmap(self._pump, fd, a, a + c), "pump unmap")
+            for m in moved:
+                self._pump_map(m)
+        elif event == lib.UFFD_EVENT_REMOVE:
+            # The pages are gone; unregister so later accesses get zero pages.
+            if self._split(fd, a, b):
+                try:
+                    self._fds[fd].unregister(a, b - a)
+                except (UffdError, ValueError):
+                    pass  # the range or the process is already gone
+                self._drop(fd, a, b)
+        elif event == lib.UFFD_EVENT_UNMAP:
+            self._drop(fd, a, b)
+
+    def _reap_exited(self) -> None:
+        """Close the fds of forked children whose process has exited (lock held).
+
+        The kernel says nothing when a child's mm goes away (no event, no
+        POLLHUP), so each FORK event probes the earlier children; without this
+        every child ever forked keeps an fd and one of the pump's 256 fd slots
+        for the handler's lifetime, and FORK events fail with EMFILE after that.
+        """
+        for n in [n for n in self._forked if _mm_gone(n)]:
+            self._forked.discard(n)
+            for slot, fault in list(self._deferred.items()):
+                if fault.mapping.uffd.fileno() == n:
+                    del self._deferred[slot]
+                    lib.pyuffd_pump_fallback(self._pump, slot)  # frees the slot (ESRCH)
+            kept = []
+            for fault, r, attempt in self._retry:
+                if fault.mapping.uffd.fileno() == n:
+                    lib.pyuffd_pump_fallback(self._pump, fault._slot)
+                else:
+                    kept.append((fault, r, attempt))
+            self._retry = kept
+            lost = self._fds.pop(n)
+            table = self._tables.pop(n, None)
+            if table is not None:
+                self._retired.extend(table.maps)
+            self._identity.pop(n, None)
+            lib.pyuffd_pump_remove_fd(self._pump, n)
+            lost.close()
 
     def _fd_lost(self, fd: int, err: int) -> None:
         lost = self._fds.pop(fd, None)
@@ -840,23 +1081,37 @@ class FaultHandler:
         lib.pyuffd_pump_remove_fd(self._pump, fd)
         if lost is not None and lost is self.uffd:
             self._errors.append(
-                UffdError(err, f"the handler's userfaultfd (fd {fd}) failed under it: [{_errno.errorcode.get(err, err)}] "
-                          "(was it closed by someone else?)")
+                UffdError(
+                    err,
+                    f"the handler's userfaultfd (fd {fd}) failed under it: [{_errno.errorcode.get(err, err)}] "
+                    "(was it closed by someone else?)",
+                )
             )
 
     def _on_expired(self, fd: int, did: int, flags: int, address: int, ptid: int) -> None:
         with self._lock:
             self._expired += 1
             for slot, fault in list(self._deferred.items()):
-                if fault.address == address & ~(fault.mapping.page_size - 1) and fault.mapping.uffd.fileno() == fd:
+                if (
+                    fault.address == address & ~(fault.mapping.page_size - 1)
+                    and fault.mapping.uffd.fileno() == fd
+                ):
                     del self._deferred[slot]
                     break
             table = self._tables.get(fd)
             m = table.find(address) if table is not None else None
             if m is not None:
                 m.stats.errors += 1
-                kind = "minor" if flags & lib.UFFD_PAGEFAULT_FLAG_MINOR else "wp" if flags & lib.UFFD_PAGEFAULT_FLAG_WP else "missing"
-                m.stats.record(kind, "fallback-" + _DID.get(did & 0xFF, "?"), int(self.deadline * 1e9))
+                kind = (
+                    "minor"
+                    if flags & lib.UFFD_PAGEFAULT_FLAG_MINOR
+                    else "wp"
+                    if flags & lib.UFFD_PAGEFAULT_FLAG_WP
+                    else "missing"
+                )
+                m.stats.record(
+                    kind, "fallback-" + _DID.get(did & 0xFF, "?"), int(self.deadline * 1e9)
+                )
         what = _DID.get(did & 0xFF, "nothing (the fallback failed)")
         if did & lib.PYUFFD_DID_UNGUARDED:
             why = (
@@ -873,4 +1128,3 @@ class FaultHandler:
                 thread_id=ptid or None,
             )
         )
-

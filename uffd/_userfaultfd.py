@@ -92,7 +92,7 @@ _INITIALISED = 1 << 31
 _api_cache: list[tuple[int, int]] = []
 
 
-def _api_answer() -> tuple[int, int] | None:
+def api_answer() -> tuple[int, int] | None:
     """(available features, ioctls) that UFFDIO_API answers here (one short-lived fd, cached)."""
     if not _api_cache:
         try:
@@ -220,7 +220,7 @@ class Userfaultfd:
         if not features & _INITIALISED:
             raise ValueError(f"from_fd: userfaultfd {fd} has not been through UFFDIO_API yet")
         features &= ~_INITIALISED
-        available, ioctls = _api_answer() or (features, ioctls)
+        available, ioctls = api_answer() or (features, ioctls)
         obj = cls.__new__(cls)
         obj._init(fd, Feature(features), Feature(available | features), Ioctl(ioctls))
         return obj
