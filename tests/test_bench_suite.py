@@ -1,0 +1,180 @@
+"""Smoke run of the benchmark suite at tiny sizes: JSON shape, ratios, outputs and the CLI."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from uffd.bench import report
+from uffd.bench.suite import ALL_WORKLOADS, quick_config, run_suite, write_outputs
+from uffd.cli import build_parser
+from uffd.cli import main as cli_main
+
+
+def _uffd_unavailable() -> str | None:
+    """Return why userfaultfd(2) cannot be opened here, or None."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.syscall(323, os.O_CLOEXEC)
+    if fd < 0:
+        return f"userfaultfd(2) failed: {os.strerror(ctypes.get_errno())}"
+    os.close(fd)
+    return None
+
+
+pytestmark = [
+    pytest.mark.skipif(os.uname().machine != "x86_64", reason="the naive handler is x86_64-only"),
+    pytest.mark.skipif(shutil.which("gcc") is None, reason="the C reference needs gcc"),
+    pytest.mark.skipif(_uffd_unavailable() is not None, reason=str(_uffd_unavailable())),
+]
+
+_ENTRY_KEYS = {
+    "workload",
+    "placement",
+    "handler",
+    "params",
+    "runs",
+    "error",
+    "skipped",
+    "median",
+    "min",
+    "max",
+}
+_RATIO_KEYS = {
+    "name",
+    "workload",
+    "placement",
+    "handler",
+    "baseline",
+    "metric",
+    "value",
+    "spread",
+    "target",
+    "unit",
+    "better",
+    "status",
+}
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, Any]:
+    """One quick suite run, shared by the tests of this module."""
+    config = quick_config(pages=64, restore_pages=1024, dirty_pages=1024)
+    return run_suite(config, progress=lambda line: None)
+
+
+def test_results_have_the_documented_shape(results: dict[str, Any]) -> None:
+    """Results hold host, config, placements, an entry per workload/placement/handler, no error."""
+    assert results["schema"] == 1
+    assert set(results) >= {
+        "created",
+        "host",
+        "config",
+        "placements",
+        "results",
+        "ratios",
+        "errors",
+        "runtime_s",
+    }
+    assert results["errors"] == 0, [e["error"] for e in results["results"] if e["error"]]
+    assert results["config"]["workloads"] == list(ALL_WORKLOADS)
+    assert (
+        results["placements"]["same"]["handler_cpu"] == results["placements"]["same"]["toucher_cpu"]
+    )
+    seen = {(e["workload"], e["placement"], e["handler"]) for e in results["results"]}
+    assert ("random", "same", "c-ref") in seen
+    assert ("sequential", "same", "bulkcopy") in seen
+    assert ("restore", "unpinned", "python") in seen
+    assert ("dirty", "same", "python") in seen
+    for e in results["results"]:
+        assert set(e) == _ENTRY_KEYS
+        if e["skipped"]:
+            continue
+        assert len(e["runs"]) == 2, (e["workload"], e["handler"])
+        assert e["median"]["pages_per_s"] > 0
+        for name, value in e["median"].items():
+            assert e["min"][name] <= value <= e["max"][name]
+
+
+def test_random_fault_times_are_per_fault_medians(results: dict[str, Any]) -> None:
+    """Every handler of the random workload reports a per-fault median no larger than its p90."""
+    for e in results["results"]:
+        if e["workload"] == "random" and not e["skipped"]:
+            for run in e["runs"]:
+                assert 0 < run["fault_ns_median"] <= run["fault_ns_p90"]
+
+
+def test_ratios_are_computed_against_the_same_run(results: dict[str, Any]) -> None:
+    """Each target ratio exists (same CPU), equals the ratio of the medians, and has a status."""
+    ratios = results["ratios"]
+    assert all(set(r) == _RATIO_KEYS for r in ratios)
+    by_key = {(r["name"], r["placement"]): r for r in ratios}
+    found = {(e["workload"], e["placement"], e["handler"]): e for e in results["results"]}
+    for spec in report.RATIOS:
+        placement = {"restore": "unpinned"}.get(spec.workload, "same")
+        r = by_key[(spec.name, placement)]
+        mine = found[(spec.workload, placement, spec.handler)]["median"][spec.metric]
+        if spec.baseline is None:
+            assert r["value"] == pytest.approx(mine)
+        else:
+            base = found[(spec.workload, placement, spec.baseline)]["median"][spec.metric]
+            assert r["value"] == pytest.approx(mine / base)
+        assert r["spread"][0] <= r["spread"][1]
+        if spec.target is None:
+            assert r["status"] is None
+        else:
+            met = r["value"] <= spec.target if spec.better == "lower" else r["value"] >= spec.target
+            assert r["status"] == ("PASS" if met else "MISS")
+
+
+def test_outputs_are_written_and_the_table_shows_targets(
+    results: dict[str, Any], tmp_path: Path
+) -> None:
+    """results.json round-trips, a chart exists iff matplotlib does, the table shows PASS/MISS."""
+    written = write_outputs(results, tmp_path, progress=lambda line: None)
+    assert written["json"] == str(tmp_path / "results.json")
+    assert json.loads((tmp_path / "results.json").read_text())["ratios"] == results["ratios"]
+    if report.chart_unavailable() is None:
+        assert written["chart"] is not None
+        assert Path(written["chart"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert written["chart"] is None
+    text = report.format_report(results)
+    assert "random: python / C per-fault time" in text
+    assert "PASS" in text or "MISS" in text
+
+
+def test_cli_runs_a_chosen_workload(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``uffd bench --quick --workloads random --repeat 1 --out DIR`` exits 0, writes the JSON."""
+    rc = cli_main(
+        [
+            "bench",
+            "--quick",
+            "--workloads",
+            "random",
+            "--repeat",
+            "1",
+            "--pages",
+            "32",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert rc == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["config"]["workloads"] == ["random"]
+    assert {e["workload"] for e in data["results"]} == {"random"}
+    assert "Ratios" in capsys.readouterr().out
+
+
+def test_cli_rejects_an_unknown_workload(capsys: pytest.CaptureFixture[str]) -> None:
+    """An unknown workload name is a usage error (exit 2), caught before anything runs."""
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["bench", "--workloads", "nosuch"])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err

@@ -1,0 +1,430 @@
+"""Reporting for the benchmark suite: ratios against targets, a terminal table, JSON, a PNG chart.
+
+The suite's results (see :func:`uffd.bench.suite.run_suite`) are a dict that
+this module turns into text (:func:`format_report`), a JSON file
+(:func:`write_json`) and a chart of pages/s per handler and workload
+(:func:`write_chart`, which needs matplotlib: ``pip install 'pyuffd[bench]'``).
+
+Ratios compare two handlers measured in the same run, with the same data
+and the same CPU placement: ``value`` is the ratio of their medians, and
+``spread`` the lowest and highest ratio of the per-repeat pairs (the
+handlers run interleaved, one repeat of each in turn). A ratio with a
+target gets PASS or MISS; targets are measured, never asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "RATIOS",
+    "Ratio",
+    "chart_unavailable",
+    "compute_ratios",
+    "format_report",
+    "write_chart",
+    "write_json",
+]
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """``handler`` against ``baseline`` on ``metric`` of ``workload``.
+
+    ``baseline`` None makes it an absolute value of ``handler``.
+
+    ``better`` says which way is good: "lower" (times) or "higher" (rates);
+    ``target`` (None: informational) is the bound the value must meet.
+    """
+
+    name: str
+    workload: str
+    handler: str
+    baseline: str | None
+    metric: str
+    better: str
+    target: float | None = None
+    unit: str = "x"
+
+
+RATIOS: tuple[Ratio, ...] = (
+    Ratio(
+        "random: python / C per-fault time",
+        "random",
+        "python",
+        "c-ref",
+        "fault_ns_median",
+        "lower",
+        1.25,
+    ),
+    Ratio(
+        "random: native / C per-fault time",
+        "random",
+        "native",
+        "c-ref",
+        "fault_ns_median",
+        "lower",
+        1.05,
+    ),
+    Ratio(
+        "random: naive ctypes / C per-fault time",
+        "random",
+        "naive",
+        "c-ref",
+        "fault_ns_median",
+        "lower",
+    ),
+    Ratio(
+        "sequential: prefetch / C pages/s",
+        "sequential",
+        "prefetch",
+        "c-ref",
+        "pages_per_s",
+        "higher",
+        5.0,
+    ),
+    Ratio(
+        "sequential: prefetch / bulkcopy",
+        "sequential",
+        "prefetch",
+        "bulkcopy",
+        "pages_per_s",
+        "higher",
+        0.5,
+    ),
+    Ratio(
+        "sequential: native-prefetch / C pages/s",
+        "sequential",
+        "native-prefetch",
+        "c-ref",
+        "pages_per_s",
+        "higher",
+        5.0,
+    ),
+    Ratio(
+        "sequential: native-prefetch / bulkcopy",
+        "sequential",
+        "native-prefetch",
+        "bulkcopy",
+        "pages_per_s",
+        "higher",
+        0.5,
+    ),
+    Ratio(
+        "sequential: python / C pages/s", "sequential", "python", "c-ref", "pages_per_s", "higher"
+    ),
+    Ratio(
+        "sequential: native / C pages/s", "sequential", "native", "c-ref", "pages_per_s", "higher"
+    ),
+    Ratio(
+        "sequential: C / notouch pages/s", "sequential", "c-ref", "notouch", "pages_per_s", "higher"
+    ),
+    Ratio("threads: python / C pages/s", "threads", "python", "c-ref", "pages_per_s", "higher"),
+    Ratio("threads: native / C pages/s", "threads", "native", "c-ref", "pages_per_s", "higher"),
+    Ratio(
+        "restore: background restore",
+        "restore",
+        "python",
+        None,
+        "restore_gbps",
+        "higher",
+        1.0,
+        "GB/s",
+    ),
+    Ratio(
+        "restore: first access", "restore", "python", None, "first_access_ms", "lower", 5.0, "ms"
+    ),
+    Ratio(
+        "restore: restore / fetch-only rate",
+        "restore",
+        "python",
+        "fetch-only",
+        "pages_per_s",
+        "higher",
+    ),
+    Ratio(
+        "dirty: DirtyTracker / C harvest time",
+        "dirty",
+        "python",
+        "c-ref",
+        "harvest_ns",
+        "lower",
+        1.5,
+    ),
+)
+
+# The figure each workload's table row leads with, and how to show it.
+_HEADLINE = {
+    "random": ("fault_ns_median", 1e-3, "µs/fault"),
+    "sequential": ("pages_per_s", 1e-3, "kpages/s"),
+    "threads": ("pages_per_s", 1e-3, "kpages/s"),
+    "restore": ("pages_per_s", mmap.PAGESIZE / 1e9, "GB/s"),
+    "dirty": ("harvest_ns", 1e-6, "ms/harvest"),
+}
+
+
+def _entries(results: dict[str, Any]) -> dict[tuple[str, str, str], dict[str, Any]]:
+    return {(e["workload"], e["placement"], e["handler"]): e for e in results["results"]}
+
+
+def compute_ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every ratio of :data:`RATIOS` that the results hold, per placement.
+
+    Each is a dict: name, workload, placement, handler, baseline, metric,
+    value, spread ([low, high] over paired repeats, or over repeats for an
+    absolute value), target, unit, better, and status ("PASS", "MISS", or
+    None without a target).
+    """
+    found = _entries(results)
+    out = []
+    placements = sorted({e["placement"] for e in results["results"]})
+    for r in RATIOS:
+        for placement in placements:
+            entry = found.get((r.workload, placement, r.handler))
+            if (
+                not entry
+                or entry.get("error")
+                or entry.get("skipped")
+                or r.metric not in entry["median"]
+            ):
+                continue
+            runs = [run[r.metric] for run in entry["runs"]]
+            if r.baseline is None:
+                value = entry["median"][r.metric]
+                spread = [min(runs), max(runs)]
+            else:
+                base = found.get((r.workload, placement, r.baseline))
+                if (
+                    not base
+                    or base.get("error")
+                    or base.get("skipped")
+                    or r.metric not in base["median"]
+                ):
+                    continue
+                value = entry["median"][r.metric] / base["median"][r.metric]
+                base_runs = [run[r.metric] for run in base["runs"]]
+                pairs = [a / b for a, b in zip(runs, base_runs, strict=False)] or [value]
+                spread = [min(pairs), max(pairs)]
+            status = None
+            if r.target is not None:
+                met = value <= r.target if r.better == "lower" else value >= r.target
+                status = "PASS" if met else "MISS"
+            out.append(
+                {
+                    "name": r.name,
+                    "workload": r.workload,
+                    "placement": placement,
+                    "handler": r.handler,
+                    "baseline": r.baseline,
+                    "metric": r.metric,
+                    "value": value,
+                    "spread": spread,
+                    "target": r.target,
+                    "unit": r.unit,
+                    "better": r.better,
+                    "status": status,
+                }
+            )
+    return out
+
+
+def _fmt(value: float) -> str:
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [
+        max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
+        for i, h in enumerate(header)
+    ]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+    return lines
+
+
+def format_report(results: dict[str, Any]) -> str:
+    """The results as text: one row per workload/placement/handler, then the ratios with targets."""
+    rows = []
+    for e in results["results"]:
+        metric, scale, unit = _HEADLINE.get(e["workload"], ("pages_per_s", 1e-3, "kpages/s"))
+        if e.get("skipped") or e.get("error"):
+            why = f"skipped: {e['skipped']}" if e.get("skipped") else f"ERROR: {e['error']}"
+            rows.append([e["workload"], e["placement"], e["handler"], why[:70], "", "", ""])
+            continue
+        if metric not in e["median"]:
+            metric, scale, unit = "pages_per_s", 1e-3, "kpages/s"
+        runs = [run[metric] * scale for run in e["runs"]]
+        pps = e["median"].get("pages_per_s")
+        rows.append(
+            [
+                e["workload"],
+                e["placement"],
+                e["handler"],
+                f"{_fmt(e['median'][metric] * scale)} {unit}",
+                f"{_fmt(min(runs))}..{_fmt(max(runs))}",
+                f"{pps / 1e3:.1f}" if pps else "",
+                str(len(e["runs"])),
+            ]
+        )
+    lines = ["Results (median of the repeats; spread = lowest..highest repeat)", ""]
+    lines += _table(["workload", "placement", "handler", "median", "spread", "kpages/s", "n"], rows)
+    ratio_rows = []
+    for r in results.get("ratios", []):
+        target = (
+            ""
+            if r["target"] is None
+            else ("<= " if r["better"] == "lower" else ">= ") + _fmt(r["target"])
+        )
+        ratio_rows.append(
+            [
+                r["name"],
+                r["placement"],
+                f"{_fmt(r['value'])} {r['unit']}",
+                f"{_fmt(r['spread'][0])}..{_fmt(r['spread'][1])}",
+                target,
+                r["status"] or "-",
+            ]
+        )
+    lines += ["", "Ratios (same run, same data, same placement)", ""]
+    lines += _table(["ratio", "placement", "value", "spread", "target", ""], ratio_rows)
+    lines += ["", "Placements:"]
+    for name, p in results.get("placements", {}).items():
+        lines.append(f"  {name}: {p['description']}")
+    meta = results.get("host", {})
+    if meta:
+        lines.append(
+            f"Host: Linux {meta.get('kernel')}, CPUs {meta.get('cpus')}, "
+            f"Python {meta.get('python')}, "
+            f"load average {meta.get('loadavg_start')} -> {meta.get('loadavg_end')}"
+        )
+    if "runtime_s" in results:
+        lines.append(f"Runtime: {results['runtime_s']:.1f} s")
+    return "\n".join(lines)
+
+
+def write_json(results: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write the results as indented JSON (atomically: a temporary file renamed over ``path``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def chart_unavailable() -> str | None:
+    """Why no chart can be drawn (matplotlib missing), or None."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return "matplotlib is not installed (pip install 'pyuffd[bench]'); no chart drawn"
+    return None
+
+
+def write_chart(results: dict[str, Any], path: str | os.PathLike[str]) -> Path | None:
+    """Draw pages/s per handler, a panel per workload, bars per placement; None without matplotlib.
+
+    Dirty tracking shows pages scanned per second by one harvest; restore,
+    pages installed per second by the background restore.
+    """
+    if chart_unavailable():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = [e for e in results["results"] if not e.get("error") and not e.get("skipped")]
+    workloads = [
+        w for w in results["config"]["workloads"] if any(e["workload"] == w for e in entries)
+    ]
+    if not workloads:
+        return None
+    order = ["same", "cross", "unpinned"]
+    colours = {"same": "tab:blue", "cross": "tab:orange", "unpinned": "tab:green"}
+    counts = [len({e["handler"] for e in entries if e["workload"] == w}) for w in workloads]
+    fig, axes = plt.subplots(
+        len(workloads),
+        1,
+        figsize=(9, 1.0 + sum(0.6 + 0.32 * c for c in counts)),
+        squeeze=False,
+        gridspec_kw={"height_ratios": [0.6 + 0.32 * c for c in counts]},
+    )
+    for ax, workload in zip(axes[:, 0], workloads, strict=True):
+        mine = [e for e in entries if e["workload"] == workload and "pages_per_s" in e["median"]]
+        handlers = list(dict.fromkeys(e["handler"] for e in mine))
+        placements = sorted({e["placement"] for e in mine}, key=order.index)
+        height = 0.8 / max(1, len(placements))
+        values = [e["min"]["pages_per_s"] for e in mine]
+        # Log scale: bars start a decade under the smallest value so each has a visible length.
+        left = 10 ** math.floor(math.log10(min(values)) - 0.3) if values else 1
+        for k, placement in enumerate(placements):
+            for i, handler in enumerate(handlers):
+                e = next(
+                    (x for x in mine if x["handler"] == handler and x["placement"] == placement),
+                    None,
+                )
+                if e is None:
+                    continue
+                value = e["median"]["pages_per_s"]
+                y = i + (k - (len(placements) - 1) / 2) * height
+                ax.barh(
+                    y,
+                    value - left,
+                    left=left,
+                    height=height * 0.9,
+                    color=colours.get(placement, "grey"),
+                    xerr=[[value - e["min"]["pages_per_s"]], [e["max"]["pages_per_s"] - value]],
+                    capsize=2,
+                    error_kw={"elinewidth": 0.8},
+                    label=placement if i == 0 else None,
+                )
+                ax.text(
+                    e["max"]["pages_per_s"] * 1.08,
+                    y,
+                    f"{value / 1e3:,.0f}k",
+                    va="center",
+                    fontsize=7,
+                )
+        ax.set_yticks(range(len(handlers)), handlers)
+        ax.set_ylim(len(handlers) - 0.5, -0.5)
+        ax.set_xscale("log")
+        ax.set_xlim(left, max(e["max"]["pages_per_s"] for e in mine) * 3)
+        ax.set_title(
+            {
+                "random": "random single-page faults",
+                "sequential": "sequential first touch",
+                "threads": f"{results['config'].get('threads', 4)} faulting threads",
+                "restore": "lazy restore over loopback (background install)",
+                "dirty": "dirty tracking harvest (pages scanned)",
+            }.get(workload, workload),
+            fontsize=9,
+            loc="left",
+        )
+        ax.tick_params(labelsize=8)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[-1, 0].set_xlabel(
+        "pages/s (log scale; bars: median, whiskers: lowest..highest repeat)", fontsize=8
+    )
+    fig.suptitle(
+        f"pyuffd benchmark, Linux {results.get('host', {}).get('kernel', '?')}", fontsize=10
+    )
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,459 @@
+"""The benchmark suite: pyuffd against the C reference, the naive ctypes handler and the limits.
+
+``python -m uffd bench`` (or ``make bench``) runs every workload of
+:mod:`uffd.bench.workloads` with several handlers side by side, on the same
+data and the same CPU placement, interleaved repeat by repeat (one repeat of
+each handler in turn, so a disturbance spreads over all of them), and
+writes ``results.json`` and ``chart.png`` into the output directory
+(default: ``docs/bench`` of the source tree). What each workload measures
+and how to read the ratios: ``docs/bench/README.md``.
+
+Workloads, handlers and placements:
+
+- ``random``: 16k single-page faults in random order, each access timed
+  (c-ref, naive, python, native), same CPU and cross CPU;
+- ``sequential``: first touch of 16k pages in order (the same, plus
+  prefetch), with the limits measured in the same run: ``notouch`` (first
+  touch with no userfaultfd) and ``bulkcopy`` (UFFDIO_COPY in 2 MiB calls);
+- ``threads``: 4 threads faulting their own slices at once;
+- ``restore``: lazy restore of 1 GiB from a page server on loopback, with a
+  worker touching random pages meanwhile (unpinned: three threads and a
+  server process share the CPUs);
+- ``dirty``: one DirtyTracker harvest over 1 GiB, every 4th page written,
+  against the C PAGEMAP_SCAN loop (pinned to the first CPU).
+
+Targets are reported as ratios with PASS/MISS, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from uffd.bench import placement as _placement
+from uffd.bench import report, workloads
+from uffd.bench.reference import default_build_dir
+
+__all__ = ["ALL_WORKLOADS", "Config", "add_cli", "main", "quick_config", "run_suite"]
+
+ALL_WORKLOADS = ("random", "sequential", "threads", "restore", "dirty")
+_TOUCH_HANDLERS = {
+    "random": ("c-ref", "naive", "python", "native"),
+    "sequential": ("c-ref", "naive", "python", "native", "prefetch", "native-prefetch"),
+    "threads": ("c-ref", "naive", "python", "native", "native-prefetch"),
+}
+_LIMITS = ("notouch", "bulkcopy")
+_REPO = Path(__file__).resolve().parents[2]
+SCHEMA = 1
+
+
+@dataclasses.dataclass
+class Config:
+    """Sizes and choices of one suite run (the defaults are the full run)."""
+
+    pages: int = 16384
+    threads: int = 4
+    restore_pages: int = (1 << 30) // workloads.PAGE
+    dirty_pages: int = (1 << 30) // workloads.PAGE
+    dirty_stride: int = 4
+    repeat: int = 3
+    workloads: tuple[str, ...] = ALL_WORKLOADS
+    seed: int = 1
+    restore_server: str = "process"
+    restore_chunk: int = 4 << 20
+    restore_window: int = 4
+    quick: bool = False
+
+
+def quick_config(**overrides: Any) -> Config:
+    """Tiny sizes for a smoke run (``--quick``, the tests): seconds, not minutes."""
+    settings: dict[str, Any] = {
+        "pages": 256,
+        "restore_pages": 4096,
+        "dirty_pages": 4096,
+        "repeat": 2,
+        "restore_chunk": 1 << 20,
+        "quick": True,
+    }
+    settings.update(overrides)
+    return Config(**settings)
+
+
+Progress = Callable[[str], None]
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+class _Collector:
+    """Results being gathered: one entry per (workload, placement, handler)."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.entries: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.progress = progress
+
+    def entry(self, workload: str, placement: str, handler: str, **params: Any) -> dict[str, Any]:
+        key = (workload, placement, handler)
+        if key not in self.entries:
+            self.entries[key] = {
+                "workload": workload,
+                "placement": placement,
+                "handler": handler,
+                "params": params,
+                "runs": [],
+                "error": None,
+                "skipped": None,
+            }
+        return self.entries[key]
+
+    def run(self, entry: dict[str, Any], label: str, fn: Callable[[], Any]) -> bool:
+        """Run one repeat (fn returns a dict, or a list of dicts: all repeats); False on error."""
+        if entry["error"]:
+            return False
+        t0 = time.monotonic()
+        try:
+            got = fn()
+        except Exception as err:
+            entry["error"] = f"{type(err).__name__}: {err}"
+            self.progress(f"  {label}: ERROR {entry['error']}")
+            return False
+        entry["runs"].extend(got if isinstance(got, list) else [got])
+        self.progress(f"  {label}: {time.monotonic() - t0:.2f} s")
+        return True
+
+    def skip(self, entry: dict[str, Any], why: str) -> None:
+        entry["skipped"] = why
+        self.progress(
+            f"  {entry['workload']} {entry['placement']} {entry['handler']}: skipped: {why}"
+        )
+
+    def finish(self) -> list[dict[str, Any]]:
+        out = []
+        for e in self.entries.values():
+            if e["runs"]:
+                names = e["runs"][0].keys()
+                e["median"] = {k: statistics.median(r[k] for r in e["runs"]) for k in names}
+                e["min"] = {k: min(r[k] for r in e["runs"]) for k in names}
+                e["max"] = {k: max(r[k] for r in e["runs"]) for k in names}
+            else:
+                e["median"], e["min"], e["max"] = {}, {}, {}
+            out.append(e)
+        return out
+
+
+def _placements() -> dict[str, Any]:
+    same = _placement.same_cpu()
+    cross = _placement.cross_cpu()
+    out: dict[str, Any] = {
+        "same": {
+            "handler_cpu": same.handler_cpu,
+            "toucher_cpu": same.toucher_cpu,
+            "description": _placement.describe(same),
+        }
+    }
+    out["cross"] = (
+        {
+            "handler_cpu": cross.handler_cpu,
+            "toucher_cpu": cross.toucher_cpu,
+            "description": _placement.describe(cross),
+        }
+        if cross is not None
+        else {
+            "unavailable": _placement.cross_cpu_unavailable(),
+            "description": _placement.describe(None),
+        }
+    )
+    out["unpinned"] = {
+        "handler_cpu": -1,
+        "toucher_cpu": -1,
+        "description": _placement.describe(_placement.UNPINNED),
+    }
+    return out
+
+
+def _touch_workload(
+    workload: str, config: Config, placements: dict[str, Any], col: _Collector, build_dir: Path
+) -> None:
+    source = workloads.PatternSource(config.pages)
+    handlers = _TOUCH_HANDLERS[workload]
+    limits = _LIMITS if workload == "sequential" else ()
+    for name in ("same", "cross"):
+        spec = placements[name]
+        entries = {
+            h: col.entry(workload, name, h, pages=config.pages) for h in (*handlers, *limits)
+        }
+        if "unavailable" in spec:
+            for e in entries.values():
+                col.skip(e, spec["unavailable"])
+            continue
+        where = _placement.Placement(spec["handler_cpu"], spec["toucher_cpu"])
+        if workload == "threads":
+            for e in entries.values():
+                e["params"]["threads"] = config.threads
+        for rep in range(config.repeat):
+            for h in handlers:
+                seed = config.seed + rep
+
+                def one(
+                    h: str = h, seed: int = seed, where: _placement.Placement = where
+                ) -> dict[str, float]:
+                    return workloads.run_touch(
+                        workload,
+                        h,
+                        source,
+                        where,
+                        threads=config.threads,
+                        seed=seed,
+                        build_dir=build_dir,
+                    )
+
+                col.run(entries[h], f"{workload} {name} {h} {rep + 1}/{config.repeat}", one)
+            for lim in limits:
+
+                def limit(lim: str = lim, where: _placement.Placement = where) -> dict[str, float]:
+                    return workloads.run_limit(lim, config.pages, where, build_dir=build_dir)
+
+                col.run(entries[lim], f"{workload} {name} {lim} {rep + 1}/{config.repeat}", limit)
+
+
+def _restore_workload(config: Config, col: _Collector, build_dir: Path) -> None:
+    entry = col.entry(
+        "restore",
+        "unpinned",
+        "python",
+        bytes=config.restore_pages * workloads.PAGE,
+        server=config.restore_server,
+        chunk=config.restore_chunk,
+        window=config.restore_window,
+    )
+    try:
+        server = workloads.RestoreServer(config.restore_pages, mode=config.restore_server)
+    except Exception as err:
+        entry["error"] = f"page server: {type(err).__name__}: {err}"
+        col.progress(f"  restore: ERROR {entry['error']}")
+        return
+    limit = col.entry(
+        "restore",
+        "unpinned",
+        "fetch-only",
+        bytes=config.restore_pages * workloads.PAGE,
+        server=config.restore_server,
+        chunk=config.restore_chunk,
+        window=config.restore_window,
+    )
+    try:
+        for rep in range(config.repeat):
+
+            def one(rep: int = rep) -> dict[str, float]:
+                return workloads.run_restore(
+                    server,
+                    seed=config.seed + rep,
+                    chunk=config.restore_chunk,
+                    window=config.restore_window,
+                    build_dir=build_dir,
+                )
+
+            def fetch() -> dict[str, float]:
+                return workloads.run_fetch_only(
+                    server, chunk=config.restore_chunk, window=config.restore_window
+                )
+
+            col.run(entry, f"restore unpinned python {rep + 1}/{config.repeat}", one)
+            col.run(limit, f"restore unpinned fetch-only {rep + 1}/{config.repeat}", fetch)
+    finally:
+        server.close()
+
+
+def _dirty_workload(
+    config: Config, placements: dict[str, Any], col: _Collector, build_dir: Path
+) -> None:
+    cpu = placements["same"]["handler_cpu"]
+    params = {"pages": config.dirty_pages, "stride": config.dirty_stride, "cpu": cpu}
+    ref = col.entry("dirty", "same", "c-ref", **params)
+    mine = col.entry("dirty", "same", "python", **params)
+    try:
+        import uffd.dirty  # noqa: F401
+    except ImportError as err:
+        col.skip(mine, f"uffd.dirty is not available ({err})")
+        mine = None  # type: ignore[assignment]
+    col.run(
+        ref,
+        f"dirty same c-ref x{config.repeat}",
+        lambda: workloads.run_dirty_reference(
+            config.dirty_pages,
+            cpu,
+            repeat=config.repeat,
+            stride=config.dirty_stride,
+            build_dir=build_dir,
+        ),
+    )
+    if mine is not None:
+        col.run(
+            mine,
+            f"dirty same python x{config.repeat}",
+            lambda: workloads.run_dirty(
+                config.dirty_pages, cpu, repeat=config.repeat, stride=config.dirty_stride
+            ),
+        )
+
+
+def _host() -> dict[str, Any]:
+    from uffd import __version__
+
+    return {
+        "kernel": platform.release(),
+        "machine": platform.machine(),
+        "cpus": sorted(os.sched_getaffinity(0)),
+        "online_cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "pyuffd": __version__,
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def run_suite(
+    config: Config, *, progress: Progress = _stderr, build_dir: Path | None = None
+) -> dict[str, Any]:
+    """Run the workloads of ``config`` and return the results (JSON-ready, with ratios).
+
+    A handler that fails is reported with its error and the suite goes on;
+    ``results["errors"]`` counts them.
+
+    Raises:
+        ValueError: an unknown workload in ``config``.
+    """
+    unknown = set(config.workloads) - set(ALL_WORKLOADS)
+    if unknown:
+        raise ValueError(
+            f"unknown workloads {sorted(unknown)}; choose from {', '.join(ALL_WORKLOADS)}"
+        )
+    build_dir = build_dir if build_dir is not None else default_build_dir()
+    t0 = time.monotonic()
+    started = datetime.datetime.now(datetime.timezone.utc)
+    host = _host()
+    placements = _placements()
+    col = _Collector(progress)
+    for workload in ALL_WORKLOADS:
+        if workload not in config.workloads:
+            continue
+        progress(f"{workload}:")
+        if workload in _TOUCH_HANDLERS:
+            _touch_workload(workload, config, placements, col, build_dir)
+        elif workload == "restore":
+            _restore_workload(config, col, build_dir)
+        else:
+            _dirty_workload(config, placements, col, build_dir)
+    host["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    results: dict[str, Any] = {
+        "schema": SCHEMA,
+        "created": started.isoformat(timespec="seconds"),
+        "host": host,
+        "config": dataclasses.asdict(config),
+        "placements": placements,
+        "results": col.finish(),
+    }
+    results["config"]["workloads"] = list(config.workloads)
+    results["ratios"] = report.compute_ratios(results)
+    results["errors"] = sum(1 for e in results["results"] if e["error"])
+    results["runtime_s"] = time.monotonic() - t0
+    return results
+
+
+def write_outputs(
+    results: dict[str, Any], out: Path, *, progress: Progress = _stderr
+) -> dict[str, str | None]:
+    """Write results.json and chart.png into ``out``; return their paths (chart None if skipped)."""
+    written: dict[str, str | None] = {"json": str(report.write_json(results, out / "results.json"))}
+    why = report.chart_unavailable()
+    if why:
+        progress(f"chart skipped: {why}")
+        written["chart"] = None
+    else:
+        chart = report.write_chart(results, out / "chart.png")
+        written["chart"] = str(chart) if chart else None
+    return written
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    config = quick_config() if args.quick else Config()
+    if args.workloads:
+        config.workloads = tuple(args.workloads)
+    if args.repeat is not None:
+        config.repeat = args.repeat
+    if args.pages is not None:
+        config.pages = args.pages
+    out = Path(args.out) if args.out else _REPO / "docs" / "bench"
+    results = run_suite(config)
+    written = write_outputs(results, out)
+    print(report.format_report(results))
+    print(
+        f"\nWrote {written['json']}"
+        + (f" and {written['chart']}" if written["chart"] else " (no chart)")
+    )
+    if results["errors"]:
+        print(f"{results['errors']} handler runs failed; see the ERROR rows", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``bench [--quick] [--out DIR] [--workloads ...] [--repeat N] [--pages N]``."""
+    bench = subparsers.add_parser(
+        "bench",
+        help="run the benchmark suite against the C reference",
+        description="Run pyuffd's handlers side by side with the C reference handler, the naive "
+        "ctypes handler and the kernel limits; print a table with each ratio against its "
+        "target, and write results.json and chart.png (the chart needs matplotlib: "
+        "pip install 'pyuffd[bench]'). Needs gcc and permission to use userfaultfd. "
+        "Exit 1 if a handler failed (targets missed do not fail).",
+    )
+    bench.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
+    bench.add_argument(
+        "--out", metavar="DIR", help="output directory (default: docs/bench of the source tree)"
+    )
+    bench.add_argument(
+        "--workloads",
+        nargs="+",
+        choices=ALL_WORKLOADS,
+        metavar="W",
+        help=f"workloads to run (default all: {' '.join(ALL_WORKLOADS)})",
+    )
+    bench.add_argument(
+        "--repeat", type=_positive, metavar="N", help="repeats per handler (default 3; quick 2)"
+    )
+    bench.add_argument(
+        "--pages",
+        type=_positive,
+        metavar="N",
+        help="pages for random/sequential/threads (default 16384)",
+    )
+    bench.set_defaults(func=_cmd_bench)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run just the bench subcommand (``python -m uffd.bench.suite ...``)."""
+    parser = argparse.ArgumentParser(prog="uffd")
+    add_cli(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(["bench", *(argv if argv is not None else sys.argv[1:])])
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
