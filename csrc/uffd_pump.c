@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -63,6 +64,8 @@ struct pyuffd_pump {
 	uint64_t left_wait_ns;
 	uint64_t native_faults;
 	uint64_t events_read; /* non-fault events read so far: installs check it */
+	uint64_t spin_ns;     /* poll this long before blocking in epoll (0: never) */
+	int stop_requested;   /* set by pyuffd_pump_stop, seen while spinning */
 	void *zero_page; /* for ZEROCOPY fallbacks, sized to the largest page */
 	uint64_t zero_len;
 	void *bounce; /* FILE sources read here before UFFDIO_COPY */
@@ -229,7 +232,8 @@ static int do_fallback(struct pyuffd_pump *p, int fd, uint64_t addr, uint64_t fl
  * pages from the faulting one on (up to max_run bytes), in one UFFDIO_COPY:
  * the kernel stops at the first page already present, and wakes once.
  */
-static int serve_native(struct pyuffd_pump *p, int fd, const struct uffd_msg *msg)
+static int serve_native(struct pyuffd_pump *p, int fd, const struct uffd_msg *msg, int dontwake,
+			uint64_t *lo, uint64_t *hi)
 {
 	uint64_t flags = msg->arg.pagefault.flags;
 	if (flags & (UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR))
@@ -243,11 +247,12 @@ static int serve_native(struct pyuffd_pump *p, int fd, const struct uffd_msg *ms
 	m->run = (page == m->next && m->run * 2 <= m->max_run) ? m->run * 2 : page == m->next ? m->run : ps;
 	uint64_t len = m->run < m->end - page ? m->run : m->end - page;
 	int64_t done = 0;
+	uint64_t mode = dontwake ? UFFDIO_COPY_MODE_DONTWAKE : 0;
 	int rc;
 	if (m->source == PYUFFD_SOURCE_ZERO && ps == (uint64_t)sysconf(_SC_PAGESIZE)) {
-		rc = pyuffd_zeropage(fd, page, len, 0, &done);
+		rc = pyuffd_zeropage(fd, page, len, dontwake ? UFFDIO_ZEROPAGE_MODE_DONTWAKE : 0, &done);
 	} else if (m->source == PYUFFD_SOURCE_MEMORY) {
-		rc = pyuffd_copy(fd, page, m->src_addr + off, len, 0, &done);
+		rc = pyuffd_copy(fd, page, m->src_addr + off, len, mode, &done);
 	} else {
 		rc = ensure_buffer(&p->bounce, &p->bounce_len, len);
 		if (rc == 0 && m->source == PYUFFD_SOURCE_FILE) {
@@ -260,22 +265,41 @@ static int serve_native(struct pyuffd_pump *p, int fd, const struct uffd_msg *ms
 			memset(p->bounce, 0, len);
 		}
 		if (rc == 0)
-			rc = pyuffd_copy(fd, page, (uint64_t)(uintptr_t)p->bounce, len, 0, &done);
+			rc = pyuffd_copy(fd, page, (uint64_t)(uintptr_t)p->bounce, len, mode, &done);
 	}
 	if (rc == -EEXIST && done == 0)
-		rc = pyuffd_wake(fd, page, ps); /* someone installed it first */
+		rc = dontwake ? 0 : pyuffd_wake(fd, page, ps); /* someone installed it first */
 	else if (done > 0)
 		rc = 0; /* the faulting page is in; the run stopped at a present page */
 	if (rc < 0)
 		return 0; /* EAGAIN and the like: Python knows what to do */
 	m->next = page + (done > (int64_t)ps ? (uint64_t)done : ps);
 	p->native_faults++;
+	if (page < *lo)
+		*lo = page;
+	if (page + ps > *hi)
+		*hi = page + ps;
 	return 1;
 }
 
 /*
  * Read what is pending on fd (non-blocking) into items (up to max) or, when
  * items is NULL, into the backlog. Page faults get a slot. Lock held.
+ */
+/* Stop watching fd (it failed): lock held. */
+static void forget_fd(struct pyuffd_pump *p, int fd)
+{
+	epoll_ctl(p->epfd, EPOLL_CTL_DEL, fd, NULL);
+	for (int i = 0; i < p->nfds; i++)
+		if (p->fds[i] == fd)
+			p->fds[i--] = p->fds[--p->nfds];
+}
+
+/*
+ * Read what is pending on fd (non-blocking) into items (up to max) or, when
+ * items is NULL, into the backlog. Page faults get a slot. When one read
+ * returns several faults, native ones are installed with DONTWAKE and woken
+ * with one UFFDIO_WAKE over their span. Lock held.
  */
 static int read_fd(struct pyuffd_pump *p, int fd, struct pyuffd_item *items, int max, uint64_t deadline_ns)
 {
@@ -291,7 +315,7 @@ static int read_fd(struct pyuffd_pump *p, int fd, struct pyuffd_item *items, int
 		struct pyuffd_item err = { .fd = fd, .t_ns = t };
 		err.msg.event = PYUFFD_EVENT_FD_ERROR;
 		err.msg.arg.pagefault.flags = (uint64_t)errno;
-		epoll_ctl(p->epfd, EPOLL_CTL_DEL, fd, NULL);
+		forget_fd(p, fd);
 		if (items) {
 			items[0] = err;
 			return 1;
@@ -299,16 +323,19 @@ static int read_fd(struct pyuffd_pump *p, int fd, struct pyuffd_item *items, int
 		backlog_push(p, &err);
 		return 0;
 	}
+	int count = (int)(got / (ssize_t)sizeof(msgs[0]));
+	int dontwake = count > 1;
+	uint64_t lo = UINT64_MAX, hi = 0;
 	/* After an event, Python must update the mapping table before later faults are served. */
 	int native_ok = items != NULL;
-	for (int i = 0; i < (int)(got / (ssize_t)sizeof(msgs[0])); i++) {
+	for (int i = 0; i < count; i++) {
 		struct pyuffd_item item = { .fd = fd, .slot = 0, .t_ns = t, .msg = msgs[i] };
 		if (msgs[i].event != UFFD_EVENT_PAGEFAULT) {
 			native_ok = 0;
 			p->events_read++;
 		}
 		if (msgs[i].event == UFFD_EVENT_PAGEFAULT) {
-			if (native_ok && serve_native(p, fd, &msgs[i]))
+			if (native_ok && serve_native(p, fd, &msgs[i], dontwake, &lo, &hi))
 				continue;
 			item.slot = slot_alloc(p, fd, &msgs[i], t + deadline_ns);
 		}
@@ -317,6 +344,8 @@ static int read_fd(struct pyuffd_pump *p, int fd, struct pyuffd_item *items, int
 		else
 			backlog_push(p, &item);
 	}
+	if (hi > lo)
+		pyuffd_wake(fd, lo, hi - lo);
 	return n;
 }
 
@@ -447,10 +476,7 @@ int pyuffd_pump_add_fd(struct pyuffd_pump *p, int fd)
 int pyuffd_pump_remove_fd(struct pyuffd_pump *p, int fd)
 {
 	pthread_mutex_lock(&p->lock);
-	epoll_ctl(p->epfd, EPOLL_CTL_DEL, fd, NULL);
-	for (int i = 0; i < p->nfds; i++)
-		if (p->fds[i] == fd)
-			p->fds[i--] = p->fds[--p->nfds];
+	forget_fd(p, fd);
 	for (int i = 0; i < p->nmaps; i++)
 		if (p->maps[i].fd == fd)
 			p->maps[i--] = p->maps[--p->nmaps];
@@ -503,10 +529,47 @@ int pyuffd_pump_unmap(struct pyuffd_pump *p, int fd, uint64_t start, uint64_t en
 	return rc;
 }
 
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+	__builtin_ia32_pause();
+#endif
+}
+
+/*
+ * Before blocking, poll the fds for up to spin_ns (restarted by every fault
+ * served natively): a fault that follows within the window is taken without
+ * an epoll sleep and a cross-CPU wake-up, which dominate fault latency when
+ * the handler runs on another CPU than the faulting thread.
+ */
+static int spin(struct pyuffd_pump *p, struct pyuffd_item *items, int max_items)
+{
+	uint64_t until = now_ns() + p->spin_ns;
+	uint64_t served = p->native_faults;
+	for (;;) {
+		int n = 0;
+		for (int i = 0; i < p->nfds && n < max_items; i++)
+			n += read_fd(p, p->fds[i], items + n, max_items - n, p->deadline_ns);
+		if (n || p->bl_count || __atomic_load_n(&p->stop_requested, __ATOMIC_RELAXED))
+			return n;
+		uint64_t t = now_ns();
+		if (p->native_faults != served) {
+			served = p->native_faults;
+			until = t + p->spin_ns;
+		}
+		if (t >= until)
+			return 0;
+		pthread_mutex_unlock(&p->lock);
+		sched_yield();
+		pthread_mutex_lock(&p->lock);
+	}
+}
+
 int pyuffd_pump_wait(struct pyuffd_pump *p, struct pyuffd_item *items, int max_items, int timeout_ms)
 {
 	struct epoll_event evs[16];
 	int n = 0;
+	int spun = 0;
 	pthread_mutex_lock(&p->lock);
 	p->in_wait = 1;
 	for (;;) {
@@ -515,8 +578,15 @@ int pyuffd_pump_wait(struct pyuffd_pump *p, struct pyuffd_item *items, int max_i
 			p->bl_head = (p->bl_head + 1) % p->bl_cap;
 			p->bl_count--;
 		}
+		if (__atomic_load_n(&p->stop_requested, __ATOMIC_RELAXED))
+			p->stopping = 1;
 		if (n || p->stopping)
 			break;
+		if (p->spin_ns && !spun) {
+			spun = 1;
+			n = spin(p, items, max_items);
+			continue;
+		}
 		pthread_mutex_unlock(&p->lock);
 		int ready = epoll_wait(p->epfd, evs, 16, timeout_ms);
 		int err = errno;
@@ -541,11 +611,19 @@ int pyuffd_pump_wait(struct pyuffd_pump *p, struct pyuffd_item *items, int max_i
 				n += read_fd(p, fd, items + n, max_items - n, p->deadline_ns);
 			}
 		}
+		spun = 0; /* woken by a fault: spin again for the next one */
 	}
 	p->in_wait = 0;
 	p->left_wait_ns = now_ns();
 	pthread_mutex_unlock(&p->lock);
 	return n;
+}
+
+void pyuffd_pump_set_spin(struct pyuffd_pump *p, uint64_t spin_ns)
+{
+	pthread_mutex_lock(&p->lock);
+	p->spin_ns = spin_ns;
+	pthread_mutex_unlock(&p->lock);
 }
 
 int pyuffd_pump_resolve(struct pyuffd_pump *p, int fd, uint32_t id, int op, uint64_t dst,
@@ -642,6 +720,7 @@ int pyuffd_pump_drain(struct pyuffd_pump *p)
 
 int pyuffd_pump_stop(struct pyuffd_pump *p)
 {
+	__atomic_store_n(&p->stop_requested, 1, __ATOMIC_RELAXED);
 	kick(p->stopfd);
 	return 0;
 }

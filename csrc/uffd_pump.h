@@ -77,6 +77,7 @@ int pyuffd_pump_install(struct pyuffd_pump *pump, int fd, uint64_t dst, const ch
 int pyuffd_pump_fallback(struct pyuffd_pump *pump, uint32_t slot);
 int pyuffd_pump_drain(struct pyuffd_pump *pump);
 int pyuffd_pump_stop(struct pyuffd_pump *pump);
+void pyuffd_pump_set_spin(struct pyuffd_pump *pump, uint64_t spin_ns);
 uint64_t pyuffd_pump_native_faults(struct pyuffd_pump *pump);
 
 /* uffd_mem.c: is this thread inside a SIGBUS-safe Region access? */

@@ -300,7 +300,11 @@ class FaultHandler:
     SIGBUS-safe Region access (the SIGBUS would kill the process): that thread
     gets a zero page. ``deadline`` (seconds) bounds every fault. ``uffd``
     serves a userfaultfd opened elsewhere (``Userfaultfd.from_fd``) instead
-    of opening one; the handler owns it from then on.
+    of opening one; the handler owns it from then on. ``spin`` (seconds)
+    is how long the pump polls for the next fault before it sleeps: it
+    yields the CPU while polling, so it costs nothing when the faulting
+    thread shares the handler's CPU, and saves a cross-CPU wake-up (most of
+    the fault latency here) when it does not; 0 turns it off.
 
     Methods may be called from any thread; the handlers run on the dispatch
     thread. With EVENT_FORK, a ``os.fork()`` in this process is safe: the
@@ -319,6 +323,7 @@ class FaultHandler:
         auto_features: bool = True,
         batch: int = 64,
         uffd: Userfaultfd | None = None,
+        spin: float = 50e-6,
     ) -> None:
         if fallback not in _FALLBACKS:
             raise ValueError(f"fallback must be 'sigbus' or 'zero', not {fallback!r}")
@@ -359,6 +364,7 @@ class FaultHandler:
             self.uffd.close()
             raise OSError(ffi.errno, "could not start the fault pump (out of memory or threads?)")
         self._pump = pump
+        lib.pyuffd_pump_set_spin(pump, int(spin * 1e9))
         self._add_fd(self.uffd)
 
     # -- registration ----------------------------------------------------
@@ -597,22 +603,12 @@ class FaultHandler:
         """Forget, without closing, each fd that was closed under the handler (lock held).
 
         Closing a userfaultfd releases its faulting threads and unregisters its
-        ranges, but epoll drops it silently, so only here is it noticed. Its
-        number may belong to another file by now: closing it would close that.
+        ranges; epoll drops it silently, so a pump that never read it again
+        only notices here. Its number may belong to another file by now.
         """
-        for n, fd in self._fds.items():
-            if fd.closed or _identity(n) == self._identity.get(n):
-                continue
-            fd._fd = -1  # not ours any more: never close that number
-            self._errors.insert(
-                0,
-                UffdError(
-                    _errno.EBADF,
-                    f"the handler's userfaultfd (fd {n}) was closed under the running handler "
-                    "(os.close by someone else?): the kernel released its faulting threads and "
-                    "unregistered its ranges; the handler did not close that fd number again",
-                ),
-            )
+        for n, fd in list(self._fds.items()):
+            if not fd.closed and _identity(n) != self._identity.get(n):
+                self._fd_lost(n, _errno.EBADF)
 
     def join(self, timeout: float | None = None) -> None:
         """Wait for the dispatch thread to end (after ``stop()`` elsewhere), then re-raise errors."""
@@ -697,33 +693,35 @@ class FaultHandler:
             raise ValueError(
                 f"install: offset {offset} + {view.nbytes} bytes is not whole pages inside {mapping!r}"
             )
-        buf = ffi.from_buffer(view)
         mode = 0 if wake else lib.UFFDIO_COPY_MODE_DONTWAKE
         done = ffi.new("int64_t *")
         installed = pos = 0
-        while pos < view.nbytes:
-            dst = mapping.start + offset + pos
-            rc = lib.pyuffd_pump_install(
-                self._pump,
-                mapping.uffd.fileno(),
-                dst,
-                buf + pos,
-                view.nbytes - pos,
-                mode,
-                self._events_applied,
-                done,
-            )
-            installed += done[0]
-            pos += done[0]
-            if rc == 0:
-                break
-            if rc == -_errno.EEXIST:
-                pos += ps  # a page is there already: skip it
-            elif rc != -_errno.EAGAIN:
-                check(rc, "install (UFFDIO_COPY)", dst, view.nbytes - pos)
-            elif not done[0]:
-                break  # the mappings are changing: stop here
-            # A partial copy (EAGAIN with progress) stopped at a present page.
+        # Released on the way out: a traceback keeping this frame (and the export)
+        # alive in a garbage cycle would crash CPython 3.11's gc (memoryview tp_clear).
+        with ffi.from_buffer(view) as buf:
+            while pos < view.nbytes:
+                dst = mapping.start + offset + pos
+                rc = lib.pyuffd_pump_install(
+                    self._pump,
+                    mapping.uffd.fileno(),
+                    dst,
+                    buf + pos,
+                    view.nbytes - pos,
+                    mode,
+                    self._events_applied,
+                    done,
+                )
+                installed += done[0]
+                pos += done[0]
+                if rc == 0:
+                    break
+                if rc == -_errno.EEXIST:
+                    pos += ps  # a page is there already: skip it
+                elif rc != -_errno.EAGAIN:
+                    check(rc, "install (UFFDIO_COPY)", dst, view.nbytes - pos)
+                elif not done[0]:
+                    break  # the mappings are changing: stop here
+                # A partial copy (EAGAIN with progress) stopped at a present page.
         return installed
 
     def wake(self, mapping: Mapping, offset: int, length: int) -> None:
@@ -747,8 +745,14 @@ class FaultHandler:
                     continue
                 self._record(UffdError(-n, f"fault pump wait failed: [{_errno.errorcode.get(-n)}]"))
                 return
-            for i in range(n):
-                fd, slot, t_ns, event, a, b, c = unpack(view, i * _ITEM_SIZE)
+            batch = [unpack(view, i * _ITEM_SIZE) for i in range(n)]
+            if n > 1 and any(item[3] != _EVENT_PAGEFAULT for item in batch):
+                # read() hands out pending faults before pending events, so a fault
+                # in this batch may have been raised after an event that comes later
+                # in it (a mremap or MADV_DONTNEED waiting for its event to be read):
+                # apply the events first, then look the faults up (stable sort).
+                batch.sort(key=lambda item: item[3] == _EVENT_PAGEFAULT)
+            for fd, slot, t_ns, event, a, b, c in batch:
                 try:
                     if event == _EVENT_PAGEFAULT:
                         self._dispatch(fd, slot, t_ns, a, b, c)
@@ -763,13 +767,16 @@ class FaultHandler:
         table = self._tables.get(fd)
         m = table.find(address) if table is not None else None
         if m is None:
-            # Unregistered under the fault (a REMOVE raced it): zero-fill, or wake on ENOENT.
+            # Unregistered or moved under the fault (a REMOVE, UNMAP or REMAP raced
+            # it): wake the thread; it faults again, on what is there now. A zero
+            # page here would land in whatever the kernel has registered at this
+            # address by now (the range moved back, a new registration).
             ps = mem.PAGE_SIZE
             _resolve(
                 self._pump,
                 fd,
                 slot,
-                lib.PYUFFD_OP_ZEROPAGE,
+                lib.PYUFFD_OP_WAKE,
                 address & ~(ps - 1),
                 ffi.NULL,
                 ps,
@@ -777,7 +784,7 @@ class FaultHandler:
                 self._done,
             )
             with self._lock:
-                self._orphans.record("missing", "zero", time.monotonic_ns() - t_ns)
+                self._orphans.record("missing", "wake", time.monotonic_ns() - t_ns)
             return
         if flags & _FLAG_MINOR:
             kind, handle = "minor", m.ops.handle_continue
@@ -1074,23 +1081,34 @@ class FaultHandler:
             lost.close()
 
     def _fd_lost(self, fd: int, err: int) -> None:
+        """Drop an fd that failed under the pump (lock held); report it if it was the handler's own."""
         lost = self._fds.pop(fd, None)
         table = self._tables.pop(fd, None)
         if table is not None:
             self._retired.extend(table.maps)
         lib.pyuffd_pump_remove_fd(self._pump, fd)
-        if lost is not None and lost is self.uffd:
-            self._errors.append(
+        if lost is None:
+            return
+        if err == _errno.EBADF:
+            lost._fd = -1  # not ours any more: never close that number, it may be reused
+        if lost is self.uffd:
+            self._errors.insert(
+                0,
                 UffdError(
                     err,
-                    f"the handler's userfaultfd (fd {fd}) failed under it: [{_errno.errorcode.get(err, err)}] "
-                    "(was it closed by someone else?)",
-                )
+                    f"the handler's userfaultfd (fd {fd}) was closed under the running handler "
+                    f"([{_errno.errorcode.get(err, err)}]: os.close by someone else?): the kernel "
+                    "released its faulting threads and unregistered its ranges; the handler did "
+                    "not close that fd number again",
+                ),
             )
 
     def _on_expired(self, fd: int, did: int, flags: int, address: int, ptid: int) -> None:
+        # A fallback that failed because the faulting process has exited (ESRCH)
+        # left nobody waiting: that is the process's end, not a missed deadline.
+        gone = not did & 0xFF and fd != self.uffd._fd and _mm_gone(fd)
         with self._lock:
-            self._expired += 1
+            self._expired += 0 if gone else 1
             for slot, fault in list(self._deferred.items()):
                 if (
                     fault.address == address & ~(fault.mapping.page_size - 1)
@@ -1100,7 +1118,9 @@ class FaultHandler:
                     break
             table = self._tables.get(fd)
             m = table.find(address) if table is not None else None
-            if m is not None:
+            if m is not None and gone:
+                m.stats.record("missing", "gone", int(self.deadline * 1e9))
+            elif m is not None:
                 m.stats.errors += 1
                 kind = (
                     "minor"
@@ -1112,6 +1132,8 @@ class FaultHandler:
                 m.stats.record(
                     kind, "fallback-" + _DID.get(did & 0xFF, "?"), int(self.deadline * 1e9)
                 )
+        if gone:
+            return
         what = _DID.get(did & 0xFF, "nothing (the fallback failed)")
         if did & lib.PYUFFD_DID_UNGUARDED:
             why = (
