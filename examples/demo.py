@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"restore throughput:    {args.size / complete / 1e6:.0f} MB/s "
         f"({args.size >> 20} MiB present after {complete:.2f} s; the worker read every "
-        f"page in {args.order} order in {result['elapsed_s']:.2f} s, {restore_s:.2f} s with startup)"
+        f"page in {args.order} order in {result['elapsed_s']:.2f} s, "
+        f"{restore_s:.2f} s with startup)"
     )
     if report["errors"]:
         print(f"daemon errors:         {report['errors']}\n{errors}")

@@ -9,13 +9,15 @@ the fd attached (SCM_RIGHTS). The memory snapshot file is raw guest memory.
 Here:
 
 1. a raw memory file of ``--size`` bytes is written (the "memory snapshot");
-2. ``python -m uffd handler --source mem.raw --once`` listens on a socket;
+2. ``python -m uffd handler --source mem.raw --once`` listens on a socket
+   (the first time with ``--no-prefetch``: a record run, in which every page
+   the guest touches is a fault);
 3. a stand-in process does exactly what Firecracker does, byte for byte,
    with ``--regions`` guest regions, then "boots": reads guest memory;
 4. the stand-in's page hashes are checked against the memory file, and the
    bytes it sent are parsed back with ``uffd.firecracker.parse_mappings``;
-5. the same restore runs a second time: the daemon recorded the pages the
-   first run faulted on (``mem.raw.ws.json``) and installs them first.
+5. the same restore runs a second time, with prefetch: the daemon recorded
+   the pages the first run faulted on (``mem.raw.ws.json``) and installs them first.
 
 Run: ``python examples/firecracker_handler.py [--size 8M] [--regions 2]``.
 Point a real Firecracker at ``python -m uffd handler --socket S --source
@@ -48,7 +50,11 @@ def _boot(tmp: str, memory: str, args: argparse.Namespace, run: int) -> tuple[bo
     sock = os.path.join(tmp, f"uffd-{run}.sock")
     digests = os.path.join(tmp, f"digests-{run}")
     handshake = os.path.join(tmp, f"handshake-{run}.json")
-    with DaemonProcess(sock, memory, "--once", log_path=os.path.join(tmp, "daemon.log")) as daemon:
+    # Run 1 records: with prefetch racing the guest, which pages end up faulted
+    # (and so recorded) would be down to timing.
+    record = ("--no-prefetch",) if run == 1 else ()
+    log = os.path.join(tmp, "daemon.log")
+    with DaemonProcess(sock, memory, "--once", *record, log_path=log) as daemon:
         worker = spawn_worker(
             "firecracker",
             "--socket",

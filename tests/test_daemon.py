@@ -19,8 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from uffd.daemon import FileSource, HandlerDaemon, _FlatLayout
+from uffd import mem
+from uffd.daemon import FileSource, HandlerDaemon
+from uffd.firecracker import GuestRegionUffdMapping, HandshakeError
 from uffd.prefetch import WorkingSet
+from uffd.restore.layout import GuestLayout
+from uffd.restore.session import _kind
+from uffd.restore.sources import _FlatLayout
 from uffd.snapshot import write_snapshot
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -119,6 +124,35 @@ def test_flat_layout_spans_regions() -> None:
     assert layout.pieces(4096, 12288) == [("a", 4096, 4096), ("b", 0, 4096), ("c", 0, 4096)]
     with pytest.raises(ValueError, match="outside the source image"):
         layout.pieces(16384, 8192)
+
+
+def test_guest_layout_maps_addresses_to_flat_offsets_and_the_source() -> None:
+    """Regions sent out of address order: host address, flat offset and source offset agree."""
+    high = GuestRegionUffdMapping(0x20000, 2 * PAGE, 5 * PAGE, PAGE)
+    low = GuestRegionUffdMapping(0x10000, PAGE, 0, PAGE)
+    layout = GuestLayout([high, low])
+    assert (layout.length, layout.starts) == (3 * PAGE, [0, 2 * PAGE])
+    assert layout.flat(0x20000 + PAGE + 7) == PAGE
+    assert layout.flat(0x10000 + 9) == 2 * PAGE
+    assert layout.flat(0x10000 + PAGE) is None and layout.flat(0x100) is None
+    assert layout.address(2 * PAGE) == 0x10000 and layout.source_offset(PAGE) == 6 * PAGE
+    assert layout.flat_of_source(0, 8 * PAGE) == [(0, 2 * PAGE), (2 * PAGE, PAGE)]
+    with pytest.raises(HandshakeError, match="lies outside the source"):
+        layout.check_source(6 * PAGE, PAGE, "s")
+    with pytest.raises(HandshakeError, match="mixed page sizes"):
+        GuestLayout([low, GuestRegionUffdMapping(0x40000000, 2 << 20, PAGE, 2 << 20)])
+
+
+def test_huge_pages_of_another_size_than_the_default_are_refused() -> None:
+    """A region of huge pages the default size is hugetlb; any other huge page size is refused."""
+    assert _kind(PAGE) == "anon"
+    try:
+        huge = mem.huge_page_size()
+    except OSError:
+        pytest.skip("this kernel has no hugetlb (no Hugepagesize in /proc/meminfo)")
+    assert _kind(huge) == "hugetlb"
+    with pytest.raises(HandshakeError, match="default huge page size"):
+        _kind(huge * 512)
 
 
 @pytest.mark.parametrize("first", [False, True], ids=["after-reads", "before-reads-prefetching"])

@@ -43,7 +43,10 @@ import socket
 import struct
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    from uffd._userfaultfd import Userfaultfd
 
 __all__ = [
     "MAX_MAPPINGS",
@@ -360,12 +363,12 @@ def recv_handshake(
     return fds[0], mappings, cred
 
 
-def userfaultfd_from_fd(fd: int) -> Any:
-    """Wrap a received, already initialised userfaultfd as a ``uffd.Userfaultfd`` that owns it.
+def userfaultfd_from_fd(fd: int) -> Userfaultfd:
+    """``Userfaultfd.from_fd(fd)``, refusing a non-userfaultfd as a handshake error.
 
-    Its ``features`` are what the peer negotiated (read from
-    /proc/self/fdinfo by ``Userfaultfd.from_fd``: EVENT_REMOVE for
-    Firecracker). On error ``fd`` is left open: the caller still owns it.
+    The result owns ``fd``; its ``features`` are what the peer negotiated
+    (EVENT_REMOVE for Firecracker). On error ``fd`` is left open: the caller
+    still owns it.
 
     Raises:
         HandshakeError: ``fd`` is not an initialised userfaultfd (``field`` "fd").

@@ -1,0 +1,18 @@
+"""Lazy restore of another process's memory: what :class:`uffd.daemon.HandlerDaemon` runs.
+
+One module per job:
+
+- ``sources``: the page source, a snapshot file or a page server seen as one
+  flat image (``FileSource``, ``RemoteSource``);
+- ``layout``: where each byte of the restored process's memory is (host
+  address, session flat offset, source offset);
+- ``report`` and ``progress``: what a session did, and its shared tally
+  (report, prefetch plan, pages faulted) under one lock;
+- ``parts``: what the fault path and the prefetch thread of a session share;
+- ``faults``: the ``UffdOps`` that serve MISSING faults from the source;
+- ``prefetch_thread``: the background installs (working set, then adaptive
+  chunks);
+- ``session``: one restored process: its FaultHandler, threads and end.
+
+References: userfaultfd(2), ioctl_userfaultfd(2).
+"""

@@ -1,0 +1,271 @@
+"""One restored process: :class:`Session` ties its userfaultfd, source, threads and report.
+
+A session serves the userfaultfd a process handed over (Firecracker's
+handshake, :mod:`uffd.firecracker`) with a :class:`uffd.FaultHandler` that
+owns it, registers the handshake's regions (the process registered them
+MISSING already), and runs two threads: prefetch
+(:mod:`uffd.restore.prefetch_thread`) and a watch that ends the session when
+the process exits (a pidfd, pidfd_open(2)). Balloon: the process's
+MADV_DONTNEED raises a REMOVE event; the FaultHandler unregisters the range,
+so later accesses there get zero pages from the kernel, and prefetch never
+installs there again. userfaultfd(2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import select
+import threading
+from collections.abc import Callable, Sequence
+
+from uffd import mem
+from uffd._constants import Mode
+from uffd._handler import FaultHandler
+from uffd._userfaultfd import Userfaultfd
+from uffd.firecracker import (
+    GuestRegionUffdMapping,
+    HandshakeError,
+    PeerCred,
+    userfaultfd_from_fd,
+)
+from uffd.restore.faults import SourceOps
+from uffd.restore.layout import GuestLayout
+from uffd.restore.parts import SessionParts
+from uffd.restore.prefetch_thread import Prefetch
+from uffd.restore.progress import Progress
+from uffd.restore.report import SessionReport
+from uffd.restore.sources import FileSource, RemoteSource
+
+__all__ = ["RestoreOptions", "Session"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreOptions:
+    """How sessions restore: the daemon's settings (see ``HandlerDaemon``).
+
+    ``working_set``: source ranges ``(offset, length)`` to install first.
+    """
+
+    fallback: str = "sigbus"
+    deadline: float = 2.0
+    prefetch: bool = True
+    working_set: tuple[tuple[int, int], ...] = ()
+    inflight_bytes: int = 4 << 20
+    source_timeout: float = 10.0
+    progress: bool = False
+
+
+def _kind(page_size: int) -> str:
+    """The memory kind ``FaultHandler.register`` takes for regions of ``page_size`` pages.
+
+    Raises:
+        HandshakeError: huge pages other than the default size (register
+            assumes the default huge page size for hugetlb).
+        OSError: huge pages on a kernel without hugetlb.
+    """
+    if page_size <= mem.PAGE_SIZE:
+        return "anon"
+    default = mem.huge_page_size()
+    if page_size != default:
+        raise HandshakeError(
+            "mappings[0].page_size",
+            f"{page_size}-byte huge pages are not this host's default huge page size "
+            f"({default}); only the default size is served",
+        )
+    return "hugetlb"
+
+
+class Session:
+    """One process being restored: its FaultHandler, prefetch and watch threads, its report.
+
+    Owns ``fd`` (the process's userfaultfd) from the constructor on, even
+    when that raises. ``source`` is the daemon's; the session reads through
+    ``source.session()``. ``on_end(session)`` runs once the session has
+    ended, on the thread that ended it.
+
+    Calling context: constructed and started on a handshake thread; ``end()``
+    from any thread (the watch thread when the process exits, the daemon when
+    it stops); it returns once the session has ended.
+
+    Raises (constructor):
+        HandshakeError: mixed page sizes, or ``fd`` is not an initialised
+            userfaultfd.
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        mappings: Sequence[GuestRegionUffdMapping],
+        cred: PeerCred,
+        source: FileSource | RemoteSource,
+        options: RestoreOptions,
+        on_end: Callable[[Session], None],
+    ) -> None:
+        try:
+            self.layout = GuestLayout(mappings)
+            self._ufd: Userfaultfd | None = userfaultfd_from_fd(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.cred = cred
+        self.options = options
+        self._shared_source = source
+        self._on_end = on_end
+        report = SessionReport(
+            cred.pid, cred.uid, len(mappings), self.layout.length, self.layout.page_size
+        )
+        self.progress = Progress(report, self.layout, label=source.label, fallback=options.fallback)
+        self.source: FileSource | RemoteSource | None = None
+        self.handler: FaultHandler | None = None
+        self._lock = threading.Lock()
+        self._ending = threading.Event()
+        self._ended = False
+        self._finished = threading.Event()
+        self._pidfd = -1
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        """Open the session's source, serve the fd, register the regions, start the threads.
+
+        Raises:
+            HandshakeError: a region lies outside the source, its page size is
+                not a multiple of the source's, or huge pages of a size other
+                than the default.
+            SourceError, UffdError, OSError: the source or the handler failed.
+            ValueError: the session has ended (the daemon is stopping).
+        """
+        options = self.options
+        if self._ufd is None:
+            raise ValueError(f"the session of pid {self.cred.pid} has ended already")
+        try:
+            self.source = source = self._shared_source.session()
+            self.layout.check_source(source.length, source.page_size, source.label)
+            kind = _kind(self.layout.page_size)
+            self.handler = handler = FaultHandler(
+                uffd=self._ufd, fallback=options.fallback, deadline=options.deadline
+            )
+            self._ufd = None  # the handler owns and closes it now
+            parts = SessionParts(handler, self.layout, source, self.progress, self._ending)
+            ops = SourceOps(parts)
+            for m in self.layout.mappings:
+                handler.register(
+                    (m.base_host_virt_addr, m.size), Mode.MISSING, ops, registered=True, kind=kind
+                )
+            if options.progress:
+                self.progress.show_bar(f"restore pid {self.cred.pid}")
+            handler.start()
+            self._pidfd = _pidfd_open(self.cred.pid)
+        except BaseException:
+            if self.handler is not None:
+                with contextlib.suppress(Exception):
+                    self.handler.stop()
+            self.progress.finish()
+            self._close_resources()
+            raise
+        self._spawn(self._watch, "uffd-session-watch")
+        if options.prefetch or options.working_set:
+            prefetch = Prefetch(
+                parts,
+                working_set=options.working_set,
+                adaptive=options.prefetch,
+                inflight_bytes=options.inflight_bytes,
+                timeout=options.source_timeout,
+            )
+            self._spawn(prefetch.run, "uffd-prefetch")
+
+    @property
+    def report(self) -> SessionReport:
+        """What the session did (complete once it has ended)."""
+        return self.progress.report
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=target, name=f"{name}-{self.cred.pid}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _watch(self) -> None:
+        """Wait for the process to exit (its pidfd), or for the session to end; then end it.
+
+        Keeps an idle page server connection alive meanwhile.
+        """
+        poller = select.poll()
+        if self._pidfd >= 0:
+            poller.register(self._pidfd, select.POLLIN)
+        while not self._ending.is_set():
+            source = self.source
+            if isinstance(source, RemoteSource) and source.idle:
+                with contextlib.suppress(Exception):
+                    source.keepalive()
+            if self._pidfd >= 0:
+                if poller.poll(100):
+                    break
+            elif not _pid_alive(self.cred.pid):
+                break
+            else:
+                self._ending.wait(0.1)
+        self.end()
+
+    def end(self) -> None:
+        """Stop serving (idempotent): join the threads, stop the handler, report to ``on_end``."""
+        with self._lock:
+            ending, self._ended = self._ended, True
+        if ending:
+            # Another thread is ending the session: wait for it unless it is ours.
+            if threading.current_thread() not in self._threads:
+                self._finished.wait(30.0)
+            return
+        self._ending.set()
+        current = threading.current_thread()
+        for thread in self._threads:
+            if thread is not current:
+                thread.join(10.0)
+        if self.handler is not None:
+            total = self.handler.stats.total
+            self.report.fault_p50_us = total.percentile_us(0.5)
+            self.report.fault_p99_us = total.percentile_us(0.99)
+            try:
+                self.handler.stop()
+            except Exception as err:
+                self.progress.error(
+                    f"fault handler: {type(err).__name__}: {err}",
+                    log_it=self.progress.failed is None,
+                )
+        self._close_resources()
+        self.progress.finish()
+        self._on_end(self)
+        self._finished.set()
+
+    def _close_resources(self) -> None:
+        if self._ufd is not None:
+            self._ufd.close()
+            self._ufd = None
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+        if self.source is not None and self.source is not self._shared_source:
+            self.source.close()
+
+    def faulted_source_offsets(self) -> list[int]:
+        """Source offsets (bytes) of the pages this session faulted on."""
+        return [self.layout.source_offset(flat) for flat in self.progress.faulted_pages()]
+
+
+def _pidfd_open(pid: int) -> int:
+    """A pidfd for ``pid``, or -1 where pidfd_open(2) is missing (Linux < 5.3) or fails."""
+    try:
+        return os.pidfd_open(pid)
+    except (OSError, AttributeError):
+        return -1
+
+
+def _pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists (kill(2) with signal 0; EPERM means it exists)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

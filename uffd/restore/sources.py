@@ -1,0 +1,293 @@
+"""Page sources for lazy restore: a snapshot file or a page server, seen as one flat image.
+
+A source's regions are laid end to end in order (``_FlatLayout``), so a
+restore addresses the image by one offset (for Firecracker's raw memory
+file, the file offset). :class:`FileSource` reads with pread on the calling
+thread (:func:`uffd.snapshot.open_source`); :class:`RemoteSource` fetches
+from a page server (:class:`uffd.client.ThreadedPageClient`) and hands back
+futures, so reads for faults of several threads are in flight at once.
+Both have ``fetch`` (a future), ``read`` (the bytes), ``session`` (what one
+restored process reads through), ``remote``, ``label``, ``page_size``,
+``length`` and ``close``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["FileSource", "RemoteSource", "SourceError", "open_flat_source"]
+
+log = logging.getLogger("uffd.daemon")
+
+_KEEPALIVE = 10.0  # seconds idle: well inside the page server's default 30 s timeout
+
+
+class SourceError(ConnectionError):
+    """The page source failed (a dead page server, a timed-out or refused read)."""
+
+
+class _FlatLayout:
+    """Regions laid end to end: flat offset <-> (region name, offset in it)."""
+
+    def __init__(self, regions: Sequence[tuple[str, int]]) -> None:
+        self.names = [name for name, _ in regions]
+        self.starts: list[int] = []
+        total = 0
+        for _, length in regions:
+            self.starts.append(total)
+            total += length
+        self.lengths = [length for _, length in regions]
+        self.length = total
+
+    def pieces(self, offset: int, length: int) -> list[tuple[str, int, int]]:
+        """``(name, offset in region, length)`` pieces covering the flat range.
+
+        Raises:
+            ValueError: the range passes the end of the image.
+        """
+        if offset < 0 or offset + length > self.length:
+            raise ValueError(
+                f"[{offset}, +{length}) is outside the source image of {self.length} bytes"
+            )
+        out = []
+        i = bisect.bisect_right(self.starts, offset) - 1
+        while length > 0:
+            inside = offset - self.starts[i]
+            n = min(length, self.lengths[i] - inside)
+            if n > 0:
+                out.append((self.names[i], inside, n))
+                offset += n
+                length -= n
+            i += 1
+        return out
+
+
+class FileSource:
+    """A snapshot or raw memory file as a flat image; reads are synchronous (pread).
+
+    Thread-safe: one open file serves every session and thread.
+
+    Raises (constructor):
+        OSError, ValueError: the file cannot be opened or is malformed.
+    """
+
+    remote = False
+
+    def __init__(self, path: str) -> None:
+        from uffd.snapshot import open_source
+
+        self.path = path
+        self.label = path
+        self._reader = open_source(path)
+        self.page_size = self._reader.page_size
+        self._layout = _FlatLayout([(r.name, r.length) for r in self._reader.regions])
+        self.length = self._layout.length
+
+    def read(self, offset: int, length: int) -> bytes:
+        """The bytes of the flat range (absent pages are zeros).
+
+        Raises:
+            SourceError: the file could not be read (I/O error, checksum).
+        """
+        try:
+            parts = [self._reader.read(n, o, k) for n, o, k in self._layout.pieces(offset, length)]
+        except (OSError, ValueError) as err:
+            raise SourceError(f"{self.path}: {err}") from err
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def fetch(
+        self, offset: int, length: int, *, urgent: bool = True
+    ) -> concurrent.futures.Future[bytes]:
+        """``read`` as an already completed future (the interface RemoteSource has)."""
+        future: concurrent.futures.Future[bytes] = concurrent.futures.Future()
+        try:
+            future.set_result(self.read(offset, length))
+        except SourceError as err:
+            future.set_exception(err)
+        return future
+
+    def session(self) -> FileSource:
+        """The object one session reads through (the file is shared: pread is thread-safe)."""
+        return self
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        self._reader.close()
+
+
+class RemoteSource:
+    """A page server as a flat image.
+
+    Faults and prefetch use two connections (``session()`` opens both), so a
+    faulting thread's one-page read never queues behind megabytes of prefetch
+    data already in flight on the same TCP stream. ``fetch`` returns a
+    future; ``read`` waits for it (at most ``timeout``). ``session()`` hands
+    out a spare set of connections prepared in the background (``warm()``),
+    so a new session's first fault does not wait for TCP, HELLO and LIST.
+
+    Calling context: any thread. The futures complete on the page clients'
+    event-loop threads.
+
+    Raises (constructor):
+        SourceError: the page server cannot be reached or refused us.
+    """
+
+    remote = True
+
+    def __init__(
+        self, url: str, *, token: bytes | None = None, timeout: float = 10.0, bulk: bool = False
+    ) -> None:
+        self.url = url
+        self.label = url
+        self.token = token
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._spare: RemoteSource | None = None
+        self._closed = False
+        self._clients = [self._connect()]
+        if bulk:
+            try:
+                self._clients.append(self._connect())
+            except BaseException:
+                self.close()
+                raise
+        self.last_used = time.monotonic()
+        first = self._clients[0]
+        self.page_size = first.page_size
+        self._layout = _FlatLayout([(r.name, r.length) for r in first.regions])
+        self.length = self._layout.length
+
+    def _connect(self) -> Any:
+        from uffd.client import ThreadedPageClient
+
+        try:
+            return ThreadedPageClient(self.url, token=self.token, request_timeout=self.timeout)
+        except Exception as err:
+            raise SourceError(f"page server {self.url}: {err}") from err
+
+    @property
+    def idle(self) -> bool:
+        """True after 10 s without a read (well before the server drops an idle client)."""
+        return time.monotonic() - self.last_used > _KEEPALIVE
+
+    def session(self) -> RemoteSource:
+        """Connections for one session, faults and prefetch apart: the spare when it is fresh.
+
+        Starts preparing the next spare. The caller owns and closes the result.
+
+        Raises:
+            SourceError: no spare was ready and the server cannot be reached.
+        """
+        with self._lock:
+            spare, self._spare = self._spare, None
+        self.warm()
+        if spare is not None and not spare.idle:
+            return spare
+        if spare is not None:
+            spare.close()
+        return self._open_session()
+
+    def _open_session(self) -> RemoteSource:
+        return RemoteSource(self.url, token=self.token, timeout=self.timeout, bulk=True)
+
+    def warm(self) -> None:
+        """Prepare a spare ``session()`` on a background thread, unless one is ready."""
+        with self._lock:
+            if self._spare is not None or self._closed:
+                return
+        threading.Thread(target=self._fill_spare, name="uffd-spare-connect", daemon=True).start()
+
+    def _fill_spare(self) -> None:
+        try:
+            spare: RemoteSource | None = self._open_session()
+        except Exception as err:
+            log.debug("no spare connection to the page server: %s", err)
+            return
+        with self._lock:
+            if self._spare is None and not self._closed:
+                self._spare, spare = spare, None
+        if spare is not None:
+            spare.close()
+
+    def fetch(
+        self, offset: int, length: int, *, urgent: bool = True
+    ) -> concurrent.futures.Future[bytes]:
+        """Start reading the flat range; the future gets the bytes or a SourceError.
+
+        ``urgent`` reads (faults) go on the first connection, the others
+        (prefetch) on the second.
+        """
+        client = self._clients[0 if urgent else -1]
+        self.last_used = time.monotonic()
+        pieces = self._layout.pieces(offset, length)
+        futures = [client.fetch(n, o, k, urgent=urgent) for n, o, k in pieces]
+        out: concurrent.futures.Future[bytes] = concurrent.futures.Future()
+        left = [len(futures)]
+        lock = threading.Lock()
+
+        def done(_: concurrent.futures.Future[bytes]) -> None:
+            with lock:
+                left[0] -= 1
+                if left[0] or out.done():
+                    return
+            try:
+                data = b"".join(f.result() for f in futures)
+            except BaseException as err:
+                out.set_exception(
+                    SourceError(f"page server {self.url}: {type(err).__name__}: {err}")
+                )
+            else:
+                out.set_result(data)
+
+        for f in futures:
+            f.add_done_callback(done)
+        return out
+
+    def read(self, offset: int, length: int) -> bytes:
+        """The bytes of the flat range, waiting at most ``timeout``.
+
+        Raises:
+            SourceError: the server failed, refused or did not answer in time.
+        """
+        try:
+            return self.fetch(offset, length).result(self.timeout)
+        except concurrent.futures.TimeoutError:
+            raise SourceError(f"page server {self.url}: no reply in {self.timeout} s") from None
+
+    def keepalive(self) -> None:
+        """Read one page on each connection, so the server does not drop an idle client."""
+        self.last_used = time.monotonic()
+        for client in self._clients:
+            region = client.regions[0]
+            if region.length:
+                client.fetch(region.name, 0, self.page_size, urgent=False)
+
+    def close(self) -> None:
+        """Close the connections and the spare session (idempotent)."""
+        with self._lock:
+            self._closed = True
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.close()
+        for client in self._clients:
+            client.close()
+
+
+def open_flat_source(
+    spec: str, *, token: bytes | None = None, timeout: float = 10.0
+) -> FileSource | RemoteSource:
+    """A source from ``SNAPSHOT`` (a file path) or ``tcp://HOST:PORT`` (a page server).
+
+    Raises:
+        SourceError: the page server cannot be reached or refused us.
+        OSError, ValueError: the file cannot be opened or is malformed.
+    """
+    if spec.startswith("tcp://"):
+        return RemoteSource(spec, token=token, timeout=timeout)
+    return FileSource(spec)
