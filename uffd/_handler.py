@@ -351,6 +351,7 @@ class FaultHandler:
         self._events_applied = 0  # kernel events applied to the table, for install()
         # Written by C, never read: the pump reports progress through rc.
         self._done = ffi.new("int64_t *")
+        self._own_mm = uffd is None
         if uffd is not None:
             self.uffd = uffd  # e.g. received from a process a daemon serves
         else:
@@ -393,6 +394,7 @@ class FaultHandler:
         uffd: Userfaultfd | None = None,
         registered: bool = False,
         kind: str | None = None,
+        page_size: int | None = None,
     ) -> Mapping:
         """Register ``target`` (a Region or ``(addr, length)``) for ``mode`` with ``ops``.
 
@@ -400,6 +402,9 @@ class FaultHandler:
         asks ``ops.can_userfault``, checks the negotiated features, calls
         UFFDIO_REGISTER (skipped when ``registered=True``: the owner of an
         adopted fd did it) and honours ``ops.ioctls`` & the kernel's grant.
+        ``kind`` and ``page_size`` describe memory this process cannot
+        inspect (another process's, e.g. hugetlb with a non-default size);
+        otherwise they come from the Region or /proc/self/smaps.
 
         Raises:
             UnsupportedError: the ops, the negotiated features or the kernel
@@ -412,15 +417,18 @@ class FaultHandler:
             raise ValueError("register: mode must name at least one of Mode.MISSING, WP, MINOR")
         fd = uffd or self.uffd
         if isinstance(target, mem.Region):
-            addr, length, page_size = target.addr, target.length, target.page_size
+            addr, length = target.addr, target.length
+            page_size = page_size or target.page_size
             kind = kind or target.kind
         else:
             addr, length = target
             if kind is None and not registered:
-                kind, _, _, page_size = mem.kind_of(addr)
+                kind, _, _, found = mem.kind_of(addr)
+                page_size = page_size or found
             else:
                 kind = kind or (ops.kind if ops is not None and ops.kind else "anon")
-                page_size = mem.huge_page_size() if kind == "hugetlb" else mem.PAGE_SIZE
+                default = mem.huge_page_size() if kind == "hugetlb" else mem.PAGE_SIZE
+                page_size = page_size or default
         if length <= 0 or addr % page_size or length % page_size:
             raise ValueError(
                 f"register: {describe_range(addr, length)} is not a positive multiple of the "
@@ -844,24 +852,28 @@ class FaultHandler:
             if fault._early is None:
                 fault._early = resolution  # the handler has not returned yet
                 return True
-            if self._deferred.get(fault._slot) is not fault:
+            if self._deferred.get(fault._slot) is not fault or self._stopped:
                 return False
             del self._deferred[fault._slot]
-        return self._apply(fault, resolution)
+            # Under the lock: stop() frees the pump under it, never mid-install.
+            return self._apply(fault, resolution)
 
     def _apply(self, fault: Fault, r: Resolution, attempt: int = 0) -> bool:
-        """Install ``r`` for ``fault`` through the pump; False if it took the fallback or is retried."""
+        """Install ``r`` for ``fault`` through the pump; True if installed or queued for a retry."""
         m = fault.mapping
         ps = m.page_size
         data = r.data
+        kind = type(data)
         if (
             r.kind is _COPY_KIND
-            and type(data) is bytes
-            and len(data) >= ps
             and m._honoured & r.need == r.need
+            and (
+                (kind is bytes and len(data) >= ps)
+                or (kind is memoryview and data.c_contiguous and data.nbytes >= ps)
+            )
         ):
-            # The common case: bytes go to C as they are, no buffer export.
-            op, src, mode = _OP_COPY, data, 0
+            # The common cases: bytes go to C as they are, a memoryview as its buffer.
+            op, src, mode = _OP_COPY, data if kind is bytes else ffi.from_buffer(data), 0
         else:
             prepared = self._prepare(fault, r)
             if prepared is None:
@@ -894,7 +906,7 @@ class FaultHandler:
         if rc == -_errno.EAGAIN and attempt < _EAGAIN_RETRIES:
             # The mappings are changing: the event is queued; retry after reading it.
             self._retry.append((fault, r, attempt + 1))
-            return False
+            return True
         if rc == -_errno.EAGAIN:
             # Still changing after every retry (a storm of forks keeps mmap_changing
             # raised): wake the thread instead; it faults again and that fault is
@@ -1106,7 +1118,8 @@ class FaultHandler:
     def _on_expired(self, fd: int, did: int, flags: int, address: int, ptid: int) -> None:
         # A fallback that failed because the faulting process has exited (ESRCH)
         # left nobody waiting: that is the process's end, not a missed deadline.
-        gone = not did & 0xFF and fd != self.uffd._fd and _mm_gone(fd)
+        # The handler's own fd serves this process, which cannot have exited.
+        gone = not did & 0xFF and (fd != self.uffd._fd or not self._own_mm) and _mm_gone(fd)
         with self._lock:
             self._expired += 0 if gone else 1
             for slot, fault in list(self._deferred.items()):
