@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from uffd import mem
 from uffd.daemon import FileSource, HandlerDaemon
 from uffd.firecracker import GuestRegionUffdMapping, HandshakeError
 from uffd.prefetch import WorkingSet
@@ -143,16 +142,11 @@ def test_guest_layout_maps_addresses_to_flat_offsets_and_the_source() -> None:
         GuestLayout([low, GuestRegionUffdMapping(0x40000000, 2 << 20, PAGE, 2 << 20)])
 
 
-def test_huge_pages_of_another_size_than_the_default_are_refused() -> None:
-    """A region of huge pages the default size is hugetlb; any other huge page size is refused."""
+def test_region_kind_follows_the_handshake_page_size() -> None:
+    """Base pages are anon; huge pages of any size are hugetlb, served at that size."""
     assert _kind(PAGE) == "anon"
-    try:
-        huge = mem.huge_page_size()
-    except OSError:
-        pytest.skip("this kernel has no hugetlb (no Hugepagesize in /proc/meminfo)")
-    assert _kind(huge) == "hugetlb"
-    with pytest.raises(HandshakeError, match="default huge page size"):
-        _kind(huge * 512)
+    assert _kind(2 << 20) == "hugetlb"
+    assert _kind(1 << 30) == "hugetlb"
 
 
 @pytest.mark.parametrize("first", [False, True], ids=["after-reads", "before-reads-prefetching"])

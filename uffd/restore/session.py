@@ -26,7 +26,6 @@ from uffd._handler import FaultHandler
 from uffd._userfaultfd import Userfaultfd
 from uffd.firecracker import (
     GuestRegionUffdMapping,
-    HandshakeError,
     PeerCred,
     userfaultfd_from_fd,
 )
@@ -58,23 +57,8 @@ class RestoreOptions:
 
 
 def _kind(page_size: int) -> str:
-    """The memory kind ``FaultHandler.register`` takes for regions of ``page_size`` pages.
-
-    Raises:
-        HandshakeError: huge pages other than the default size (register
-            assumes the default huge page size for hugetlb).
-        OSError: huge pages on a kernel without hugetlb.
-    """
-    if page_size <= mem.PAGE_SIZE:
-        return "anon"
-    default = mem.huge_page_size()
-    if page_size != default:
-        raise HandshakeError(
-            "mappings[0].page_size",
-            f"{page_size}-byte huge pages are not this host's default huge page size "
-            f"({default}); only the default size is served",
-        )
-    return "hugetlb"
+    """The memory kind of guest regions of ``page_size`` pages: anon, or hugetlb for huge pages."""
+    return "anon" if page_size <= mem.PAGE_SIZE else "hugetlb"
 
 
 class Session:
@@ -151,7 +135,12 @@ class Session:
             ops = SourceOps(parts)
             for m in self.layout.mappings:
                 handler.register(
-                    (m.base_host_virt_addr, m.size), Mode.MISSING, ops, registered=True, kind=kind
+                    (m.base_host_virt_addr, m.size),
+                    Mode.MISSING,
+                    ops,
+                    registered=True,
+                    kind=kind,
+                    page_size=self.layout.page_size,
                 )
             if options.progress:
                 self.progress.show_bar(f"restore pid {self.cred.pid}")
