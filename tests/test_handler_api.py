@@ -1,4 +1,4 @@
-"""FaultHandler extras for tools: early answers to deferred faults, prefetch installs, a given fd."""
+"""FaultHandler extras for tools: early answers to deferred faults, installs, a given fd."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ class AnswerFirst(UffdOps):
 
 
 def test_resolve_before_defer_returns_is_installed() -> None:
-    """A deferred fault answered before its handler returned is installed, not left to the deadline."""
+    """A deferred fault answered before its handler returned is installed at once."""
     region = uffd.mem.anon(8 * PS)
     ops = AnswerFirst()
     with FaultHandler(deadline=5.0) as handler:
@@ -78,7 +78,7 @@ def test_install_skips_present_pages_and_reports_bytes() -> None:
 
 
 def test_handler_serves_a_given_userfaultfd() -> None:
-    """FaultHandler(uffd=...) serves an fd made elsewhere (here wrapped with from_fd) and owns it."""
+    """FaultHandler(uffd=...) serves an fd made elsewhere (wrapped with from_fd) and owns it."""
     made = uffd.Userfaultfd(uffd.Feature.THREAD_ID)
     received = uffd.Userfaultfd.from_fd(os.dup(made.fileno()))
     made.close()

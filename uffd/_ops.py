@@ -160,7 +160,7 @@ class UffdOps:
         return None
 
     def honoured(self, kind: str, mode: Mode) -> Ioctl | None:
-        """The ioctls this ops honours on memory of ``kind`` registered with ``mode``; None if refused.
+        """The ioctls honoured on ``kind`` memory registered with ``mode``; None if refused.
 
         This is the emulated UFFDIO_REGISTER answer: the kernel's grant for
         the kind, masked by what the ops supports.
