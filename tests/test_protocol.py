@@ -194,3 +194,28 @@ def test_fuzz_valid_headers_random_payloads(
     length = max(0, len(payload) + length_delta)
     wire = struct.pack(">HBBHHII", 0x5546, 1, kind, flags, 0, 9, length) + payload
     _drain(p.FrameDecoder(max_payload=512), wire, 7)
+
+
+def test_data_header_matches_encode() -> None:
+    """data_header + the bytes is exactly encode(Data): a server may send them apart."""
+    data = bytes(range(256)) * 32
+    assert p.data_header(7, 4096, len(data)) + data == p.encode(p.Data(4096, data, 7))
+    assert len(p.data_header(1, 0, 0)) == p.DATA_PREFIX
+    with pytest.raises(ValueError, match="request id"):
+        p.data_header(1 << 32, 0, 4096)
+    with pytest.raises(ValueError, match="payload length"):
+        p.data_header(1, 0, 1 << 32)
+
+
+def test_parse_header_checks_like_the_decoder() -> None:
+    """parse_header returns the fields of a good header and refuses what the decoder refuses."""
+    frame = p.encode(p.Read(2, 4096, 8192, True, 9))
+    assert p.parse_header(frame[: p.HEADER.size]) == (p.FrameType.READ, 1, 9, 20)
+    with pytest.raises(p.ProtocolError, match="bad magic"):
+        p.parse_header(b"\x00" * p.HEADER.size)
+    with pytest.raises(p.ProtocolError, match="over the limit") as info:
+        p.parse_header(header(6, 1 << 20 + 1), max_payload=1 << 20)
+    assert info.value.code is p.ErrorCode.TOO_LARGE
+    with pytest.raises(p.ProtocolError) as info:
+        p.parse_header(frame[: p.HEADER.size], versions=(2,))
+    assert info.value.code is p.ErrorCode.VERSION

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import mmap
 import os
 import random
 import select
@@ -23,7 +24,7 @@ import pytest
 from uffd import protocol as p
 from uffd.client import PageClient, PeerGoneError, RemoteError, ThreadedPageClient
 from uffd.server import PageServer, ServerThread, main
-from uffd.snapshot import RegionInfo, Snapshot, write_snapshot
+from uffd.snapshot import RawMemoryFile, RegionInfo, Snapshot, write_snapshot
 
 PS = 4096
 PAGES = 256
@@ -596,3 +597,131 @@ def test_serve_cli_killed_fails_client(snap_path: Path) -> None:
     finally:
         proc.kill()
         proc.communicate(timeout=WAIT)
+
+
+# -- the bulk path and fetch_into ---------------------------------------------------
+
+
+def test_fetch_into_fills_caller_buffers(server: ServerThread) -> None:
+    """fetch_into writes page bytes and zero ranges into the caller's buffer (even a dirty one)."""
+    with ThreadedPageClient(server.url) as client:
+        buf = bytearray(b"\xee" * (PAGES * PS))
+        assert client.fetch_into("mem", 0, buf, urgent=False).result(WAIT) == PAGES * PS
+        assert buf == MEM
+        zeros = mmap.mmap(-1, 32 * PS)
+        zeros.write(b"\xee" * (32 * PS))
+        assert client.fetch_into("zeros", 0, zeros).result(WAIT) == 32 * PS
+        assert zeros[:] == bytes(32 * PS)
+        part = memoryview(buf)[8 * PS : 12 * PS]
+        assert client.fetch_into("small", 0, part).result(WAIT) == 4 * PS
+        assert buf[8 * PS : 12 * PS] == SMALL[: 4 * PS]
+        with pytest.raises(KeyError, match="nope"):
+            client.fetch_into("nope", 0, part).result(WAIT)
+        with pytest.raises(TypeError, match="writable"):
+            client.fetch_into("mem", 0, bytes(PS))
+        zeros.close()
+
+
+def test_bulk_replies_sent_from_the_file(tmp_path: Path) -> None:
+    """Large replies (sendfile path) are byte-exact, split at max_frame, counted in stats."""
+    rng = random.Random(5)
+    image = rng.randbytes(1024 * PS)
+    path = tmp_path / "mem.raw"
+    path.write_bytes(image)
+    with RawMemoryFile(path, page_size=PS) as raw, ServerThread(raw, max_frame=64 * PS + 8) as srv:
+        conn = RawConn(srv.address)
+        conn.login()
+        conn.send(p.Read(0, 8 * PS, 512 * PS, False, 4))
+        frames = collect(conn, {4})[4]
+        conn.close()
+        data = [f for f in frames if isinstance(f, p.Data)]
+        assert max(len(f.data) for f in data) == 64 * PS
+        assert frames[-1] == p.End(256 * PS, 4)  # short: max_read is 1 MiB
+        assert b"".join(f.data for f in data) == image[8 * PS : 264 * PS]
+        with ThreadedPageClient(srv.url) as client:
+            assert client.read("mem", 0, 1024 * PS, urgent=False) == image
+        assert srv.stats.bytes == 256 * PS + 1024 * PS
+
+
+def test_urgent_not_queued_behind_bulk_bytes(tmp_path: Path) -> None:
+    """An urgent READ sent behind 16 MiB of queued prefetch is answered before most of it."""
+    path = tmp_path / "mem.raw"
+    path.write_bytes(random.Random(6).randbytes(1024 * PS))
+    with RawMemoryFile(path, page_size=PS) as raw, ServerThread(raw) as srv:
+        conn = RawConn(srv.address)
+        conn.login()
+        prefetch = [p.Read(0, (i % 4) * 256 * PS, 256 * PS, False, i + 1) for i in range(16)]
+        conn.send(*prefetch)
+        first = conn.recv()
+        assert isinstance(first, p.Data) and first.request_id == 1
+        conn.send(p.Read(0, 1000 * PS, PS, True, 1000))
+        order = []
+        while len(order) < 17:
+            frame = conn.recv()
+            if isinstance(frame, p.End):
+                order.append(frame.request_id)
+        conn.close()
+        # Ahead of it only what the kernel's socket buffers already hold (a few MiB).
+        assert order.index(1000) < 8, order
+
+
+def test_corrupt_chunk_on_the_bulk_path(tmp_path: Path) -> None:
+    """A large read over a chunk failing its checksum: ERROR INTERNAL and no byte of it sent."""
+    path = tmp_path / "bad.snap"
+    good = bytes(range(1, 256)) * (64 * PS // 255) + b"\x01" * (64 * PS % 255)
+    write_snapshot(path, {"a": good}, page_size=PS, chunk_pages=16)
+    data = bytearray(path.read_bytes())
+    data[64 + 40 * PS] ^= 0xFF  # stored page 40: chunk 2
+    path.write_bytes(data)
+    with Snapshot.open(path) as bad, ServerThread(bad) as srv:
+        conn = RawConn(srv.address)
+        conn.login()
+        conn.send(p.Read(0, 0, 64 * PS, False, 3))
+        frames = collect(conn, {3})[3]
+        assert len(frames) == 1 and isinstance(frames[0], p.Error), frames
+        assert frames[0].code is p.ErrorCode.INTERNAL
+        conn.send(p.Read(0, 0, 32 * PS, False, 4))
+        frames = collect(conn, {4})[4]
+        conn.close()
+        assert b"".join(f.data for f in frames if isinstance(f, p.Data)) == good[: 32 * PS]
+
+
+def test_fetch_into_timeout_leaves_buffer_alone() -> None:
+    """A reply arriving after its request timed out is dropped, not written into the buffer."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    release = threading.Event()
+
+    def late_server() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(p.encode(p.Hello(bytes(32), False)))
+            decoder = p.FrameDecoder()
+            frames: list[p.Frame] = []
+            while not frames:  # LIST
+                frames += decoder.feed(conn.recv(4096))
+            conn.sendall(p.encode(p.Regions(PS, (p.RegionEntry("mem", 4 * PS),))))
+            while not any(isinstance(f, p.Read) for f in frames):
+                frames += decoder.feed(conn.recv(4096))
+            read = next(f for f in frames if isinstance(f, p.Read))
+            release.wait(WAIT)
+            conn.sendall(
+                p.encode(p.Data(0, b"\x55" * PS, read.request_id))
+                + p.encode(p.End(PS, read.request_id))
+            )
+            conn.recv(1)  # until the client closes
+
+    thread = threading.Thread(target=late_server, daemon=True)
+    thread.start()
+    try:
+        with ThreadedPageClient(f"tcp://127.0.0.1:{port}", request_timeout=0.2) as client:
+            buf = bytearray(b"\xee" * PS)
+            with pytest.raises(TimeoutError, match="no reply"):
+                client.fetch_into("mem", 0, buf).result(WAIT)
+            release.set()
+            time.sleep(0.2)
+            assert buf == b"\xee" * PS
+    finally:
+        release.set()
+        thread.join(WAIT)
+        listener.close()

@@ -598,3 +598,69 @@ def test_read_cached_needs_verified_chunks(sample: tuple[Path, dict[str, bytearr
     with RawMemoryFile(raw_path, page_size=PS) as raw:
         assert raw.read("mem", 0, 70 * PS) == regions["rom"]
         assert raw.read_cached("mem", PS, 3 * PS) == regions["rom"][PS : 4 * PS]
+
+
+def test_file_extents_verify_then_point_at_the_bytes(
+    sample: tuple[Path, dict[str, bytearray]],
+) -> None:
+    """file_extents verifies the chunks it covers; each run's file bytes are the region's bytes."""
+    path, regions = sample
+    ram = regions["ram"]
+    with Snapshot.open(path) as snap, open(path, "rb") as f:
+        runs = snap.file_extents("ram", 4 * PS, 200 * PS)
+        assert sum(n for _, n, _ in runs) == 200 * PS
+        assert runs[0][0] == 4 * PS
+        for offset, length, file_offset in runs:
+            if file_offset is None:
+                assert ram[offset : offset + length] == bytes(length)
+            else:
+                f.seek(file_offset)
+                assert f.read(length) == ram[offset : offset + length]
+        # Verified now: a page-cache read (which needs verified chunks) may answer.
+        offset, length, _ = next(run for run in runs if run[2] is not None)
+        cached = snap.read_cached("ram", offset, length)
+        assert cached is None or cached == ram[offset : offset + length]
+        assert os.fstat(snap.fileno()).st_size == snap.file_size
+    with pytest.raises(ValueError, match="closed"):
+        snap.fileno()
+
+
+def test_file_extents_refuse_a_corrupt_chunk(sample: tuple[Path, dict[str, bytearray]]) -> None:
+    """file_extents over a chunk that fails its checksum raises before pointing at its bytes."""
+    path, _ = sample
+    data = bytearray(path.read_bytes())
+    data[HEADER + 8 * PS + 5] ^= 0xFF  # stored page 8 of "ram": chunk 1
+    path.write_bytes(data)
+    with (
+        Snapshot.open(path) as snap,
+        pytest.raises(SnapshotError, match="chunk 1 fails its checksum"),
+    ):
+        snap.file_extents("ram", 0, 300 * PS)
+
+
+def test_raw_memory_file_file_extents(tmp_path: Path) -> None:
+    """A raw file's runs point at region base + offset; holes have no file offset."""
+    path = tmp_path / "sparse.raw"
+    with open(path, "wb") as f:
+        f.truncate(64 * PS)
+        f.seek(40 * PS)
+        f.write(b"\xaa" * PS)
+    with RawMemoryFile(path, page_size=PS, regions=[("high", 32 * PS, 32 * PS)]) as raw:
+        runs = raw.file_extents("high", 4 * PS, 8 * PS)
+        assert sum(n for _, n, _ in runs) == 8 * PS
+        page = next(
+            fo + (8 * PS - o) for o, n, fo in runs if fo is not None and o <= 8 * PS < o + n
+        )
+        assert page == 40 * PS
+        assert os.pread(raw.fileno(), PS, page) == b"\xaa" * PS
+
+
+def test_raw_memory_file_file_extents_notice_truncation(tmp_path: Path) -> None:
+    """file_extents of a raw file cut short since it was opened raises SnapshotError."""
+    path = tmp_path / "mem.raw"
+    path.write_bytes(b"\x01" * (8 * PS))
+    with RawMemoryFile(path, page_size=PS) as raw:
+        os.truncate(path, 4 * PS)
+        assert raw.file_extents("mem", 0, 4 * PS)[0][2] == 0
+        with pytest.raises(SnapshotError, match="truncated while open"):
+            raw.file_extents("mem", 0, 8 * PS)

@@ -4,6 +4,10 @@ Both speak the protocol of :mod:`uffd.protocol` to a :class:`uffd.server.PageSer
 HELLO, AUTH when the server wants a token, LIST, then pipelined READs (as
 many in flight as the server's HELLO allows). A read whose reply is split or
 short is completed by asking for the rest; ZERO ranges become zero bytes.
+ThreadedPageClient does not run asyncio: a blocking socket and one reader
+thread that receives page bytes straight into the destination buffer
+(``fetch_into`` saves the last copy too), which is what a restore's
+prefetcher needs to keep up with loopback speeds.
 
 Failures are of three kinds: the server refused a request (``RemoteError``
 with its code and message, the connection stays usable), the connection
@@ -17,11 +21,15 @@ This module is pure Python: no userfaultfd and no compiled extension needed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
 import itertools
+import socket
+import struct
 import threading
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -356,13 +364,24 @@ class _Violation(Exception):
 
 
 class ThreadedPageClient:
-    """A PageClient on its own event-loop thread, for callers that are threads.
+    """A page-server client for callers that are threads: a blocking socket and a reader thread.
 
-    ``fetch()`` may be called from any thread and returns at once with a
-    concurrent.futures.Future; any number may be in flight. When the
-    connection breaks, every pending and later future fails with
-    PeerGoneError. :meth:`close` (idempotent) fails pending futures with
-    ValueError, stops the loop and joins the thread.
+    ``fetch()`` and ``fetch_into()`` may be called from any thread and return
+    at once with a concurrent.futures.Future; any number may be in flight
+    (beyond the server's ``max_pending`` they wait in this client and are
+    sent as replies come back). The connection, handshake included, is made
+    in the constructor. A reader thread ("uffd-page-client") owns the
+    receiving side: it parses each frame header in place and receives DATA
+    payloads straight into the request's buffer with ``recv_into`` (no
+    per-frame bytes objects), asks again for the rest of a short reply, and
+    completes the futures; their done-callbacks run in that thread.
+
+    When the connection breaks, every pending and later future fails with
+    PeerGoneError. A request without a reply for ``request_timeout`` seconds
+    fails with TimeoutError (a late reply is discarded). :meth:`close`
+    (idempotent) fails pending futures with ValueError, in this order: mark
+    closed, shut the socket down (which wakes the reader), join the reader,
+    fail what is left, close the socket.
 
     Raises (on construction): as :meth:`PageClient.connect`.
     """
@@ -370,60 +389,500 @@ class ThreadedPageClient:
     def __init__(
         self, url: str, *, token: bytes | None = None, request_timeout: float = 10.0
     ) -> None:
-        self._loop = asyncio.new_event_loop()
+        address = parse_address(url)
+        self.address = address
+        self.request_timeout = request_timeout
+        self._label = label = f"{address[0]}:{address[1]}"
+        try:
+            sock = socket.create_connection(address, timeout=request_timeout)
+        except TimeoutError:
+            raise TimeoutError(
+                f"page server {label}: no connection in {request_timeout} s"
+            ) from None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.hello, regions = self._handshake(sock, token)
+        except BaseException:
+            sock.close()
+            raise
+        self.page_size = regions.page_size
+        self.regions = list(regions.regions)
+        self._ids = {entry.name: index for index, entry in enumerate(regions.regions)}
+        self._sock = sock
+        self._max_payload = self.hello.max_frame
+        self._window = max(1, self.hello.max_pending)
+        ps = self.page_size
+        # max_frame bytes per READ: the server's default max_read, served whole.
+        self._part_bytes = max(ps, self.hello.max_frame // ps * ps)
+        # The reader wakes this often to expire requests (the socket timeout).
+        self._tick = max(0.005, min(0.25, request_timeout / 4))
+        sock.settimeout(self._tick)
+        self._lock = threading.Lock()
+        self._inflight: dict[int, _Part] = {}
+        self._waiting: collections.deque[_Part] = collections.deque()
+        self._abandoned: set[int] = set()
+        self._next_id = 0
+        self._closed = False
+        self._gone: BaseException | None = None
+        # Bytes received past what the current step needed (at most a header's worth).
+        self._small = bytearray(256)
+        self._small_view = memoryview(self._small)
+        self._have = 0
         self._thread = threading.Thread(target=self._run, name="uffd-page-client", daemon=True)
         self._thread.start()
-        self._closed = False
-        connect = PageClient.connect(url, token=token, request_timeout=request_timeout)
+
+    # -- handshake (constructor only) --
+
+    def _handshake(self, sock: socket.socket, token: bytes | None) -> tuple[p.Hello, p.Regions]:
+        label = self._label
+        decoder = p.FrameDecoder()
+        frames: list[p.Frame] = []
+        deadline = time.monotonic() + self.request_timeout
+
+        def next_frame() -> p.Frame:
+            while not frames:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(
+                        f"page server {label}: no handshake in {self.request_timeout} s"
+                    )
+                sock.settimeout(left)
+                try:
+                    data = sock.recv(_READ_CHUNK)
+                except TimeoutError:
+                    continue
+                except OSError as err:
+                    raise PeerGoneError(f"page server {label}: {err}") from err
+                if not data:
+                    raise PeerGoneError(f"page server {label} closed the connection")
+                try:
+                    frames.extend(decoder.feed(data))
+                except p.ProtocolError as err:
+                    raise PeerGoneError(f"page server {label} sent garbage: {err}") from None
+            frame = frames.pop(0)
+            if isinstance(frame, p.Error):
+                raise RemoteError(frame.code, frame.message, label)
+            return frame
+
+        hello = next_frame()
+        if not isinstance(hello, p.Hello):
+            raise PeerGoneError(f"page server {label} did not start with HELLO")
+        if not hello.min_version <= p.VERSION <= hello.max_version:
+            raise RemoteError(
+                p.ErrorCode.VERSION,
+                f"the server speaks versions {hello.min_version}..{hello.max_version}, "
+                f"this client {p.VERSION}",
+                label,
+            )
+        decoder.max_payload = hello.max_frame
+        out = b""
+        if hello.auth_required:
+            if token is None:
+                raise RemoteError(p.ErrorCode.AUTH_FAILED, "the server requires a token", label)
+            out += p.encode(p.Auth(p.auth_mac(token, hello.nonce)))
         try:
-            self._client = asyncio.run_coroutine_threadsafe(connect, self._loop).result()
-        except BaseException:
-            self._stop()
-            raise
-        self.address = self._client.address
-        self.page_size = self._client.page_size
-        self.regions = self._client.regions
+            sock.sendall(out + p.encode(p.List()))
+        except OSError as err:
+            raise PeerGoneError(f"page server {label}: {err}") from err
+        regions = next_frame()
+        if not isinstance(regions, p.Regions):
+            raise PeerGoneError(f"page server {label} answered LIST with {regions}")
+        if frames or decoder.buffered:
+            raise PeerGoneError(f"page server {label} sent frames nobody asked for")
+        return hello, regions
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_forever()
-        # Let every task see its cancellation so no future is left hanging.
-        tasks = asyncio.all_tasks(self._loop)
-        for task in tasks:
-            task.cancel()
-        self._loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-        self._loop.close()
+    # -- callers' side --
 
-    def _stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has run."""
+        return self._closed
+
+    def _region_id(self, region: str | int) -> int:
+        if isinstance(region, int):
+            return region
+        try:
+            return self._ids[region]
+        except KeyError:
+            known = ", ".join(map(repr, self._ids)) or "none"
+            raise KeyError(
+                f"page server {self._label} has no region {region!r} ({known})"
+            ) from None
 
     def fetch(
         self, region: str | int, offset: int, length: int, *, urgent: bool = True
     ) -> concurrent.futures.Future[bytes]:
-        """Start a read (see :meth:`PageClient.read`); the future gets the bytes or the error."""
-        if self._closed:
-            future: concurrent.futures.Future[bytes] = concurrent.futures.Future()
-            future.set_exception(ValueError(f"the client of {self._client._label} is closed"))
+        """Start a read (see :meth:`PageClient.read`); the future gets the bytes or the error.
+
+        A bad region name (KeyError) or a negative length (ValueError) fails
+        the future too. ``fetch_into`` saves the copy into a new bytes object.
+        """
+        future: concurrent.futures.Future[bytes] = concurrent.futures.Future()
+        if length < 0:
+            future.set_exception(ValueError(f"negative length {length}"))
             return future
-        read = self._client.read(region, offset, length, urgent=urgent)
-        return asyncio.run_coroutine_threadsafe(read, self._loop)
+        out = bytearray(length)
+        inner = self._start(region, offset, memoryview(out), urgent, zeroed=True)
+
+        def done(f: concurrent.futures.Future[int]) -> None:
+            err = f.exception()
+            if err is not None:
+                future.set_exception(err)
+            else:
+                future.set_result(bytes(out))
+
+        inner.add_done_callback(done)
+        return future
+
+    def fetch_into(
+        self, region: str | int, offset: int, buffer: Any, *, urgent: bool = True
+    ) -> concurrent.futures.Future[int]:
+        """Read ``len(buffer)`` bytes of ``region`` at ``offset`` into ``buffer``; no copy.
+
+        ``buffer`` is any writable contiguous buffer (a bytearray, an mmap, a
+        memoryview); the page bytes are received into it directly. Zero
+        ranges are written as zeros. The future gets the byte count, or the
+        error of :meth:`PageClient.read` (KeyError for a bad region name
+        included). Until the future is done the buffer belongs to the client;
+        once it is done (even failed) the client never writes to it again.
+
+        Raises:
+            TypeError: ``buffer`` is not a writable contiguous buffer.
+        """
+        view = memoryview(buffer).cast("B")
+        if view.readonly:
+            raise TypeError("fetch_into needs a writable buffer")
+        return self._start(region, offset, view, urgent, zeroed=False)
 
     def read(self, region: str | int, offset: int, length: int, *, urgent: bool = True) -> bytes:
         """``fetch(...).result()``: the bytes, or the read's exception."""
         return self.fetch(region, offset, length, urgent=urgent).result()
 
-    def close(self) -> None:
-        """Close the connection, fail pending fetches with ValueError, join the thread."""
-        if self._closed:
+    def _start(
+        self, region: str | int, offset: int, view: memoryview, urgent: bool, zeroed: bool
+    ) -> concurrent.futures.Future[int]:
+        future: concurrent.futures.Future[int] = concurrent.futures.Future()
+        try:
+            region_id = self._region_id(region)
+        except KeyError as err:
+            future.set_exception(err)
+            return future
+        fetch = _Fetch(region_id, offset, view, urgent, zeroed, future, len(view))
+        if not len(view):
+            future.set_result(0)
+            return future
+        with self._lock:
+            if self._closed:
+                error: BaseException = ValueError(f"the client of {self._label} is closed")
+            elif self._gone is not None:
+                error = PeerGoneError(str(self._gone))
+            else:
+                # One READ per frame's worth, all pipelined: a long fetch does not
+                # wait a round trip per short reply.
+                step = self._part_bytes
+                for start in range(0, len(view), step):
+                    self._issue(_Part(fetch, start, min(step, len(view) - start)))
+                return future
+        future.set_exception(error)
+        return future
+
+    def _issue(self, part: _Part) -> None:
+        """Send ``part``'s READ now or queue it for a free slot (holding ``_lock``)."""
+        if len(self._inflight) >= self._window:
+            self._waiting.append(part)
             return
-        self._closed = True
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(self._client.close(), self._loop).result(5.0)
-        self._stop()
+        self._next_id = self._next_id % 0xFFFFFFFF + 1
+        rid = self._next_id
+        fetch = part.fetch
+        part.deadline = time.monotonic() + self.request_timeout
+        self._inflight[rid] = part
+        frame = p.Read(fetch.region, fetch.offset + part.start, part.length, fetch.urgent, rid)
+        try:
+            self._sock.sendall(p.encode(frame))
+        except OSError:
+            # The reader sees the broken connection and fails everything, this part too.
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        """Close the connection, fail pending fetches with ValueError, join the reader."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+        self._fail_all(ValueError(f"the client of {self._label} was closed"))
+        self._sock.close()
 
     def __enter__(self) -> ThreadedPageClient:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+    # -- the reader thread --
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            if self._gone is None:
+                self._gone = error
+            parts = [*self._inflight.values(), *self._waiting]
+            self._inflight.clear()
+            self._waiting.clear()
+        for part in parts:
+            part.fetch.fail(_copy_error(error))
+
+    def _run(self) -> None:
+        label = self._label
+        try:
+            self._receive()
+        except p.ProtocolError as err:
+            error: BaseException = PeerGoneError(f"page server {label} sent garbage: {err}")
+        except _Violation as err:
+            error = PeerGoneError(f"page server {label} broke the protocol: {err}")
+        except RemoteError as err:
+            error = PeerGoneError(f"page server {label} closed the connection: {err}")
+        except _Eof:
+            error = PeerGoneError(f"page server {label} closed the connection")
+        except OSError as err:
+            error = PeerGoneError(f"lost the connection to page server {label}: {err}")
+        except Exception as err:  # a bug here must not leave futures hanging
+            error = PeerGoneError(f"page server {label}: the client's reader failed: {err!r}")
+            error.__cause__ = err
+        if self._closed:
+            error = ValueError(f"the client of {label} was closed")
+        self._fail_all(error)
+
+    def _expire(self) -> None:
+        """Fail the requests past their deadline; their late replies will be discarded."""
+        now = time.monotonic()
+        expired = []
+        with self._lock:
+            for rid, part in list(self._inflight.items()):
+                if part.deadline > now:
+                    break  # issued in deadline order
+                del self._inflight[rid]
+                self._abandoned.add(rid)
+                expired.append(part)
+            self._refill()
+        for part in expired:
+            fetch = part.fetch
+            part.fetch.fail(
+                TimeoutError(
+                    f"page server {self._label}: no reply to READ of region {fetch.region} "
+                    f"[{fetch.offset + part.start}, +{part.length}) in {self.request_timeout} s"
+                )
+            )
+
+    def _refill(self) -> None:
+        while self._waiting and len(self._inflight) < self._window:
+            part = self._waiting.popleft()
+            if not part.fetch.failed:
+                self._issue(part)
+
+    def _recv_into(self, view: memoryview, fetch: _Fetch | None = None) -> None:
+        """Fill ``view`` from the bytes already received, then from the socket.
+
+        ``view`` belongs to ``fetch``: if that times out meanwhile, the rest
+        is received and dropped instead (its buffer is no longer ours).
+        """
+        have = self._have
+        if have:
+            n = min(have, len(view))
+            view[:n] = self._small_view[:n]
+            self._small[: have - n] = self._small[n:have]
+            self._have = have - n
+            view = view[n:]
+        sock = self._sock
+        while view:
+            try:
+                n = sock.recv_into(view)
+            except TimeoutError:
+                self._expire()
+                if fetch is not None and fetch.failed:
+                    self._discard(len(view))
+                    return
+                continue
+            if not n:
+                raise _Eof
+            view = view[n:]
+
+    def _recv_head(self, size: int) -> memoryview:
+        """The next ``size`` bytes (a header or a fixed payload), reading a little ahead."""
+        small = self._small_view
+        sock = self._sock
+        while self._have < size:
+            try:
+                # Up to 8 bytes more: a DATA header comes with its offset in one recv.
+                n = sock.recv_into(small[self._have : size + 8])
+            except TimeoutError:
+                self._expire()
+                continue
+            if not n:
+                raise _Eof
+            self._have += n
+        head = bytes(small[:size])
+        self._small[: self._have - size] = self._small[size : self._have]
+        self._have -= size
+        return memoryview(head)
+
+    def _discard(self, count: int) -> None:
+        scratch = memoryview(bytearray(min(count, 1 << 16)))
+        while count:
+            n = min(count, len(scratch))
+            self._recv_into(scratch[:n])
+            count -= n
+
+    def _receive(self) -> None:
+        data_prefix = p.DATA_PREFIX - p.HEADER.size
+        next_check = 0.0
+        while True:
+            # Socket timeouts expire requests when nothing arrives; this when frames
+            # keep arriving for other requests.
+            now = time.monotonic()
+            if now >= next_check:
+                self._expire()
+                next_check = now + self._tick
+            kind, flags, rid, length = p.parse_header(
+                self._recv_head(p.HEADER.size), self._max_payload
+            )
+            if kind is p.FrameType.DATA:
+                (offset,) = _OFFSET.unpack(self._recv_head(data_prefix))
+                size = length - data_prefix
+                part = self._inflight.get(rid)
+                if part is None or part.fetch.failed:
+                    # Late (its request timed out) or its fetch failed: not ours to write.
+                    if part is None:
+                        self._late(rid, kind)
+                    else:
+                        self._place(part, offset, size)
+                    self._discard(size)
+                    continue
+                start = self._place(part, offset, size)
+                self._recv_into(part.fetch.view[start : start + size], part.fetch)
+                continue
+            payload = self._recv_head(length) if length <= 64 else self._recv_payload(length)
+            frame = p.decode_payload(kind, flags, rid, payload)
+            if isinstance(frame, p.Error) and rid == 0:
+                raise RemoteError(frame.code, frame.message)
+            part = self._inflight.get(rid)
+            if part is None:
+                self._late(rid, kind)
+                continue
+            if isinstance(frame, p.Zero):
+                start = self._place(part, frame.offset, frame.length)
+                if not part.fetch.zeroed and not part.fetch.failed:
+                    _zero(part.fetch.view[start : start + frame.length])
+            elif isinstance(frame, p.End):
+                self._ended(rid, part, frame.served)
+            elif isinstance(frame, p.Error):
+                with self._lock:
+                    del self._inflight[rid]
+                    self._refill()
+                part.fetch.fail(RemoteError(frame.code, frame.message, self._label))
+            else:
+                raise _Violation(f"unexpected {frame.TYPE.name} frame")
+
+    def _recv_payload(self, length: int) -> memoryview:
+        payload = memoryview(bytearray(length))
+        self._recv_into(payload)
+        return payload
+
+    def _late(self, rid: int, kind: p.FrameType) -> None:
+        """A frame for no pending request: a late reply to a timed-out one is dropped."""
+        if kind not in (p.FrameType.DATA, p.FrameType.ZERO, p.FrameType.END, p.FrameType.ERROR):
+            raise _Violation(f"unexpected {kind.name} frame")
+        if kind in (p.FrameType.END, p.FrameType.ERROR):
+            self._abandoned.discard(rid)
+
+    @staticmethod
+    def _place(part: _Part, offset: int, size: int) -> int:
+        """Where a reply of ``size`` bytes at ``offset`` goes in the fetch's buffer."""
+        fetch = part.fetch
+        start = offset - fetch.offset
+        if start < part.start or start + size > part.start + part.length:
+            raise _Violation(
+                f"reply [{offset}, +{size}) outside request "
+                f"[{fetch.offset + part.start}, +{part.length})"
+            )
+        return start
+
+    def _ended(self, rid: int, part: _Part, served: int) -> None:
+        fetch = part.fetch
+        if served > part.length:
+            raise _Violation(f"END says {served} bytes of {part.length}")
+        with self._lock:
+            del self._inflight[rid]
+            if served == 0:
+                error: BaseException | None = RemoteError(
+                    p.ErrorCode.INTERNAL, "the server served nothing", self._label
+                )
+            else:
+                error = None
+                if served < part.length:
+                    # A short reply: ask for the rest (a new request, a fresh deadline).
+                    self._issue(_Part(fetch, part.start + served, part.length - served))
+            self._refill()
+            fetch.remaining -= served
+        if error is not None:
+            fetch.fail(error)
+        elif fetch.remaining == 0 and not fetch.failed:
+            fetch.future.set_result(len(fetch.view))
+
+
+_OFFSET = struct.Struct(">Q")
+_ZEROS = bytes(1 << 16)
+
+
+def _zero(view: memoryview) -> None:
+    while view:
+        n = min(len(view), len(_ZEROS))
+        view[:n] = _ZEROS[:n]
+        view = view[n:]
+
+
+def _copy_error(error: BaseException) -> BaseException:
+    """A fresh exception like ``error`` (one exception object per future)."""
+    copy = type(error)(*error.args)
+    copy.__cause__ = error.__cause__
+    return copy
+
+
+class _Eof(Exception):
+    """The server closed the connection."""
+
+
+@dataclasses.dataclass(eq=False)
+class _Fetch:
+    """One fetch: its destination, its future and the bytes not yet served.
+
+    It takes one READ per frame's worth, and more for short replies; once it
+    failed, replies still arriving for its other READs are dropped.
+    """
+
+    region: int
+    offset: int
+    view: memoryview
+    urgent: bool
+    zeroed: bool
+    future: concurrent.futures.Future[int]
+    remaining: int
+    failed: bool = False
+
+    def fail(self, error: BaseException) -> None:
+        if not self.failed and not self.future.done():
+            self.failed = True
+            self.future.set_exception(error)
+
+
+@dataclasses.dataclass(eq=False)
+class _Part:
+    """One READ of a fetch: ``length`` bytes from ``start`` in its buffer."""
+
+    fetch: _Fetch
+    start: int
+    length: int
+    deadline: float = 0.0

@@ -31,6 +31,7 @@ from typing import ClassVar, Union
 
 __all__ = [
     "AUTH_CONTEXT",
+    "DATA_PREFIX",
     "HEADER",
     "MAGIC",
     "MAX_FRAME",
@@ -53,7 +54,10 @@ __all__ = [
     "Zero",
     "auth_mac",
     "check_auth",
+    "data_header",
+    "decode_payload",
     "encode",
+    "parse_header",
 ]
 
 MAGIC = 0x5546
@@ -217,6 +221,7 @@ Frame = Union[Hello, Auth, List, Regions, Read, Data, Zero, End, Error]  # noqa:
 _HELLO = struct.Struct(">BBBBII32s")
 _READ = struct.Struct(">IQQ")
 _DATA = struct.Struct(">Q")
+DATA_PREFIX = HEADER.size + _DATA.size
 _ZERO = struct.Struct(">QQ")
 _END = struct.Struct(">Q")
 _ERROR = struct.Struct(">H")
@@ -314,6 +319,24 @@ def encode(frame: Frame) -> bytes:
     )
 
 
+def data_header(request_id: int, offset: int, length: int) -> bytes:
+    """The first 24 bytes of a DATA frame carrying ``length`` bytes at ``offset``.
+
+    ``data_header(...) + data`` equals ``encode(Data(offset, data, request_id))``;
+    a server sends the data itself from wherever it is (``os.sendfile``, a
+    memoryview), without concatenating.
+
+    Raises:
+        ValueError: a field does not fit its wire type.
+    """
+    _check_uint(request_id, _U32, "request id")
+    _check_uint(offset, _U64, "offset")
+    _check_uint(length + _DATA.size, _U32, "payload length")
+    return HEADER.pack(
+        MAGIC, VERSION, FrameType.DATA, 0, 0, request_id, length + _DATA.size
+    ) + _DATA.pack(offset)
+
+
 def _decode_regions(payload: memoryview, request_id: int) -> Regions:
     page_size, count = _REGIONS.unpack_from(payload)
     pos = _REGIONS.size
@@ -338,7 +361,12 @@ def _decode_regions(payload: memoryview, request_id: int) -> Regions:
     return Regions(page_size, tuple(entries), request_id)
 
 
-def _decode(kind: FrameType, flags: int, request_id: int, payload: memoryview) -> Frame:
+def decode_payload(kind: FrameType, flags: int, request_id: int, payload: memoryview) -> Frame:
+    """The frame of a header already checked by :func:`parse_header` and its whole payload.
+
+    Raises:
+        ProtocolError: BAD_FRAME (bad fields in the payload).
+    """
     if kind is FrameType.HELLO:
         lo, hi, auth, reserved, max_frame, max_pending, nonce = _HELLO.unpack(payload)
         if auth > 1 or reserved:
@@ -371,6 +399,49 @@ def _decode(kind: FrameType, flags: int, request_id: int, payload: memoryview) -
     return Error(ErrorCode(code) if code in known else code, message, request_id)
 
 
+def parse_header(
+    header: bytes | bytearray | memoryview,
+    max_payload: int = MAX_FRAME,
+    versions: tuple[int, ...] = (VERSION,),
+) -> tuple[FrameType, int, int, int]:
+    """(type, flags, request id, payload length) of a 16-byte header, all checked.
+
+    Checks the magic, the version, the type, the flags and the payload
+    length (against ``max_payload`` and the size of fixed-size frames), so a
+    receiver can refuse a frame before reading its payload.
+
+    Raises:
+        ProtocolError: BAD_FRAME, TOO_LARGE or VERSION (see :class:`FrameDecoder`).
+    """
+    magic, version, kind, flags, reserved, request_id, length = HEADER.unpack_from(header)
+    if magic != MAGIC:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"bad magic {magic:#06x} (expected {MAGIC:#06x})")
+    if version not in versions:
+        raise ProtocolError(
+            ErrorCode.VERSION,
+            f"protocol version {version} is not supported (supported: "
+            f"{', '.join(map(str, versions))})",
+        )
+    if kind not in FrameType._value2member_map_:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"unknown frame type {kind}")
+    ftype = FrameType(kind)
+    if flags & ~_FLAGS_ALLOWED.get(ftype, 0) or reserved:
+        raise ProtocolError(
+            ErrorCode.BAD_FRAME, f"{ftype.name}: unknown flags {flags:#x} or reserved bits"
+        )
+    if length > max_payload:
+        raise ProtocolError(
+            ErrorCode.TOO_LARGE,
+            f"{ftype.name}: payload of {length} bytes is over the limit of {max_payload}",
+        )
+    fixed = _FIXED_SIZE.get(ftype)
+    if (fixed is not None and length != fixed) or length < _MIN_SIZE.get(ftype, 0):
+        raise ProtocolError(
+            ErrorCode.BAD_FRAME, f"{ftype.name}: payload of {length} bytes is malformed"
+        )
+    return ftype, flags, request_id, length
+
+
 class FrameDecoder:
     """Turns a byte stream into frames: ``feed(data) -> list[Frame]``.
 
@@ -401,37 +472,6 @@ class FrameDecoder:
         """Bytes received but not yet part of a whole frame."""
         return len(self._buffer)
 
-    def _parse_header(self) -> tuple[FrameType, int, int, int]:
-        magic, version, kind, flags, reserved, request_id, length = HEADER.unpack_from(self._buffer)
-        if magic != MAGIC:
-            raise ProtocolError(
-                ErrorCode.BAD_FRAME, f"bad magic {magic:#06x} (expected {MAGIC:#06x})"
-            )
-        if version not in self.versions:
-            raise ProtocolError(
-                ErrorCode.VERSION,
-                f"protocol version {version} is not supported (supported: "
-                f"{', '.join(map(str, self.versions))})",
-            )
-        if kind not in FrameType._value2member_map_:
-            raise ProtocolError(ErrorCode.BAD_FRAME, f"unknown frame type {kind}")
-        ftype = FrameType(kind)
-        if flags & ~_FLAGS_ALLOWED.get(ftype, 0) or reserved:
-            raise ProtocolError(
-                ErrorCode.BAD_FRAME, f"{ftype.name}: unknown flags {flags:#x} or reserved bits"
-            )
-        if length > self.max_payload:
-            raise ProtocolError(
-                ErrorCode.TOO_LARGE,
-                f"{ftype.name}: payload of {length} bytes is over the limit of {self.max_payload}",
-            )
-        fixed = _FIXED_SIZE.get(ftype)
-        if (fixed is not None and length != fixed) or length < _MIN_SIZE.get(ftype, 0):
-            raise ProtocolError(
-                ErrorCode.BAD_FRAME, f"{ftype.name}: payload of {length} bytes is malformed"
-            )
-        return ftype, flags, request_id, length
-
     def feed(self, data: bytes) -> list[Frame]:
         """Add ``data`` and return every frame now complete (see the class docstring)."""
         if self._broken is not None:
@@ -443,13 +483,13 @@ class FrameDecoder:
                 if self._header is None:
                     if len(self._buffer) < HEADER.size:
                         break
-                    self._header = self._parse_header()
+                    self._header = parse_header(self._buffer, self.max_payload, self.versions)
                     del self._buffer[: HEADER.size]
                 kind, flags, request_id, length = self._header
                 if len(self._buffer) < length:
                     break
                 with memoryview(self._buffer) as view:
-                    frame = _decode(kind, flags, request_id, view[:length])
+                    frame = decode_payload(kind, flags, request_id, view[:length])
                 del self._buffer[:length]
                 self._header = None
                 frames.append(frame)

@@ -3,10 +3,16 @@
 Each client gets a HELLO, authenticates with AUTH when the server has a
 token, then sends LIST and pipelined READ requests. Requests wait in a
 per-client priority queue, URGENT ones (a faulting thread is blocked) ahead
-of prefetch; a long request is served one frame-sized piece at a time and
-put back in the queue between pieces, so an urgent request never waits for
-more than one piece. File reads run in a thread pool so the event loop keeps
-accepting and answering. Zero runs go out as ZERO frames (no bytes).
+of prefetch; a long request is served one piece at a time (a frame, or up
+to 1 MiB of frames when sent from the file) and put back in the queue
+between pieces, so an urgent request never waits for more than one piece.
+Small pieces (an urgent page) are read from the page cache and written on
+the event loop; large pieces (prefetch) are sent by a pool thread straight
+from the file with ``sendfile(2)`` once their chunks are verified, so page
+bytes are never copied through Python. The event loop keeps
+accepting and answering meanwhile. Zero runs go out as ZERO frames (no bytes).
+The transport's write buffer is bounded to nothing queued (high-water mark 0),
+so an urgent reply never waits behind buffered prefetch bytes.
 
 A broken client (a malformed or oversized frame, a wrong token, a handshake
 that does not finish within ``handshake_timeout``: slow loris) gets an ERROR
@@ -31,7 +37,9 @@ import ipaddress
 import itertools
 import json
 import os
+import select
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Sequence
@@ -44,6 +52,14 @@ __all__ = ["PageServer", "ServerStats", "ServerThread", "add_cli", "format_url",
 
 _READ_CHUNK = 1 << 16
 _LINGER = 0.5
+# Pieces up to this size are copied through the event loop (a thread hop would
+# cost more than the copy: this is the urgent single-page case); larger ones
+# are sent from the file with sendfile(2) by a pool thread.
+_INLINE_MAX = 64 << 10
+# A pool thread sends up to this much per turn (several DATA frames when a
+# frame holds less): one thread hop per 1 MiB READ rather than one per frame.
+# An urgent READ waits for at most one turn.
+_BULK_PIECE = 1 << 20
 
 
 def _is_loopback(host: str) -> bool:
@@ -75,6 +91,42 @@ class ServerStats:
     bytes: int = 0
     zero_bytes: int = 0
     errors: int = 0
+
+
+class _SendFailed(Exception):
+    """Writing to the client's socket failed or stalled: the connection is finished."""
+
+
+def _send_bytes(sock: socket.socket, data: bytes, flags: int, stall: float) -> None:
+    """Send all of ``data`` on the non-blocking ``sock``, waiting at most ``stall`` per wait."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view, flags) :]
+        except BlockingIOError:
+            _wait_writable(sock, stall)
+
+
+def _wait_writable(sock: socket.socket, stall: float) -> None:
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    if not poller.poll(stall * 1000):
+        raise _SendFailed(f"the client read nothing for {stall} s")
+
+
+def _send_file(sock: socket.socket, fd: int, offset: int, count: int, stall: float) -> None:
+    """sendfile(2) ``count`` bytes of ``fd`` at ``offset`` to the non-blocking ``sock``."""
+    out = sock.fileno()
+    while count:
+        try:
+            sent = os.sendfile(out, fd, offset, count)
+        except BlockingIOError:
+            _wait_writable(sock, stall)
+            continue
+        if not sent:
+            raise _SendFailed("the file ended before the range sent (truncated while open?)")
+        offset += sent
+        count -= sent
 
 
 class _Disconnect(Exception):
@@ -117,6 +169,18 @@ class _Client:
         self.last_activity = self.loop.time()
         self.partial_since: float | None = None
         self.write_lock = asyncio.Lock()
+        # Nothing waits in the transport's buffer: drain() returns only once it
+        # is empty, so an urgent reply is never queued behind prefetch bytes,
+        # and a pool thread may write to the socket directly.
+        writer.transport.set_write_buffer_limits(high=0)
+        # The pool thread's own handle on the socket: a dup, so that a
+        # connection closed under it never leaves it writing to a reused fd.
+        self.raw: socket.socket | None = None
+        self.sending: asyncio.Future[tuple[int, int]] | None = None
+        if server.sendfile_ok:
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                self.raw = socket.socket(fileno=os.dup(sock.fileno()))
 
     async def send(self, *frames: p.Frame) -> None:
         """Write ``frames`` in one go and wait for the buffer to drain (backpressure)."""
@@ -214,6 +278,14 @@ class _Client:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await worker
             self.writer.close()
+            if self.raw is not None:
+                # Order: stop a pool thread still sending (shutdown makes its
+                # sendfile fail at once), wait for it, then close the dup.
+                with contextlib.suppress(OSError):
+                    self.raw.shutdown(socket.SHUT_RDWR)
+                if self.sending is not None:
+                    await asyncio.wait([self.sending])
+                self.raw.close()
 
     def _worker_done(self, worker: asyncio.Task[None]) -> None:
         # A worker that died (the peer vanished mid-write) must not leave the
@@ -273,6 +345,10 @@ class _Client:
             start = request.offset + request.served
             length = min(request.end - start, server.frame_bytes)
             rid = request.request_id
+            if self.raw is not None and length > _INLINE_MAX:
+                bulk = min(request.end - start, max(server.frame_bytes, _BULK_PIECE))
+                await self.send_piece(priority, seq, request, start, bulk)
+                continue
             try:
                 # Page-cache hits are answered here; only reads that would block use a thread.
                 frames = server.read_piece_cached(rid, request.region, start, length)
@@ -292,9 +368,92 @@ class _Client:
                 self.pending -= 1
                 frames.append(p.End(request.served, rid))
             await self.send(*frames)
-            # drain() does not yield below the high-water mark and cached reads do not
-            # either: yield so that other clients and this client's reader get a turn.
+            # drain() does not yield when the write went out at once and cached reads
+            # do not either: yield so that other clients and this client's reader get a turn.
             await asyncio.sleep(0)
+
+    async def send_piece(
+        self, priority: int, seq: int, request: _Request, start: int, length: int
+    ) -> None:
+        """Send one large piece from a pool thread: verify, then sendfile (see send_file)."""
+        server = self.server
+        rid = request.request_id
+        last = start + length >= request.end
+        served = request.served + length
+        async with self.write_lock:
+            await self.writer.drain()
+            # Kept until run() ends: a cancelled worker must not let the dup be
+            # closed under a pool thread still sending.
+            self.sending = self.loop.run_in_executor(
+                server.executor,
+                self.send_file,
+                rid,
+                request.region,
+                start,
+                length,
+            )
+            try:
+                sent, zeros = await asyncio.shield(self.sending)
+            except _SendFailed:
+                raise
+            except Exception as err:
+                # Nothing was sent: the chunks are verified before the first byte goes out.
+                self.pending -= 1
+                self.writer.write(p.encode(p.Error(p.ErrorCode.INTERNAL, str(err), rid)))
+                server.stats.errors += 1
+                return
+            server.stats.bytes += sent
+            server.stats.zero_bytes += zeros
+            request.served = served
+            if last:
+                # Counted before END goes out: a client that saw END sees the stats.
+                self.pending -= 1
+                self.writer.write(p.encode(p.End(served, rid)))
+            else:
+                self.queue.put_nowait((priority, seq, request))
+        self.last_activity = self.loop.time()
+
+    def send_file(self, rid: int, name: str, offset: int, length: int) -> tuple[int, int]:
+        """The DATA and ZERO frames of one piece; returns (page bytes, zero bytes) sent.
+
+        A present run longer than a frame holds goes out as several DATA frames.
+
+        Runs in the thread pool while the event loop holds this client's
+        write lock with the transport's buffer empty, so nothing else writes
+        to the socket. Every chunk is verified (``file_extents``) before the
+        first byte is sent, so an error then is a request-level ERROR.
+
+        Raises:
+            _SendFailed: the socket broke or the client stopped reading.
+            Exception: from ``file_extents`` (nothing sent).
+        """
+        server = self.server
+        source: Any = server.source
+        runs = source.file_extents(name, offset, length)
+        fd = source.fileno()
+        sock = self.raw
+        assert sock is not None
+        stall = server.idle_timeout
+        sent = zeros = 0
+        small: list[bytes] = []
+        try:
+            for run_offset, run_length, file_offset in runs:
+                if file_offset is None:
+                    small.append(p.encode(p.Zero(run_offset, run_length, rid)))
+                    zeros += run_length
+                    continue
+                for at in range(0, run_length, server.frame_bytes):
+                    n = min(server.frame_bytes, run_length - at)
+                    small.append(p.data_header(rid, run_offset + at, n))
+                    _send_bytes(sock, b"".join(small), socket.MSG_MORE, stall)
+                    small.clear()
+                    _send_file(sock, fd, file_offset + at, n, stall)
+                    sent += n
+            if small:
+                _send_bytes(sock, b"".join(small), 0, stall)
+        except OSError as err:
+            raise _SendFailed(f"sending to the client failed: {err}") from err
+        return sent, zeros
 
 
 class PageServer:
@@ -355,6 +514,9 @@ class PageServer:
         self.idle_timeout = idle_timeout
         self.handshake_timeout = handshake_timeout
         self.names = [r.name for r in source.regions]
+        # Sources that can say where their (verified) bytes are in a file are
+        # sent with sendfile(2); others go through read().
+        self.sendfile_ok = hasattr(source, "file_extents") and hasattr(source, "fileno")
         self._lengths = [r.length for r in source.regions]
         self._regions_frame = p.Regions(
             page_size, tuple(p.RegionEntry(r.name, r.length) for r in source.regions)

@@ -832,6 +832,47 @@ class Snapshot:
             for page, count, present in region.runs(first, first + length // ps)
         ]
 
+    def file_extents(
+        self, name: str, offset: int, length: int
+    ) -> list[tuple[int, int, int | None]]:
+        """Runs of ``(offset, length, file offset)`` covering the range; None for zero runs.
+
+        Every chunk the present runs touch is checksum-verified first (read
+        whole, once), so the caller may then send those file bytes as they
+        are, for example with ``os.sendfile`` from :meth:`fileno`. May wait
+        for the disk: for a thread pool, not an event loop.
+
+        Raises:
+            UnknownRegionError: no such region.
+            ValueError: a misaligned or out-of-range range, or a closed snapshot.
+            SnapshotError: a chunk fails its checksum or the file was truncated.
+        """
+        region = self._get(name)
+        ps, cp = self.page_size, self.chunk_pages
+        _check_range("read", name, region.info.length, ps, offset, length)
+        first = offset // ps
+        out: list[tuple[int, int, int | None]] = []
+        for page, count, present in region.runs(first, first + length // ps):
+            if not present:
+                out.append((page * ps, count * ps, None))
+                continue
+            rank = region.rank(page)
+            c0, c1 = rank // cp, (rank + count - 1) // cp
+            if not all(region.verified[c0 : c1 + 1]):
+                self._read_ranks(region, rank, rank + count)
+            out.append((page * ps, count * ps, region.data_offset + rank * ps))
+        return out
+
+    def fileno(self) -> int:
+        """The snapshot's read-only fd (owned by this object: do not close it).
+
+        Raises:
+            ValueError: the snapshot is closed.
+        """
+        if self._fd < 0:
+            raise ValueError(f"snapshot {self.path} is closed")
+        return self._fd
+
     def is_present(self, name: str, offset: int) -> bool:
         """True if the page holding byte ``offset`` of region ``name`` is stored (not zero).
 
@@ -1063,6 +1104,40 @@ class RawMemoryFile:
         base, size = self._get(name)
         length = _check_range("extents", name, size, self.page_size, offset, length)
         return [(off + offset, n, p) for off, n, p in self._runs(base + offset, length)]
+
+    def file_extents(
+        self, name: str, offset: int, length: int
+    ) -> list[tuple[int, int, int | None]]:
+        """Runs of ``(offset, length, file offset)`` covering the range; None for holes.
+
+        A raw file has no checksums: the file bytes may be sent as they are
+        (``os.sendfile`` from :meth:`fileno`).
+
+        Raises:
+            UnknownRegionError: no such region.
+            ValueError: a misaligned or out-of-range range, or a closed file.
+            SnapshotError: the file is now shorter than the range (truncated while open).
+        """
+        base, size = self._get(name)
+        _check_range("read", name, size, self.page_size, offset, length)
+        if os.fstat(self._fd).st_size < base + offset + length:
+            raise SnapshotError(
+                self.path, base + offset, "the file was truncated while open", _TRUNCATED_HINT
+            )
+        return [
+            (off + offset, n, base + offset + off if present else None)
+            for off, n, present in self._runs(base + offset, length)
+        ]
+
+    def fileno(self) -> int:
+        """The file's read-only fd (owned by this object: do not close it).
+
+        Raises:
+            ValueError: the file is closed.
+        """
+        if self._fd < 0:
+            raise ValueError(f"memory file {self.path} is closed")
+        return self._fd
 
     def is_present(self, name: str, offset: int) -> bool:
         """True unless the page holding ``offset`` lies wholly in a hole of the file.

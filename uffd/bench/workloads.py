@@ -546,7 +546,9 @@ class _RestoreOps(UffdOps):
             self._resolver.join()
 
 
-def _install(handler: FaultHandler, mapping: Mapping, at: int, data: bytes) -> tuple[int, int]:
+def _install(
+    handler: FaultHandler, mapping: Mapping, at: int, data: bytes | memoryview
+) -> tuple[int, int]:
     """Install ``data`` at offset ``at`` with DONTWAKE and one wake; (bytes installed, retries).
 
     ``handler.install`` stops at the first partial copy (the kernel answers
@@ -573,20 +575,33 @@ def _prefetch(
 ) -> tuple[int, int]:
     """Fetch the whole mapping in ``chunk``-byte reads, ``window`` in flight; install each.
 
+    Each read lands in one of ``window`` reused buffers (``fetch_into``: the
+    client receives into it, no bytes object per read), is installed from
+    there, and the buffer is reused for a later read. The buffers are
+    anonymous mmaps: a bytearray would be zeroed (16 MiB of memset) while
+    holding the GIL, just as the worker's first fault needs it.
+
     Returns (bytes installed, install retries).
     """
     length = mapping.length
-    pending: collections.deque[tuple[int, concurrent.futures.Future[bytes]]] = collections.deque()
+    free = [mmap.mmap(-1, chunk) for _ in range(window)]
+    pending: collections.deque[tuple[int, mmap.mmap, memoryview, Any]] = collections.deque()
     offset = installed = retries = 0
     while offset < length or pending:
-        while offset < length and len(pending) < window:
-            n = min(chunk, length - offset)
-            pending.append((offset, client.fetch("mem", offset, n, urgent=False)))
-            offset += n
-        at, future = pending.popleft()
-        done, again = _install(handler, mapping, at, future.result())
+        while offset < length and free:
+            buf = free.pop()
+            view = memoryview(buf)[: min(chunk, length - offset)]
+            pending.append(
+                (offset, buf, view, client.fetch_into("mem", offset, view, urgent=False))
+            )
+            offset += len(view)
+        at, buf, view, future = pending.popleft()
+        future.result()
+        done, again = _install(handler, mapping, at, view)
         installed += done
         retries += again
+        view.release()
+        free.append(buf)
     return installed, retries
 
 
@@ -596,9 +611,9 @@ def run_fetch_only(
     """The page server and client alone, no userfaultfd: the ceiling of the restore workload.
 
     Figures: fetch_gbps (the whole image in ``chunk``-byte reads, ``window``
-    in flight, as the prefetcher reads it) and idle_fetch_ms (the median of
-    20 urgent single-page reads on an idle connection, the floor of a
-    fault's round trip to the server).
+    in flight, into ``window`` reused buffers, as the prefetcher reads it)
+    and idle_fetch_ms (the median of 20 urgent single-page reads on an idle
+    connection, the floor of a fault's round trip to the server).
     """
     from uffd.client import ThreadedPageClient
 
@@ -609,15 +624,21 @@ def run_fetch_only(
             t = time.perf_counter_ns()
             client.read("mem", (k * 7919 % server.pages) * PAGE, PAGE, urgent=True)
             singles.append(time.perf_counter_ns() - t)
-        pending: collections.deque[concurrent.futures.Future[bytes]] = collections.deque()
+        free = [bytearray(chunk) for _ in range(window)]
+        pending: collections.deque[tuple[bytearray, concurrent.futures.Future[int]]] = (
+            collections.deque()
+        )
         offset = 0
         t0 = time.perf_counter_ns()
         while offset < length or pending:
-            while offset < length and len(pending) < window:
-                n = min(chunk, length - offset)
-                pending.append(client.fetch("mem", offset, n, urgent=False))
-                offset += n
-            pending.popleft().result()
+            while offset < length and free:
+                buf = free.pop()
+                view = memoryview(buf)[: min(chunk, length - offset)]
+                pending.append((buf, client.fetch_into("mem", offset, view, urgent=False)))
+                offset += len(view)
+            buf, future = pending.popleft()
+            future.result()
+            free.append(buf)
         elapsed = time.perf_counter_ns() - t0
     return {
         "fetch_gbps": length / elapsed,
