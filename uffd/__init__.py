@@ -8,6 +8,8 @@ it, ``FaultHandler`` serves faults with per-mapping ``UffdOps``.
 from uffd import mem
 from uffd._constants import Feature, Ioctl, Mode
 from uffd._errors import (
+    DeadlineExceededError,
+    HandlerRefusedError,
     MappingChangedError,
     NoMappingError,
     PageAccessError,
@@ -17,7 +19,8 @@ from uffd._errors import (
     UnsupportedError,
 )
 from uffd._events import Event, Fork, PageFault, Remap, Remove, Unmap
-from uffd._handler import DeadlineExceededError, Fault, FaultHandler, HandlerRefusedError, Mapping
+from uffd._handler import FaultHandler
+from uffd._mapping import Fault, Mapping
 from uffd._ops import AnonOps, HugetlbOps, ShmemOps, UffdOps, get_uffd_ops
 from uffd._resolution import Resolution
 from uffd._userfaultfd import Userfaultfd

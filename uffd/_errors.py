@@ -12,6 +12,8 @@ import errno as _errno
 import os
 
 __all__ = [
+    "DeadlineExceededError",
+    "HandlerRefusedError",
     "MappingChangedError",
     "NoMappingError",
     "PageAccessError",
@@ -85,8 +87,23 @@ class PageAccessError(UffdError):
         self.address = address
 
 
+class DeadlineExceededError(UffdError):
+    """A fault was not resolved within the deadline; the fallback resolved it."""
+
+    def __init__(self, message: str, *, address: int, thread_id: int | None) -> None:
+        super().__init__(_errno.ETIMEDOUT, message, op="fault", addr=address)
+        self.address = address
+        self.thread_id = thread_id
+
+
+class HandlerRefusedError(UffdError):
+    """A handler answered ``Resolution.refuse(reason)``; the fallback resolved the fault."""
+
+
 for _cls in (
     UffdError,
+    DeadlineExceededError,
+    HandlerRefusedError,
     PageExistsError,
     MappingChangedError,
     NoMappingError,

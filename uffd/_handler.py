@@ -18,9 +18,8 @@ GIL is resolved and reported, never a silent deadlock (dispatch.md).
 
 from __future__ import annotations
 
-import bisect
+import contextlib
 import errno as _errno
-import os
 import struct
 import threading
 import time
@@ -29,14 +28,22 @@ from typing import Any
 
 from uffd import mem
 from uffd._constants import Feature, Ioctl, Mode
-from uffd._errors import UffdError, UnsupportedError, check, describe_range
+from uffd._errors import (
+    DeadlineExceededError,
+    HandlerRefusedError,
+    UffdError,
+    UnsupportedError,
+    check,
+    describe_range,
+)
+from uffd._mapping import Fault, Mapping, Table, required_features
 from uffd._native import ffi, lib
 from uffd._ops import UffdOps, get_uffd_ops, kernel_grant
 from uffd._resolution import Resolution
 from uffd._stats import Counters, HandlerStats
-from uffd._userfaultfd import Userfaultfd, api_answer
+from uffd._userfaultfd import Userfaultfd, api_answer, fd_identity, mm_gone
 
-__all__ = ["DeadlineExceededError", "Fault", "FaultHandler", "HandlerRefusedError", "Mapping"]
+__all__ = ["FaultHandler"]
 
 # Features the handler negotiates on its own when the kernel has them: they
 # widen what can be registered without changing how events are delivered.
@@ -85,210 +92,6 @@ _OPS = {
 }
 
 
-class DeadlineExceededError(UffdError):
-    """A fault was not resolved within the deadline; the fallback resolved it."""
-
-    def __init__(self, message: str, *, address: int, thread_id: int | None) -> None:
-        super().__init__(_errno.ETIMEDOUT, message, op="fault", addr=address)
-        self.address = address
-        self.thread_id = thread_id
-
-
-class HandlerRefusedError(UffdError):
-    """A handler answered ``Resolution.refuse(reason)``; the fallback resolved the fault."""
-
-
-for _cls in (DeadlineExceededError, HandlerRefusedError):
-    _cls.__module__ = "uffd"
-
-
-class Mapping:
-    """A registered range ``[start, end)`` with its kind, modes, ops and honoured ioctls.
-
-    ``ioctls`` is what the dispatch layer honours: ``ops.ioctls`` & the
-    kernel's grant. ``uffd`` is the fd it is registered on (a forked child's
-    mappings live on the child's fd). ``stats`` counts its faults.
-    A mapping split by an event (munmap, MADV_DONTNEED or mremap of a part)
-    keeps, in each piece, the offsets of the range as registered.
-    """
-
-    __slots__ = (
-        "_fallback",
-        "_honoured",
-        "_ioctls",
-        "_origin",
-        "end",
-        "kind",
-        "mode",
-        "ops",
-        "page_size",
-        "start",
-        "stats",
-        "uffd",
-    )
-
-    def __init__(
-        self,
-        start: int,
-        end: int,
-        kind: str,
-        mode: Mode,
-        ops: UffdOps,
-        page_size: int,
-        uffd: Userfaultfd,
-        ioctls: Ioctl = Ioctl(0),
-    ) -> None:
-        self.start = start
-        self.end = end
-        self.kind = kind
-        self.mode = mode
-        self.ops = ops
-        self.page_size = page_size
-        self.uffd = uffd
-        self.ioctls = ioctls
-        self.stats = Counters()
-        self._fallback = lib.PYUFFD_FALLBACK_ZEROPAGE
-        # Offset of ``start`` in the range as registered: non-zero for the tail of a split.
-        self._origin = 0
-
-    @property
-    def ioctls(self) -> Ioctl:
-        """The honoured ioctls: ``ops.ioctls`` & the kernel's grant."""
-        return self._ioctls
-
-    @ioctls.setter
-    def ioctls(self, value: Ioctl) -> None:
-        self._ioctls = Ioctl(value)
-        self._honoured = int(value)  # the fault path tests plain ints
-
-    @property
-    def length(self) -> int:
-        """``end - start``."""
-        return self.end - self.start
-
-    def _clone(self, start: int, end: int, uffd: Userfaultfd | None = None) -> Mapping:
-        m = Mapping(
-            start,
-            end,
-            self.kind,
-            self.mode,
-            self.ops,
-            self.page_size,
-            uffd or self.uffd,
-            self.ioctls,
-        )
-        m._fallback = self._fallback
-        m._origin = self._origin + start - self.start
-        return m
-
-    def __repr__(self) -> str:
-        return (
-            f"<uffd.Mapping {self.kind} {describe_range(self.start, self.length)} "
-            f"mode={self.mode!r} ops={type(self.ops).__name__} ioctls={self.ioctls!r}>"
-        )
-
-
-class Fault:
-    """A page fault as handlers see it: ``address`` (page-aligned), ``offset`` (from the start
-    of the range as registered, also in a piece of a split mapping), ``mapping``, ``kind``
-    ("missing"|"minor"|"wp"), ``write``, ``thread_id``."""
-
-    __slots__ = (
-        "_early",
-        "_slot",
-        "_t_ns",
-        "address",
-        "kind",
-        "mapping",
-        "offset",
-        "thread_id",
-        "write",
-    )
-
-    def __init__(
-        self,
-        address: int,
-        mapping: Mapping,
-        kind: str,
-        write: bool,
-        thread_id: int | None,
-        slot: int,
-        t_ns: int,
-    ) -> None:
-        self.address = address
-        self.offset = address - mapping.start + mapping._origin
-        self.mapping = mapping
-        self.kind = kind
-        self.write = write
-        self.thread_id = thread_id
-        self._slot = slot
-        self._t_ns = t_ns
-        # None while the handler runs; then _DEFER once deferred, or an early answer.
-        self._early: Resolution | None = None
-
-    def __repr__(self) -> str:
-        return (
-            f"<uffd.Fault {self.kind} {self.address:#x} (+{self.offset:#x}) tid={self.thread_id}>"
-        )
-
-
-Mapping.__module__ = Fault.__module__ = "uffd"
-
-
-def _required_features(kind: str, mode: Mode) -> Feature:
-    """The features an fd must have negotiated to serve ``mode`` on ``kind`` memory."""
-    need = Feature(0)
-    file_backed = kind in ("shmem", "hugetlb")
-    if mode & Mode.MISSING and file_backed:
-        need |= Feature.MISSING_SHMEM if kind == "shmem" else Feature.MISSING_HUGETLBFS
-    if mode & Mode.MINOR:
-        need |= Feature.MINOR_HUGETLBFS if kind == "hugetlb" else Feature.MINOR_SHMEM
-    if mode & Mode.WP:
-        need |= Feature.PAGEFAULT_FLAG_WP | (Feature.WP_HUGETLBFS_SHMEM if file_backed else 0)
-    return need
-
-
-def _mm_gone(fd: int) -> bool:
-    """True once the process whose memory userfaultfd ``fd`` serves has exited.
-
-    UFFDIO_COPY answers ESRCH for a dead mm before looking at the range. The
-    probe targets an address no process maps (2**46) and copies from the same
-    address in this process, also unmapped, so on a live mm it installs
-    nothing: ENOENT (not registered) or EFAULT (the source).
-    """
-    done = ffi.new("int64_t *")
-    probe = 1 << 46
-    rc = lib.pyuffd_copy(fd, probe, probe, mem.PAGE_SIZE, lib.UFFDIO_COPY_MODE_DONTWAKE, done)
-    return bool(rc == -_errno.ESRCH)
-
-
-def _identity(fd: int) -> tuple[int, int] | None:
-    """(st_dev, st_ino) of an open fd (each userfaultfd has its own anon inode), or None."""
-    try:
-        st = os.fstat(fd)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-class _Table:
-    """One fd's mappings, sorted by start; replaced whole on change so readers need no lock."""
-
-    __slots__ = ("maps", "starts")
-
-    def __init__(self, maps: list[Mapping]) -> None:
-        self.maps = sorted(maps, key=lambda m: m.start)
-        self.starts = [m.start for m in self.maps]
-
-    def find(self, addr: int) -> Mapping | None:
-        i = bisect.bisect_right(self.starts, addr) - 1
-        if i >= 0:
-            m = self.maps[i]
-            if addr < m.end:
-                return m
-        return None
-
-
 class FaultHandler:
     """A thread that serves the page faults of registered mappings.
 
@@ -334,7 +137,7 @@ class FaultHandler:
         self._batch = batch
         self._pump: Any = None
         self._fds: dict[int, Userfaultfd] = {}
-        self._tables: dict[int, _Table] = {}
+        self._tables: dict[int, Table] = {}
         self._retired: list[Mapping] = []
         self._orphans = Counters()
         self._errors: list[BaseException] = []
@@ -373,8 +176,8 @@ class FaultHandler:
     def _add_fd(self, fd: Userfaultfd) -> None:
         check(lib.pyuffd_pump_add_fd(self._pump, fd.fileno()), "epoll add userfaultfd")
         self._fds[fd.fileno()] = fd
-        self._identity[fd.fileno()] = _identity(fd.fileno())
-        self._tables[fd.fileno()] = _Table([])
+        self._identity[fd.fileno()] = fd_identity(fd.fileno())
+        self._tables[fd.fileno()] = Table([])
 
     def adopt(self, fd: Userfaultfd) -> None:
         """Serve an externally created userfaultfd too (e.g. received over SCM_RIGHTS).
@@ -445,7 +248,7 @@ class FaultHandler:
                 addr=addr,
                 length=length,
             )
-        missing = _required_features(kind, mode) & ~fd.features
+        missing = required_features(kind, mode) & ~fd.features
         if missing:
             have = (
                 "the kernel has it: pass it in features="
@@ -487,7 +290,7 @@ class FaultHandler:
         """Add ``m`` to its fd's table and to the pump (lock held)."""
         self._pump_map(m)
         fd = m.uffd.fileno()
-        self._tables[fd] = _Table([*self._tables[fd].maps, m])
+        self._tables[fd] = Table([*self._tables[fd].maps, m])
 
     def _pump_map(self, m: Mapping) -> None:
         """Give ``m`` (its fallback and native source) to the pump (lock held)."""
@@ -539,14 +342,14 @@ class FaultHandler:
                     pieces[-1:] = [head, tail]
             for piece in pieces:
                 (inside if start <= piece.start and piece.end <= end else maps).append(piece)
-        self._tables[fd] = _Table(maps + inside)
+        self._tables[fd] = Table(maps + inside)
         return inside
 
     def _drop(self, fd: int, start: int, end: int) -> None:
         """Remove [start, end) from fd's table and the pump (lock held)."""
         inside = self._split(fd, start, end)
         self._retired.extend(inside)
-        self._tables[fd] = _Table([m for m in self._tables[fd].maps if m not in inside])
+        self._tables[fd] = Table([m for m in self._tables[fd].maps if m not in inside])
         check(lib.pyuffd_pump_unmap(self._pump, fd, start, end), "pump unmap")
 
     # -- lifecycle -------------------------------------------------------
@@ -585,8 +388,8 @@ class FaultHandler:
                 for fault in self._deferred.values():
                     self._errors.append(
                         DeadlineExceededError(
-                            f"deferred fault at {fault.address:#x} was never resolved before stop(); "
-                            "resolved by the fallback",
+                            f"deferred fault at {fault.address:#x} was never resolved "
+                            "before stop(); resolved by the fallback",
                             address=fault.address,
                             thread_id=fault.thread_id,
                         )
@@ -598,7 +401,8 @@ class FaultHandler:
                     self._errors.append(
                         UffdError(
                             0,
-                            "the dispatch thread did not stop: a handler is blocked; its fds were closed",
+                            "the dispatch thread did not stop: a handler is blocked; "
+                            "its fds were closed",
                         )
                     )
                 else:
@@ -615,11 +419,11 @@ class FaultHandler:
         only notices here. Its number may belong to another file by now.
         """
         for n, fd in list(self._fds.items()):
-            if not fd.closed and _identity(n) != self._identity.get(n):
+            if not fd.closed and fd_identity(n) != self._identity.get(n):
                 self._fd_lost(n, _errno.EBADF)
 
     def join(self, timeout: float | None = None) -> None:
-        """Wait for the dispatch thread to end (after ``stop()`` elsewhere), then re-raise errors."""
+        """Wait for the dispatch thread to end (``stop()`` elsewhere), then re-raise errors."""
         if self._thread is not None:
             self._thread.join(timeout)
         self._raise_errors()
@@ -699,7 +503,8 @@ class FaultHandler:
         ps = mapping.page_size
         if offset % ps or view.nbytes % ps or offset < 0 or offset + view.nbytes > mapping.length:
             raise ValueError(
-                f"install: offset {offset} + {view.nbytes} bytes is not whole pages inside {mapping!r}"
+                f"install: offset {offset} + {view.nbytes} bytes is not whole pages "
+                f"inside {mapping!r}"
             )
         mode = 0 if wake else lib.UFFDIO_COPY_MODE_DONTWAKE
         done = ffi.new("int64_t *")
@@ -1046,7 +851,7 @@ class FaultHandler:
             rest = [m for m in self._tables[fd].maps if m not in moved]
             for m in moved:
                 m.start, m.end = m.start - a + b, m.end - a + b
-            self._tables[fd] = _Table(rest + moved)
+            self._tables[fd] = Table(rest + moved)
             # Unmap the old range from the pump (that splits a map straddling
             # it) and map the moved pieces anew at their new addresses.
             check(lib.pyuffd_pump_unmap(self._pump, fd, a, a + c), "pump unmap")
@@ -1055,10 +860,9 @@ class FaultHandler:
         elif event == lib.UFFD_EVENT_REMOVE:
             # The pages are gone; unregister so later accesses get zero pages.
             if self._split(fd, a, b):
-                try:
+                # The range or the process may be gone already.
+                with contextlib.suppress(UffdError, ValueError):
                     self._fds[fd].unregister(a, b - a)
-                except (UffdError, ValueError):
-                    pass  # the range or the process is already gone
                 self._drop(fd, a, b)
         elif event == lib.UFFD_EVENT_UNMAP:
             self._drop(fd, a, b)
@@ -1071,7 +875,7 @@ class FaultHandler:
         every child ever forked keeps an fd and one of the pump's 256 fd slots
         for the handler's lifetime, and FORK events fail with EMFILE after that.
         """
-        for n in [n for n in self._forked if _mm_gone(n)]:
+        for n in [n for n in self._forked if mm_gone(n)]:
             self._forked.discard(n)
             for slot, fault in list(self._deferred.items()):
                 if fault.mapping.uffd.fileno() == n:
@@ -1093,7 +897,7 @@ class FaultHandler:
             lost.close()
 
     def _fd_lost(self, fd: int, err: int) -> None:
-        """Drop an fd that failed under the pump (lock held); report it if it was the handler's own."""
+        """Drop an fd that failed under the pump (lock held); report it if it is the handler's."""
         lost = self._fds.pop(fd, None)
         table = self._tables.pop(fd, None)
         if table is not None:
@@ -1119,7 +923,7 @@ class FaultHandler:
         # A fallback that failed because the faulting process has exited (ESRCH)
         # left nobody waiting: that is the process's end, not a missed deadline.
         # The handler's own fd serves this process, which cannot have exited.
-        gone = not did & 0xFF and (fd != self.uffd._fd or not self._own_mm) and _mm_gone(fd)
+        gone = not did & 0xFF and (fd != self.uffd._fd or not self._own_mm) and mm_gone(fd)
         with self._lock:
             self._expired += 0 if gone else 1
             for slot, fault in list(self._deferred.items()):
@@ -1158,7 +962,8 @@ class FaultHandler:
             why = "the handler did not answer in time"
         self._record(
             DeadlineExceededError(
-                f"fault at {address:#x} missed the {self.deadline:g} s deadline: {why}; resolved with {what}",
+                f"fault at {address:#x} missed the {self.deadline:g} s deadline: {why}; "
+                f"resolved with {what}",
                 address=address,
                 thread_id=ptid or None,
             )

@@ -16,7 +16,7 @@ from uffd._errors import UnsupportedError
 from uffd._resolution import Resolution
 
 if TYPE_CHECKING:
-    from uffd._handler import Fault, Mapping
+    from uffd._mapping import Fault, Mapping
 
 __all__ = [
     "AnonOps",

@@ -497,3 +497,26 @@ class Userfaultfd:
 
 
 Userfaultfd.__module__ = "uffd"
+
+
+def mm_gone(fd: int) -> bool:
+    """True once the process whose memory userfaultfd ``fd`` serves has exited.
+
+    UFFDIO_COPY answers ESRCH for a dead mm before looking at the range. The
+    probe targets an address no process maps (2**46) and copies from the same
+    address in this process, also unmapped, so on a live mm it installs
+    nothing: ENOENT (not registered) or EFAULT (the source).
+    """
+    done = ffi.new("int64_t *")
+    probe = 1 << 46
+    rc = lib.pyuffd_copy(fd, probe, probe, PAGE_SIZE, lib.UFFDIO_COPY_MODE_DONTWAKE, done)
+    return bool(rc == -_errno.ESRCH)
+
+
+def fd_identity(fd: int) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of an open fd (each userfaultfd has its own anon inode), or None."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino

@@ -54,7 +54,8 @@ from pathlib import Path
 from typing import Any
 
 from uffd import mem
-from uffd._handler import Fault, FaultHandler, Mapping
+from uffd._handler import FaultHandler
+from uffd._mapping import Fault, Mapping
 from uffd._ops import UffdOps
 from uffd._resolution import Resolution
 from uffd.bench.naive_ctypes import _libtouch, _pattern, run_naive

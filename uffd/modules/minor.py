@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from uffd._handler import Fault
+from uffd._mapping import Fault
 from uffd._ops import UffdOps
 from uffd._resolution import Resolution
 from uffd.mem import Region

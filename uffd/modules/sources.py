@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from uffd._handler import Fault, Mapping
+from uffd._mapping import Fault, Mapping
 from uffd._native import ffi, lib
 from uffd._ops import UffdOps
 from uffd._resolution import Resolution

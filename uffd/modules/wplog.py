@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from uffd._handler import Fault
+from uffd._mapping import Fault
 from uffd._ops import UffdOps
 from uffd._resolution import Resolution
 

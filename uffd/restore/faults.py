@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 
-from uffd._handler import Fault
+from uffd._mapping import Fault
 from uffd._ops import UffdOps
 from uffd._resolution import Resolution
 from uffd.restore.parts import SessionParts
