@@ -40,7 +40,6 @@ import contextlib
 import ctypes
 import mmap
 import os
-import queue
 import random
 import statistics
 import subprocess
@@ -482,10 +481,7 @@ class RestoreServer:
 class _RestoreOps(UffdOps):
     """Faults fetch their page from the page server (urgent) and are resolved when it arrives.
 
-    A reply can arrive before the dispatch thread has recorded the defer
-    (``resolve`` then answers False); such answers are retried from a
-    resolver thread until the handler takes them. ``drain()`` waits until
-    every fetch started for a fault has been answered.
+    ``drain()`` waits until every fetch started for a fault has been answered.
     """
 
     def __init__(self, client: Any, handler: FaultHandler) -> None:
@@ -493,15 +489,9 @@ class _RestoreOps(UffdOps):
         self._handler = handler
         self._cond = threading.Condition()
         self._outstanding = 0
-        self.early = 0
-        self._retry: queue.SimpleQueue[tuple[Fault, Resolution] | None] = queue.SimpleQueue()
-        self._resolver = threading.Thread(
-            target=self._resolve_late, name="restore-resolver", daemon=True
-        )
-        self._resolver.start()
 
     def handle_missing(self, fault: Fault) -> Resolution:
-        """Start an urgent fetch of the page; answer later from the client's thread."""
+        """Start an urgent fetch of the page; answer from the client's thread (maybe at once)."""
         with self._cond:
             self._outstanding += 1
         future = self._client.fetch("mem", fault.offset, fault.mapping.page_size, urgent=True)
@@ -513,21 +503,7 @@ class _RestoreOps(UffdOps):
         answer = (
             Resolution.refuse(f"fetch failed: {err}") if err else Resolution.copy(future.result())
         )
-        if self._handler.resolve(fault, answer):
-            self._done()
-        else:
-            self._retry.put((fault, answer))
-
-    def _resolve_late(self) -> None:
-        while (item := self._retry.get()) is not None:
-            fault, answer = item
-            self.early += 1
-            give_up = time.monotonic() + self._handler.deadline
-            while not self._handler.resolve(fault, answer) and time.monotonic() < give_up:
-                time.sleep(0.0002)
-            self._done()
-
-    def _done(self) -> None:
+        self._handler.resolve(fault, answer)  # an early answer is kept until defer() returns
         with self._cond:
             self._outstanding -= 1
             self._cond.notify_all()
@@ -540,40 +516,8 @@ class _RestoreOps(UffdOps):
                     f"{self._outstanding} fault fetches unanswered after {timeout} s"
                 )
 
-    def close(self) -> None:
-        """Stop the resolver thread (idempotent)."""
-        if self._resolver.is_alive():
-            self._retry.put(None)
-            self._resolver.join()
 
-
-def _install(
-    handler: FaultHandler, mapping: Mapping, at: int, data: bytes | memoryview
-) -> tuple[int, int]:
-    """Install ``data`` at offset ``at`` with DONTWAKE and one wake; (bytes installed, retries).
-
-    ``handler.install`` stops at the first partial copy (the kernel answers
-    EAGAIN when a copy stops short at a page a fault installed meanwhile), so
-    the rest is installed by further calls from where it stopped (pages
-    already there are skipped), until a call installs nothing more.
-    """
-    view = memoryview(data)
-    installed = retries = 0
-    pos = 0
-    while pos < len(view):
-        n = handler.install(mapping, at + pos, view[pos:], wake=False)
-        installed += n
-        if pos + n >= len(view) or (n == 0 and retries):
-            break
-        pos += n
-        retries += 1
-    handler.wake(mapping, at, len(view))
-    return installed, retries
-
-
-def _prefetch(
-    client: Any, handler: FaultHandler, mapping: Mapping, chunk: int, window: int
-) -> tuple[int, int]:
+def _prefetch(client: Any, handler: FaultHandler, mapping: Mapping, chunk: int, window: int) -> int:
     """Fetch the whole mapping in ``chunk``-byte reads, ``window`` in flight; install each.
 
     Each read lands in one of ``window`` reused buffers (``fetch_into``: the
@@ -582,12 +526,12 @@ def _prefetch(
     anonymous mmaps: a bytearray would be zeroed (16 MiB of memset) while
     holding the GIL, just as the worker's first fault needs it.
 
-    Returns (bytes installed, install retries).
+    Returns the bytes installed (pages a fault installed first are skipped).
     """
     length = mapping.length
     free = [mmap.mmap(-1, chunk) for _ in range(window)]
     pending: collections.deque[tuple[int, mmap.mmap, memoryview, Any]] = collections.deque()
-    offset = installed = retries = 0
+    offset = installed = 0
     while offset < length or pending:
         while offset < length and free:
             buf = free.pop()
@@ -598,12 +542,11 @@ def _prefetch(
             offset += len(view)
         at, buf, view, future = pending.popleft()
         future.result()
-        done, again = _install(handler, mapping, at, view)
-        installed += done
-        retries += again
+        installed += handler.install(mapping, at, view, wake=False)
+        handler.wake(mapping, at, len(view))
         view.release()
         free.append(buf)
-    return installed, retries
+    return installed
 
 
 def run_fetch_only(
@@ -710,13 +653,12 @@ def run_restore(
                 thread = threading.Thread(target=worker, name="restore-worker", daemon=True)
                 t0 = time.perf_counter_ns()
                 thread.start()
-                installed, retries = _prefetch(client, fh, mapping, chunk, window)
+                installed = _prefetch(client, fh, mapping, chunk, window)
                 restore_ns = time.perf_counter_ns() - t0
                 thread.join()
                 ops.drain(fh.deadline)
                 stats = fh.stats
             finally:
-                ops.close()
                 fh.stop()
         finally:
             if urgent is not client:
@@ -737,7 +679,5 @@ def run_restore(
         "worker_fault_us_median": statistics.median(ordered) / 1e3,
         "connect_ms": connect_ns / 1e6,
         "faults": float(sum(stats.total.faults.values())),
-        "early_answers": float(ops.early),
         "bytes_prefetched": float(installed),
-        "install_retries": float(retries),
     }
