@@ -34,7 +34,7 @@ bench: $(STAMP) ## Run the benchmark suite against the C reference
 	$(PY) -m uffd bench
 
 lint: $(STAMP) ## ruff and mypy
-	$(VENV)/bin/ruff check uffd tests examples csrc
+	$(VENV)/bin/ruff check uffd tests examples csrc setup.py
 	$(VENV)/bin/ruff format --check uffd tests examples csrc
 	$(VENV)/bin/mypy uffd
 

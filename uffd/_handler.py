@@ -281,10 +281,10 @@ class FaultHandler:
             and m.ioctls & Ioctl.POISON
             and m.uffd.features & Feature.POISON
         ):
-            return lib.PYUFFD_FALLBACK_POISON
+            return int(lib.PYUFFD_FALLBACK_POISON)
         if m.ioctls & Ioctl.ZEROPAGE:
-            return lib.PYUFFD_FALLBACK_ZEROPAGE
-        return lib.PYUFFD_FALLBACK_ZEROCOPY
+            return int(lib.PYUFFD_FALLBACK_ZEROPAGE)
+        return int(lib.PYUFFD_FALLBACK_ZEROCOPY)
 
     def _publish(self, m: Mapping) -> None:
         """Add ``m`` to its fd's table and to the pump (lock held)."""

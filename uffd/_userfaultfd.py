@@ -65,6 +65,7 @@ def explain_open_error(via: str, err: int) -> str:
 
 def _open_fd(flags: int, via: str) -> int:
     """Open a raw userfaultfd by ``via``; raises PermissionError/UffdError with both reasons."""
+    order: tuple[str, ...]
     if via == "syscall":
         order = ("syscall",)
     elif via == "device":
@@ -77,7 +78,7 @@ def _open_fd(flags: int, via: str) -> int:
     for path in order:
         fd = lib.pyuffd_open_device(flags) if path == "device" else lib.pyuffd_open_syscall(flags)
         if fd >= 0:
-            return fd
+            return int(fd)
         failures.append((path, -fd))
     reasons = "; ".join(f"{path}: {explain_open_error(path, err)}" for path, err in failures)
     err = failures[-1][1]

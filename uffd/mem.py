@@ -129,7 +129,7 @@ class Region:
                 f"Region.{op}: offset {offset} + {n} bytes is outside the "
                 f"region of {self.length} bytes"
             )
-        return self.addr + offset
+        return self.addr + int(offset)
 
     def _raise_access(self, op: str, rc: int, fault: Any, addr: int, n: int) -> None:
         if rc == -_errno.EFAULT:
@@ -269,7 +269,7 @@ def _check_length(length: Any, page_size: int, what: str) -> int:
             f"{what}: length must be a positive multiple of the {page_size}-byte "
             f"page size, got {length}"
         )
-    return length
+    return int(length)
 
 
 def anon(length: int, *, align: int | None = None) -> Region:
