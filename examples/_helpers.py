@@ -1,8 +1,8 @@
 """Parent-side helpers shared by the examples and tests/test_examples.py.
 
 - the known memory pattern and per-page digests (what the workers report);
-- ``spawn_worker`` / ``finish_worker``: run ``_worker.py`` (the restored
-  process) and collect its JSON line;
+- ``spawn_worker`` / ``spawn_restore`` / ``finish_worker``: run
+  ``_worker.py`` (the restored process) and collect its JSON line;
 - ``DaemonProcess`` / ``ServerProcess``: ``python -m uffd handler`` and
   ``python -m uffd serve`` as subprocesses, with bounded waits for their
   "listening on" line and their reports;
@@ -92,6 +92,13 @@ def combined(digests: bytes) -> str:
     return hashlib.blake2b(digests, digest_size=16).hexdigest()
 
 
+def wrong_pages(
+    digests: str | os.PathLike[str], source: str | os.PathLike[str], size: int, offset: int = 0
+) -> list[int]:
+    """Pages whose digest in a worker's ``digests`` file differs from the source's image."""
+    return bad_pages(read_digests(digests), digests_of_source(source, size, offset))
+
+
 def bad_pages(got: bytes, want: bytes) -> list[int]:
     """Indices of the pages whose digests differ (every page if the lengths differ)."""
     if len(got) != len(want):
@@ -140,6 +147,31 @@ def spawn_worker(*args: str, stdin: bool = False) -> subprocess.Popen[bytes]:
         [sys.executable, str(WORKER), *args],
         stdout=subprocess.PIPE,
         stdin=subprocess.PIPE if stdin else None,
+    )
+
+
+def spawn_restore(
+    socket_path: str | os.PathLike[str],
+    size: int,
+    *args: str,
+    digests: str | os.PathLike[str] | None = None,
+    stdin: bool = False,
+) -> subprocess.Popen[bytes]:
+    """Start a ``restore`` worker: ``size`` bytes restored by the daemon at ``socket_path``.
+
+    ``args`` are more worker options (``--order``, ``--seed``, ...); the page
+    digests go to ``digests`` when given.
+    """
+    extra = ("--digests", os.fspath(digests)) if digests is not None else ()
+    return spawn_worker(
+        "restore",
+        "--socket",
+        os.fspath(socket_path),
+        "--size",
+        str(size),
+        *args,
+        *extra,
+        stdin=stdin,
     )
 
 

@@ -26,13 +26,11 @@ import time
 from _helpers import (
     DaemonProcess,
     ServerProcess,
-    bad_pages,
-    digests_of_source,
     finish_worker,
     parse_size,
     pattern,
-    read_digests,
-    spawn_worker,
+    spawn_restore,
+    wrong_pages,
 )
 
 from uffd.snapshot import write_snapshot
@@ -64,25 +62,13 @@ def main(argv: list[str] | None = None) -> int:
             ) as daemon:
                 print(f"handler daemon: {sock}")
                 t = time.perf_counter()
-                worker = spawn_worker(
-                    "restore",
-                    "--socket",
-                    sock,
-                    "--size",
-                    str(args.size),
-                    "--order",
-                    args.order,
-                    "--digests",
-                    digests,
-                )
+                worker = spawn_restore(sock, args.size, "--order", args.order, digests=digests)
                 result = finish_worker(worker, timeout=120)
                 restore_s = time.perf_counter() - t
                 (report,) = daemon.reports(1)
                 errors = daemon.log()
         t = time.perf_counter()
-        got = read_digests(digests)
-        want = digests_of_source(snapshot, args.size)
-        wrong = bad_pages(got, want)
+        wrong = wrong_pages(digests, snapshot, args.size)
         verify_s = time.perf_counter() - t
 
     pages = result["pages"]

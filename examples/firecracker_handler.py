@@ -34,13 +34,11 @@ from pathlib import Path
 
 from _helpers import (
     DaemonProcess,
-    bad_pages,
-    digests_of_source,
     finish_worker,
     parse_size,
     pattern,
-    read_digests,
     spawn_worker,
+    wrong_pages,
 )
 
 from uffd.firecracker import parse_mappings
@@ -81,7 +79,7 @@ def _boot(tmp: str, memory: str, args: argparse.Namespace, run: int) -> tuple[bo
                 f"  region {i}: host {m.base_host_virt_addr:#x} +{m.size:#x} <- file offset "
                 f"{m.offset:#x}, page size {m.page_size}"
             )
-    wrong = bad_pages(read_digests(digests), digests_of_source(memory, args.size))
+    wrong = wrong_pages(digests, memory, args.size)
     ok = not wrong and code == 0 and not report["errors"]
     print(
         f"run {run}: guest read {result['pages']} pages, {report['faulted']} faulted, "

@@ -30,13 +30,11 @@ import time
 from _helpers import (
     DaemonProcess,
     DaemonThread,
-    bad_pages,
-    digests_of_source,
     finish_worker,
     parse_size,
     pattern,
-    read_digests,
-    spawn_worker,
+    spawn_restore,
+    wrong_pages,
 )
 
 from uffd.server import ServerThread
@@ -76,23 +74,11 @@ def main(argv: list[str] | None = None) -> int:
             with daemon:
                 print(f"handler daemon ({args.daemon}) listening on {sock}")
                 t0 = time.perf_counter()
-                worker = spawn_worker(
-                    "restore",
-                    "--socket",
-                    sock,
-                    "--size",
-                    str(args.size),
-                    "--order",
-                    args.order,
-                    "--digests",
-                    digests,
-                )
+                worker = spawn_restore(sock, args.size, "--order", args.order, digests=digests)
                 result = finish_worker(worker)
                 wall = time.perf_counter() - t0
                 (report,) = daemon.reports(1)
-        got = read_digests(digests)
-        want = digests_of_source(snapshot, args.size)
-        wrong = bad_pages(got, want)
+        wrong = wrong_pages(digests, snapshot, args.size)
 
     print(
         f"worker pid {result['pid']} read {result['pages']} pages in {args.order} order in "
@@ -106,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     if wrong:
         print(f"MISMATCH: {len(wrong)} pages differ from the snapshot, first {wrong[:8]}")
         return 1
-    print(f"verified {len(got) // 8} pages against the snapshot in {wall:.2f} s: all match")
+    print(f"verified {result['pages']} pages against the snapshot in {wall:.2f} s: all match")
     return 0
 
 

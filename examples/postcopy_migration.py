@@ -44,6 +44,7 @@ from _helpers import (
     parse_size,
     pattern,
     read_digests,
+    spawn_restore,
     spawn_worker,
 )
 
@@ -120,17 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                 sock = os.path.join(tmp, "handler.sock")
                 with DaemonThread(sock, server.url, working_set=None) as daemon:
                     digests = os.path.join(tmp, "digests")
-                    dest = spawn_worker(
-                        "restore",
-                        "--socket",
-                        sock,
-                        "--size",
-                        str(size),
-                        "--digests",
-                        digests,
-                        "--wait-go",
-                        stdin=True,
-                    )
+                    dest = spawn_restore(sock, size, "--wait-go", digests=digests, stdin=True)
                     total = 0
                     for number in range(1, args.rounds + 1):
                         time.sleep(args.interval)

@@ -19,6 +19,8 @@ Everything here runs against the real kernel. What a test may rely on:
   the main thread serves the fault; ``.finish()`` joins with a timeout.
 - ``pagemap(addr)``: the /proc/self/pagemap entry, with ``PM_PRESENT`` and
   ``PM_UFFD_WP`` bit masks.
+- ``HelperProcess(script, *args)``: a ``tests/helpers`` script in a child
+  process that hands over its userfaultfd (``forker`` builds on it).
 
 Teardown order: uffds are closed first (that wakes any thread still blocked in
 a fault or in an event wait), then helper threads are joined, then regions
@@ -29,10 +31,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import mmap
 import os
 import re
+import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -80,6 +86,41 @@ PM_UFFD_WP = 1 << 57
 HAS_PAGEMAP_WP = KERNEL >= (5, 13)
 """Whether pagemap reports ``PM_UFFD_WP`` (Linux 5.13)."""
 
+FEATURE_BITS = [
+    "PAGEFAULT_FLAG_WP",
+    "EVENT_FORK",
+    "EVENT_REMAP",
+    "EVENT_REMOVE",
+    "MISSING_HUGETLBFS",
+    "MISSING_SHMEM",
+    "EVENT_UNMAP",
+    "SIGBUS",
+    "THREAD_ID",
+    "MINOR_HUGETLBFS",
+    "MINOR_SHMEM",
+    "EXACT_ADDRESS",
+    "WP_HUGETLBFS_SHMEM",
+    "WP_UNPOPULATED",
+    "POISON",
+    "WP_ASYNC",
+    "MOVE",
+]
+"""UFFD_FEATURE_* names (prefix dropped) in bit order: include/uapi/linux/userfaultfd.h."""
+
+IOCTL_BITS = {
+    "REGISTER": 0x00,
+    "UNREGISTER": 0x01,
+    "WAKE": 0x02,
+    "COPY": 0x03,
+    "ZEROPAGE": 0x04,
+    "MOVE": 0x05,
+    "WRITEPROTECT": 0x06,
+    "CONTINUE": 0x07,
+    "POISON": 0x08,
+    "API": 0x3F,
+}
+"""_UFFDIO_* ioctl numbers (the bit of each in the api ``ioctls`` mask), same header."""
+
 KIND_MISSING_FEATURE = {
     "anon": Feature(0),
     "shmem": Feature.MISSING_SHMEM,
@@ -123,6 +164,12 @@ def requires_kernel(major: int, minor: int, why: str) -> pytest.MarkDecorator:
         (major, minor) > KERNEL,
         reason=f"needs Linux {major}.{minor}+ ({why}); running {CAPS.kernel}",
     )
+
+
+requires_syscall = pytest.mark.skipif(
+    not CAPS.syscall.works, reason=f"the userfaultfd syscall fails here: {CAPS.syscall.reason}"
+)
+"""Skip unless userfaultfd(2) opens and initialises a fd (``via="syscall"``)."""
 
 
 def skip_unless(*features: Feature) -> None:
@@ -417,7 +464,56 @@ def adopt_fd(fd: int, features: int, available: int, ioctls: int) -> uffd.Userfa
 HELPERS = Path(__file__).resolve().parent / "helpers"
 
 
-class Forker:
+class HelperProcess:
+    """A ``tests/helpers`` script in a child process that hands us its userfaultfd.
+
+    The script gets one end of a socketpair (its fd number first on its
+    command line) and sends a JSON header (addr, length, features, available,
+    ioctls, pid) with the fd attached (``helpers/_handover.py``); a header
+    ``{"error": why}`` without an fd skips the test. ``uffd`` is that fd,
+    ``sock`` our end and ``lines`` a binary file over it, for scripts that
+    answer in lines.
+    """
+
+    def __init__(self, script: str, *args: str) -> None:
+        self.sock, theirs = socket.socketpair()
+        self.sock.settimeout(WAIT)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(HELPERS / script), str(theirs.fileno()), *args],
+                pass_fds=[theirs.fileno()],
+            )
+        finally:
+            theirs.close()
+        self.uffd: uffd.Userfaultfd | None = None
+        self.lines = self.sock.makefile("rb")
+        try:
+            msg, fds, _, _ = socket.recv_fds(self.sock, 4096, 1)
+            self.header: dict[str, int] = json.loads(msg)
+            if "error" in self.header:
+                pytest.skip(f"{script} cannot open a userfaultfd: {self.header['error']}")
+            assert fds, f"{script} sent no fd (message {msg!r})"
+            self.uffd = adopt_fd(
+                fds[0], self.header["features"], self.header["available"], self.header["ioctls"]
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Close our end and the fd, then make sure the child is gone (killed if it lingers)."""
+        self.lines.close()
+        self.sock.close()
+        if self.uffd is not None:
+            self.uffd.close()
+        try:
+            self.proc.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(WAIT)
+
+
+class Forker(HelperProcess):
     """Drives ``tests/helpers/forker.py`` in a child process (see its docstring).
 
     ``uffd`` is the child's userfaultfd (EVENT_FORK, a region registered
@@ -425,33 +521,7 @@ class Forker:
     """
 
     def __init__(self, nbytes: int = 16) -> None:
-        import json
-        import socket
-        import subprocess
-        import sys
-
-        self.sock, theirs = socket.socketpair()
-        self.sock.settimeout(WAIT)
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(HELPERS / "forker.py"), str(theirs.fileno()), str(nbytes)],
-                pass_fds=[theirs.fileno()],
-            )
-        finally:
-            theirs.close()
-        self.uffd: uffd.Userfaultfd | None = None
-        try:
-            msg, fds, _, _ = socket.recv_fds(self.sock, 4096, 1)
-            self.header: dict[str, int] = json.loads(msg)
-            if "error" in self.header:
-                pytest.skip(f"the forking child cannot open a userfaultfd: {self.header['error']}")
-            assert fds, f"forker sent no fd (message {msg!r})"
-            self.uffd = adopt_fd(
-                fds[0], self.header["features"], self.header["available"], self.header["ioctls"]
-            )
-        except BaseException:
-            self.close()
-            raise
+        super().__init__("forker.py", str(nbytes))
 
     def _recv_exact(self, n: int) -> bytes:
         data = b""
@@ -476,17 +546,6 @@ class Forker:
     def wait_grandchild_gone(self) -> None:
         """Return once the child has reaped the grandchild (its mm has exited)."""
         assert self._recv_exact(1) == b"X"
-
-    def close(self) -> None:
-        """Close our end, then make sure the child is gone (killed if it lingers)."""
-        self.sock.close()
-        if self.uffd is not None:
-            self.uffd.close()
-        try:
-            self.proc.wait(WAIT)
-        except Exception:
-            self.proc.kill()
-            self.proc.wait(WAIT)
 
 
 @pytest.fixture

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
-import re
 import statistics
 from pathlib import Path
 
 import pytest
+from conftest import requires_kernel, requires_syscall
 
 from uffd.bench import reference
 from uffd.bench.naive_ctypes import run_naive
@@ -26,26 +25,9 @@ UFFD_TOUCH_WORKLOADS = ("random", "sequential", "threads")
 # A CPU number no test machine has online: pinning to it fails with EINVAL.
 NO_SUCH_CPU = 1023
 
-
-def _uffd_unavailable() -> str | None:
-    """Return why userfaultfd(2) cannot be opened here, or None."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = libc.syscall(323, os.O_CLOEXEC)
-    if fd < 0:
-        return f"userfaultfd(2) failed: {os.strerror(ctypes.get_errno())}"
-    os.close(fd)
-    return None
-
-
-def _kernel_at_least(major: int, minor: int) -> bool:
-    """Return True if the running kernel is at least major.minor."""
-    found = re.match(r"(\d+)\.(\d+)", os.uname().release)
-    return found is not None and (int(found[1]), int(found[2])) >= (major, minor)
-
-
 pytestmark = [
     pytest.mark.skipif(os.uname().machine != "x86_64", reason="the naive handler is x86_64-only"),
-    pytest.mark.skipif(_uffd_unavailable() is not None, reason=str(_uffd_unavailable())),
+    requires_syscall,
 ]
 
 
@@ -74,7 +56,7 @@ def test_reference_workload_reports_sane_figures(workload: str) -> None:
         assert report["ioctl_calls"] == [1, 1]  # 1 MiB fits one 2 MiB call
 
 
-@pytest.mark.skipif(not _kernel_at_least(6, 7), reason="PAGEMAP_SCAN needs Linux 6.7")
+@requires_kernel(6, 7, "PAGEMAP_SCAN")
 @pytest.mark.parametrize(
     ("pages", "stride", "ranges", "calls"),
     [(PAGES, 4, 64, 1), (3000, 2, 1500, 2), (2048, 1, 1, 1)],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
@@ -10,27 +9,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import requires_syscall
 
 from uffd.bench import report
 from uffd.bench.suite import ALL_WORKLOADS, quick_config, run_suite, write_outputs
 from uffd.cli import build_parser
 from uffd.cli import main as cli_main
 
-
-def _uffd_unavailable() -> str | None:
-    """Return why userfaultfd(2) cannot be opened here, or None."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = libc.syscall(323, os.O_CLOEXEC)
-    if fd < 0:
-        return f"userfaultfd(2) failed: {os.strerror(ctypes.get_errno())}"
-    os.close(fd)
-    return None
-
-
 pytestmark = [
     pytest.mark.skipif(os.uname().machine != "x86_64", reason="the naive handler is x86_64-only"),
     pytest.mark.skipif(shutil.which("gcc") is None, reason="the C reference needs gcc"),
-    pytest.mark.skipif(_uffd_unavailable() is not None, reason=str(_uffd_unavailable())),
+    requires_syscall,
 ]
 
 _ENTRY_KEYS = {

@@ -43,7 +43,8 @@ from _helpers import (  # noqa: E402
     page_digest,
     pattern,
     read_digests,
-    spawn_worker,
+    spawn_restore,
+    wrong_pages,
 )
 
 WAIT = 30.0
@@ -70,9 +71,7 @@ def restore(
 ) -> tuple[dict[str, object], bytes]:
     """Run a restore worker against ``sock``; its JSON result and page digests."""
     digests = os.path.join(short_tmp, f"digests-{os.urandom(4).hex()}")
-    proc = spawn_worker(
-        "restore", "--socket", sock, "--size", str(size), "--digests", digests, *args
-    )
+    proc = spawn_restore(sock, size, *args, digests=digests)
     result = finish_worker(proc, timeout=WAIT)
     return result, read_digests(digests)
 
@@ -174,18 +173,14 @@ def _restore_through_a_dying_server(
     short_tmp: str, snapshot: str, server: ServerProcess, sock: str, pause: int
 ) -> tuple[dict[str, object], bytes]:
     digests = os.path.join(short_tmp, "digests")
-    proc = spawn_worker(
-        "restore",
-        "--socket",
+    proc = spawn_restore(
         sock,
-        "--size",
-        str(SIZE),
+        SIZE,
         "--order",
         "sequential",
         "--pause-after",
         str(pause),
-        "--digests",
-        digests,
+        digests=digests,
         stdin=True,
     )
     assert proc.stdout is not None and proc.stdin is not None
@@ -275,23 +270,12 @@ def test_two_processes_are_restored_at_once(short_tmp: str, snapshot: str) -> No
         procs = []
         for seed in (1, 2):
             digests = os.path.join(short_tmp, f"d{seed}")
-            proc = spawn_worker(
-                "restore",
-                "--socket",
-                sock,
-                "--size",
-                str(SIZE),
-                "--seed",
-                str(seed),
-                "--digests",
-                digests,
-            )
+            proc = spawn_restore(sock, SIZE, "--seed", str(seed), digests=digests)
             procs.append((proc, digests))
         results = [finish_worker(proc, timeout=WAIT) for proc, _ in procs]
         reports = daemon.reports(2)
-    want = digests_of_source(snapshot, SIZE)
     for _, digests in procs:
-        assert not bad_pages(read_digests(digests), want)
+        assert not wrong_pages(digests, snapshot, SIZE)
     assert {r["pid"] for r in reports} == {r["pid"] for r in results}
 
 
@@ -303,17 +287,7 @@ def test_a_region_outside_the_source_is_refused(
     with caplog.at_level(logging.ERROR, logger="uffd.daemon"):
         daemon = HandlerDaemon(sock, snapshot, working_set=None, progress=False).start()
         try:
-            proc = spawn_worker(
-                "restore",
-                "--socket",
-                sock,
-                "--size",
-                str(SIZE),
-                "--offset",
-                str(SIZE),
-                "--timeout",
-                "3",
-            )
+            proc = spawn_restore(sock, SIZE, "--offset", str(SIZE), "--timeout", "3")
             (message,) = daemon.wait_refused(1, WAIT)
             proc.kill()
             proc.wait(WAIT)

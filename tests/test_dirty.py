@@ -11,7 +11,6 @@ import collections
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PAGE, PM_PRESENT, PM_UFFD_WP, WAIT, adopt_fd, pagemap, requires, run_in_thread
+from conftest import (
+    PAGE,
+    PM_PRESENT,
+    PM_UFFD_WP,
+    WAIT,
+    HelperProcess,
+    pagemap,
+    requires,
+    run_in_thread,
+)
 
 import uffd
 from uffd import Feature, Mode, mem
@@ -30,7 +38,6 @@ from uffd.dirty import DirtyTracker
 pytestmark = requires(Feature.WP_ASYNC, Feature.WP_UNPOPULATED)
 
 _NEEDED = Feature.WP_ASYNC | Feature.WP_UNPOPULATED
-HELPER = Path(__file__).resolve().parent / "helpers" / "dirty_child.py"
 
 
 def merged(addr: int, pages: Iterable[int], page: int = PAGE) -> list[tuple[int, int]]:
@@ -207,31 +214,11 @@ def test_concurrent_writer_loses_nothing(region_factory, tracker):
 # -- another process -------------------------------------------------------------------
 
 
-class Child:
+class Child(HelperProcess):
     """Drives tests/helpers/dirty_child.py: its memory, its userfaultfd, its pid."""
 
     def __init__(self, pages: int) -> None:
-        self.sock, theirs = socket.socketpair()
-        self.sock.settimeout(WAIT)
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(HELPER), str(theirs.fileno()), str(pages)],
-                pass_fds=[theirs.fileno()],
-            )
-        finally:
-            theirs.close()
-        self.uffd: uffd.Userfaultfd | None = None
-        self.lines = self.sock.makefile("rb")
-        try:
-            msg, fds, _, _ = socket.recv_fds(self.sock, 4096, 1)
-            assert fds, f"dirty_child sent no fd (message {msg!r})"
-            self.header: dict[str, int] = json.loads(msg)
-            self.uffd = adopt_fd(
-                fds[0], self.header["features"], self.header["available"], self.header["ioctls"]
-            )
-        except BaseException:
-            self.close()
-            raise
+        super().__init__("dirty_child.py", str(pages))
         self.addr, self.length, self.pid = (
             self.header["addr"],
             self.header["length"],
@@ -259,18 +246,6 @@ class Child:
         block = smaps[smaps.index(f"{self.addr:x}-") :]
         line = next(ln for ln in block.splitlines() if ln.startswith("VmFlags:"))
         return line.split()[1:]
-
-    def close(self) -> None:
-        """Close our end and the fd, and make sure the child is gone."""
-        self.lines.close()
-        self.sock.close()
-        if self.uffd is not None:
-            self.uffd.close()
-        try:
-            self.proc.wait(WAIT)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(WAIT)
 
 
 @pytest.fixture

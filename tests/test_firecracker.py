@@ -32,12 +32,10 @@ sys.path.insert(0, str(EXAMPLES))
 
 from _helpers import (  # noqa: E402
     DaemonProcess,
-    bad_pages,
-    digests_of_source,
     finish_worker,
     pattern,
-    read_digests,
     spawn_worker,
+    wrong_pages,
 )
 
 PS = 4096
@@ -391,7 +389,7 @@ def test_daemon_refuses_bad_handshakes_logs_them_and_stays_up(
         result = finish_worker(worker, timeout=30)
         (report,) = daemon.reports(1)
         assert report["pid"] == result["pid"] and report["regions"] == 2 and not report["errors"]
-        assert not bad_pages(read_digests(digests), digests_of_source(memory_file, 256 << 10))
+        assert not wrong_pages(digests, memory_file, 256 << 10)
 
 
 def test_daemon_refuses_a_uid_not_allowed(short_tmp: str, memory_file: str) -> None:

@@ -11,7 +11,7 @@ import select
 import time
 
 import pytest
-from conftest import CAPS, PAGE, WAIT, read_one, run_in_thread
+from conftest import CAPS, PAGE, WAIT, read_one, requires_syscall, run_in_thread
 
 import uffd
 from uffd import Feature, Ioctl, Mode
@@ -22,9 +22,7 @@ BASE_IOCTLS = Ioctl.REGISTER | Ioctl.UNREGISTER | Ioctl.API
 # -- open paths ------------------------------------------------------------------
 
 
-@pytest.mark.skipif(
-    not CAPS.syscall.works, reason=f"the userfaultfd syscall fails here: {CAPS.syscall.reason}"
-)
+@requires_syscall
 def test_open_via_syscall():
     """``via="syscall"`` opens a working, initialised fd."""
     with uffd.Userfaultfd(via="syscall") as ufd:

@@ -79,6 +79,17 @@ def sample(tmp_path: Path) -> tuple[Path, dict[str, bytearray]]:
     return path, regions
 
 
+@pytest.fixture
+def sparse_raw(tmp_path: Path) -> Path:
+    """A sparse 64-page raw memory file: all hole but page 40, which is 0xaa bytes."""
+    path = tmp_path / "sparse.raw"
+    with open(path, "wb") as f:
+        f.truncate(64 * PS)
+        f.seek(40 * PS)
+        f.write(b"\xaa" * PS)
+    return path
+
+
 def test_round_trip_stores_only_nonzero_pages(tmp_path: Path) -> None:
     """Every page reads back; zero pages take no space (file size matches the format)."""
     regions = {"a": mixed_pages(257, seed=3), "b": mixed_pages(64, seed=4), "c": bytearray(0)}
@@ -528,13 +539,9 @@ def test_raw_memory_file_default_region(tmp_path: Path) -> None:
             raw.read("nope", 0, PS)
 
 
-def test_raw_memory_file_regions_and_holes(tmp_path: Path) -> None:
+def test_raw_memory_file_regions_and_holes(sparse_raw: Path) -> None:
     """Explicit (name, offset, length) regions; holes of a sparse file read as absent."""
-    path = tmp_path / "sparse.raw"
-    with open(path, "wb") as f:
-        f.truncate(64 * PS)
-        f.seek(40 * PS)
-        f.write(b"\xaa" * PS)
+    path = sparse_raw
     with RawMemoryFile(
         path, page_size=PS, regions=[("low", 0, 32 * PS), ("high", 32 * PS, 32 * PS)]
     ) as raw:
@@ -638,14 +645,9 @@ def test_file_extents_refuse_a_corrupt_chunk(sample: tuple[Path, dict[str, bytea
         snap.file_extents("ram", 0, 300 * PS)
 
 
-def test_raw_memory_file_file_extents(tmp_path: Path) -> None:
+def test_raw_memory_file_file_extents(sparse_raw: Path) -> None:
     """A raw file's runs point at region base + offset; holes have no file offset."""
-    path = tmp_path / "sparse.raw"
-    with open(path, "wb") as f:
-        f.truncate(64 * PS)
-        f.seek(40 * PS)
-        f.write(b"\xaa" * PS)
-    with RawMemoryFile(path, page_size=PS, regions=[("high", 32 * PS, 32 * PS)]) as raw:
+    with RawMemoryFile(sparse_raw, page_size=PS, regions=[("high", 32 * PS, 32 * PS)]) as raw:
         runs = raw.file_extents("high", 4 * PS, 8 * PS)
         assert sum(n for _, n, _ in runs) == 8 * PS
         page = next(

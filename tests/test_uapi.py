@@ -3,45 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from conftest import CAPS, PAGE, requires, requires_kernel
+from conftest import CAPS, FEATURE_BITS, IOCTL_BITS, PAGE, requires, requires_kernel
 
 import uffd
 from uffd import Feature, Ioctl, Mode
-
-FEATURE_BITS = [
-    "PAGEFAULT_FLAG_WP",
-    "EVENT_FORK",
-    "EVENT_REMAP",
-    "EVENT_REMOVE",
-    "MISSING_HUGETLBFS",
-    "MISSING_SHMEM",
-    "EVENT_UNMAP",
-    "SIGBUS",
-    "THREAD_ID",
-    "MINOR_HUGETLBFS",
-    "MINOR_SHMEM",
-    "EXACT_ADDRESS",
-    "WP_HUGETLBFS_SHMEM",
-    "WP_UNPOPULATED",
-    "POISON",
-    "WP_ASYNC",
-    "MOVE",
-]
-
-# include/uapi/linux/userfaultfd.h: _UFFDIO_* numbers.
-IOCTL_BITS = {
-    "REGISTER": 0x00,
-    "UNREGISTER": 0x01,
-    "WAKE": 0x02,
-    "COPY": 0x03,
-    "ZEROPAGE": 0x04,
-    "MOVE": 0x05,
-    "WRITEPROTECT": 0x06,
-    "CONTINUE": 0x07,
-    "POISON": 0x08,
-    "API": 0x3F,
-}
-
 
 # -- values ------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 # Modules that add their own subcommands through add_cli(subparsers).
 _COMMAND_MODULES = ("uffd.server", "uffd.daemon", "uffd.bench.suite")
@@ -41,6 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         module.add_cli(sub)
     return parser
+
+
+def run_module(
+    add_cli: Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None],
+    argv: Sequence[str] | None,
+) -> int:
+    """The ``main`` of a module run on its own (``python -m uffd.server``): its subcommands only.
+
+    ``add_cli`` is the module's; returns the subcommand's exit code.
+    """
+    parser = argparse.ArgumentParser(prog="uffd")
+    add_cli(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

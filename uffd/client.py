@@ -73,6 +73,72 @@ def parse_address(url_or_host: str, port: int | None = None) -> tuple[str, int]:
     return url_or_host, port
 
 
+def _region_id(ids: dict[str, int], label: str, region: str | int) -> int:
+    """The id of ``region`` (a name in ``ids``, or already an id) on the server ``label``."""
+    if isinstance(region, int):
+        return region
+    try:
+        return ids[region]
+    except KeyError:
+        known = ", ".join(map(repr, ids)) or "none"
+        raise KeyError(f"page server {label} has no region {region!r} ({known})") from None
+
+
+class _HandshakeFrames:
+    """The frames one connection has sent so far, for either client's handshake.
+
+    Pure bookkeeping: the caller receives the bytes (asyncio or a blocking
+    socket) and hands them to :meth:`feed`.
+    """
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.decoder = p.FrameDecoder()
+        self.pending: list[p.Frame] = []
+
+    def feed(self, data: bytes) -> None:
+        """Decode ``data``; raises PeerGoneError on EOF (empty ``data``) or garbage."""
+        if not data:
+            raise PeerGoneError(f"page server {self.label} closed the connection")
+        try:
+            self.pending.extend(self.decoder.feed(data))
+        except p.ProtocolError as err:
+            raise PeerGoneError(f"page server {self.label} sent garbage: {err}") from None
+
+    def pop(self) -> p.Frame:
+        """The oldest pending frame; an ERROR frame raises RemoteError instead."""
+        frame = self.pending.pop(0)
+        if isinstance(frame, p.Error):
+            raise RemoteError(frame.code, frame.message, self.label)
+        return frame
+
+    def answer_hello(self, hello: p.Frame, token: bytes | None) -> tuple[p.Hello, bytes]:
+        """Check the server's first frame: it and the AUTH (if wanted) and LIST to send back."""
+        label = self.label
+        if not isinstance(hello, p.Hello):
+            raise PeerGoneError(f"page server {label} did not start with HELLO")
+        if not hello.min_version <= p.VERSION <= hello.max_version:
+            raise RemoteError(
+                p.ErrorCode.VERSION,
+                f"the server speaks versions {hello.min_version}..{hello.max_version}, "
+                f"this client {p.VERSION}",
+                label,
+            )
+        self.decoder.max_payload = hello.max_frame
+        out = b""
+        if hello.auth_required:
+            if token is None:
+                raise RemoteError(p.ErrorCode.AUTH_FAILED, "the server requires a token", label)
+            out += p.encode(p.Auth(p.auth_mac(token, hello.nonce)))
+        return hello, out + p.encode(p.List())
+
+    def check_regions(self, regions: p.Frame) -> p.Regions:
+        """The answer to LIST, which must be a REGIONS frame."""
+        if not isinstance(regions, p.Regions):
+            raise PeerGoneError(f"page server {self.label} answered LIST with {regions}")
+        return regions
+
+
 @dataclasses.dataclass(eq=False)
 class _Pending:
     offset: int
@@ -150,46 +216,17 @@ class PageClient:
                 f"page server {label}: no connection in {request_timeout} s"
             ) from None
         try:
-            decoder = p.FrameDecoder()
-            frames: list[p.Frame] = []
+            frames = _HandshakeFrames(label)
 
             async def next_frame() -> p.Frame:
-                while not frames:
-                    data = await reader.read(_READ_CHUNK)
-                    if not data:
-                        raise PeerGoneError(f"page server {label} closed the connection")
-                    try:
-                        frames.extend(decoder.feed(data))
-                    except p.ProtocolError as err:
-                        raise PeerGoneError(f"page server {label} sent garbage: {err}") from None
-                frame = frames.pop(0)
-                if isinstance(frame, p.Error):
-                    raise RemoteError(frame.code, frame.message, label)
-                return frame
+                while not frames.pending:
+                    frames.feed(await reader.read(_READ_CHUNK))
+                return frames.pop()
 
             async def handshake() -> tuple[p.Hello, p.Regions]:
-                hello = await next_frame()
-                if not isinstance(hello, p.Hello):
-                    raise PeerGoneError(f"page server {label} did not start with HELLO")
-                if not hello.min_version <= p.VERSION <= hello.max_version:
-                    raise RemoteError(
-                        p.ErrorCode.VERSION,
-                        f"the server speaks versions {hello.min_version}..{hello.max_version}, "
-                        f"this client {p.VERSION}",
-                        label,
-                    )
-                decoder.max_payload = hello.max_frame
-                if hello.auth_required:
-                    if token is None:
-                        raise RemoteError(
-                            p.ErrorCode.AUTH_FAILED, "the server requires a token", label
-                        )
-                    writer.write(p.encode(p.Auth(p.auth_mac(token, hello.nonce))))
-                writer.write(p.encode(p.List()))
-                regions = await next_frame()
-                if not isinstance(regions, p.Regions):
-                    raise PeerGoneError(f"page server {label} answered LIST with {regions}")
-                return hello, regions
+                hello, reply = frames.answer_hello(await next_frame(), token)
+                writer.write(reply)
+                return hello, frames.check_regions(await next_frame())
 
             try:
                 hello, regions = await asyncio.wait_for(handshake(), request_timeout)
@@ -204,8 +241,8 @@ class PageClient:
         except BaseException:
             writer.close()
             raise
-        client = cls(reader, writer, decoder, hello, regions, address, request_timeout)
-        client._feed(frames)
+        client = cls(reader, writer, frames.decoder, hello, regions, address, request_timeout)
+        client._feed(frames.pending)
         return client
 
     @property
@@ -278,17 +315,6 @@ class PageClient:
             else:
                 raise _Violation(f"unexpected {frame.TYPE.name} frame")
 
-    def _region_id(self, region: str | int) -> int:
-        if isinstance(region, int):
-            return region
-        try:
-            return self._ids[region]
-        except KeyError:
-            known = ", ".join(map(repr, self._ids)) or "none"
-            raise KeyError(
-                f"page server {self._label} has no region {region!r} ({known})"
-            ) from None
-
     async def _request(self, region: int, offset: int, buffer: memoryview, urgent: bool) -> int:
         async with self._slots:
             if self._closed:
@@ -325,7 +351,7 @@ class PageClient:
             TimeoutError: one request got no reply within ``request_timeout``.
             ValueError: the client is closed.
         """
-        region_id = self._region_id(region)
+        region_id = _region_id(self._ids, self._label, region)
         if length < 0:
             raise ValueError(f"negative length {length}")
         out = bytearray(length)
@@ -435,12 +461,11 @@ class ThreadedPageClient:
 
     def _handshake(self, sock: socket.socket, token: bytes | None) -> tuple[p.Hello, p.Regions]:
         label = self._label
-        decoder = p.FrameDecoder()
-        frames: list[p.Frame] = []
+        frames = _HandshakeFrames(label)
         deadline = time.monotonic() + self.request_timeout
 
         def next_frame() -> p.Frame:
-            while not frames:
+            while not frames.pending:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(
@@ -453,41 +478,16 @@ class ThreadedPageClient:
                     continue
                 except OSError as err:
                     raise PeerGoneError(f"page server {label}: {err}") from err
-                if not data:
-                    raise PeerGoneError(f"page server {label} closed the connection")
-                try:
-                    frames.extend(decoder.feed(data))
-                except p.ProtocolError as err:
-                    raise PeerGoneError(f"page server {label} sent garbage: {err}") from None
-            frame = frames.pop(0)
-            if isinstance(frame, p.Error):
-                raise RemoteError(frame.code, frame.message, label)
-            return frame
+                frames.feed(data)
+            return frames.pop()
 
-        hello = next_frame()
-        if not isinstance(hello, p.Hello):
-            raise PeerGoneError(f"page server {label} did not start with HELLO")
-        if not hello.min_version <= p.VERSION <= hello.max_version:
-            raise RemoteError(
-                p.ErrorCode.VERSION,
-                f"the server speaks versions {hello.min_version}..{hello.max_version}, "
-                f"this client {p.VERSION}",
-                label,
-            )
-        decoder.max_payload = hello.max_frame
-        out = b""
-        if hello.auth_required:
-            if token is None:
-                raise RemoteError(p.ErrorCode.AUTH_FAILED, "the server requires a token", label)
-            out += p.encode(p.Auth(p.auth_mac(token, hello.nonce)))
+        hello, reply = frames.answer_hello(next_frame(), token)
         try:
-            sock.sendall(out + p.encode(p.List()))
+            sock.sendall(reply)
         except OSError as err:
             raise PeerGoneError(f"page server {label}: {err}") from err
-        regions = next_frame()
-        if not isinstance(regions, p.Regions):
-            raise PeerGoneError(f"page server {label} answered LIST with {regions}")
-        if frames or decoder.buffered:
+        regions = frames.check_regions(next_frame())
+        if frames.pending or frames.decoder.buffered:
             raise PeerGoneError(f"page server {label} sent frames nobody asked for")
         return hello, regions
 
@@ -497,17 +497,6 @@ class ThreadedPageClient:
     def closed(self) -> bool:
         """True once :meth:`close` has run."""
         return self._closed
-
-    def _region_id(self, region: str | int) -> int:
-        if isinstance(region, int):
-            return region
-        try:
-            return self._ids[region]
-        except KeyError:
-            known = ", ".join(map(repr, self._ids)) or "none"
-            raise KeyError(
-                f"page server {self._label} has no region {region!r} ({known})"
-            ) from None
 
     def fetch(
         self, region: str | int, offset: int, length: int, *, urgent: bool = True
@@ -563,7 +552,7 @@ class ThreadedPageClient:
     ) -> concurrent.futures.Future[int]:
         future: concurrent.futures.Future[int] = concurrent.futures.Future()
         try:
-            region_id = self._region_id(region)
+            region_id = _region_id(self._ids, self._label, region)
         except KeyError as err:
             future.set_exception(err)
             return future

@@ -59,6 +59,7 @@ import sys
 import threading
 from collections.abc import Iterable, Sequence
 
+from uffd.cli import run_module
 from uffd.firecracker import HandshakeError, peer_credentials, recv_handshake
 from uffd.prefetch import MAX_CHUNK, WorkingSet, WorkingSetError, working_set_path
 from uffd.restore.progress import progress_bars_available
@@ -563,10 +564,7 @@ def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run just this module's subcommand (``python -m uffd.daemon handler ...``)."""
-    parser = argparse.ArgumentParser(prog="uffd")
-    add_cli(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
+    return run_module(add_cli, argv)
 
 
 if __name__ == "__main__":

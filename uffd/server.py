@@ -46,6 +46,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from uffd import protocol as p
+from uffd.cli import run_module
 from uffd.snapshot import PageSource, Snapshot, SnapshotError, open_source
 
 __all__ = ["PageServer", "ServerStats", "ServerThread", "add_cli", "format_url", "main"]
@@ -861,10 +862,7 @@ def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run just this module's subcommands (``python -m uffd.server serve ...``)."""
-    parser = argparse.ArgumentParser(prog="uffd")
-    add_cli(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
+    return run_module(add_cli, argv)
 
 
 if __name__ == "__main__":

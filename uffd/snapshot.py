@@ -35,8 +35,8 @@ import struct
 import sys
 import tempfile
 from array import array
-from collections.abc import Mapping, Sequence
-from typing import Protocol
+from collections.abc import Iterator, Mapping, Sequence
+from typing import ClassVar, Protocol, TypeVar
 
 __all__ = [
     "FORMAT_VERSION",
@@ -501,7 +501,68 @@ class _Region:
         return out
 
 
-class Snapshot:
+_F = TypeVar("_F", bound="_ReadOnlyFile")
+
+
+class _ReadOnlyFile:
+    """The fd lifecycle Snapshot and RawMemoryFile share: one owned read-only fd.
+
+    ``close()`` is idempotent and ``__del__`` only a backstop; once closed,
+    every read raises ValueError naming the file.
+    """
+
+    _KIND: ClassVar[str]  # how error messages name the file
+    path: str
+    _fd: int = -1
+
+    @contextlib.contextmanager
+    def _opening(self, path: str | os.PathLike[str]) -> Iterator[None]:
+        """Open ``path`` as this object's fd; closed again if the body raises."""
+        self.path = os.fspath(path)
+        self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            yield
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_open(self) -> None:
+        if self._fd < 0:
+            raise ValueError(f"{self._KIND} {self.path} is closed")
+
+    def __enter__(self: _F) -> _F:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # A backstop only: close() is the way to release the fd.
+        if self._fd >= 0:
+            self.close()
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has run."""
+        return self._fd < 0
+
+    def close(self) -> None:
+        """Close the file; later reads raise ValueError. A second close is a no-op."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def fileno(self) -> int:
+        """The read-only fd (owned by this object: do not close it).
+
+        Raises:
+            ValueError: the file is closed.
+        """
+        self._check_open()
+        return self._fd
+
+
+class Snapshot(_ReadOnlyFile):
     """A snapshot file opened for reading (see the module docstring for the format).
 
     Owns one read-only fd, closed by :meth:`close` (idempotent) or by leaving
@@ -518,47 +579,20 @@ class Snapshot:
     chunk_pages: int
     file_size: int
     regions: list[RegionInfo]
+    _KIND = "snapshot"
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = os.fspath(path)
-        self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
+        with self._opening(path):
             self._parse()
-        except BaseException:
-            os.close(self._fd)
-            self._fd = -1
-            raise
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Snapshot:
         """Open and validate the snapshot at ``path`` (see the class docstring for Raises)."""
         return cls(path)
 
-    def __enter__(self) -> Snapshot:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        # A backstop only: close() is the way to release the fd.
-        if getattr(self, "_fd", -1) >= 0:
-            self.close()
-
     def __repr__(self) -> str:
         state = "closed" if self._fd < 0 else f"{len(self.regions)} regions"
         return f"<Snapshot {self.path!r} page_size={self.page_size} {state}>"
-
-    @property
-    def closed(self) -> bool:
-        """True once :meth:`close` has run."""
-        return self._fd < 0
-
-    def close(self) -> None:
-        """Close the file; later reads raise ValueError. A second close is a no-op."""
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
 
     # -- parsing -------------------------------------------------------------
 
@@ -709,8 +743,7 @@ class Snapshot:
     # -- reading -------------------------------------------------------------
 
     def _get(self, name: str) -> _Region:
-        if self._fd < 0:
-            raise ValueError(f"snapshot {self.path} is closed")
+        self._check_open()
         try:
             return self._by_name[name]
         except KeyError:
@@ -863,16 +896,6 @@ class Snapshot:
             out.append((page * ps, count * ps, region.data_offset + rank * ps))
         return out
 
-    def fileno(self) -> int:
-        """The snapshot's read-only fd (owned by this object: do not close it).
-
-        Raises:
-            ValueError: the snapshot is closed.
-        """
-        if self._fd < 0:
-            raise ValueError(f"snapshot {self.path} is closed")
-        return self._fd
-
     def is_present(self, name: str, offset: int) -> bool:
         """True if the page holding byte ``offset`` of region ``name`` is stored (not zero).
 
@@ -907,7 +930,7 @@ class Snapshot:
         return pages
 
 
-class RawMemoryFile:
+class RawMemoryFile(_ReadOnlyFile):
     """A raw memory image (Firecracker's memory snapshot file) with the Snapshot reader API.
 
     Guest memory is stored as is: region ``name`` is ``length`` bytes at
@@ -924,9 +947,9 @@ class RawMemoryFile:
     the file cannot be opened.
     """
 
-    path: str
     page_size: int
     regions: list[RegionInfo]
+    _KIND = "memory file"
 
     def __init__(
         self,
@@ -936,10 +959,8 @@ class RawMemoryFile:
         regions: Sequence[tuple[str, int, int]] | None = None,
     ) -> None:
         _check_page_size(page_size)
-        self.path = os.fspath(path)
         self.page_size = page_size
-        self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
+        with self._opening(path):
             size = os.fstat(self._fd).st_size
             if regions is None:
                 if size % page_size:
@@ -972,39 +993,13 @@ class RawMemoryFile:
                 RegionInfo(name, length, self._present_bytes(off, length) // page_size)
                 for name, (off, length) in self._layout.items()
             ]
-        except BaseException:
-            os.close(self._fd)
-            self._fd = -1
-            raise
         self._info = {r.name: r for r in self.regions}
-
-    def __enter__(self) -> RawMemoryFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_fd", -1) >= 0:
-            self.close()
 
     def __repr__(self) -> str:
         return f"<RawMemoryFile {self.path!r} page_size={self.page_size}>"
 
-    @property
-    def closed(self) -> bool:
-        """True once :meth:`close` has run."""
-        return self._fd < 0
-
-    def close(self) -> None:
-        """Close the file; later reads raise ValueError. A second close is a no-op."""
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
-
     def _get(self, name: str) -> tuple[int, int]:
-        if self._fd < 0:
-            raise ValueError(f"memory file {self.path} is closed")
+        self._check_open()
         try:
             return self._layout[name]
         except KeyError:
@@ -1128,16 +1123,6 @@ class RawMemoryFile:
             (off + offset, n, base + offset + off if present else None)
             for off, n, present in self._runs(base + offset, length)
         ]
-
-    def fileno(self) -> int:
-        """The file's read-only fd (owned by this object: do not close it).
-
-        Raises:
-            ValueError: the file is closed.
-        """
-        if self._fd < 0:
-            raise ValueError(f"memory file {self.path} is closed")
-        return self._fd
 
     def is_present(self, name: str, offset: int) -> bool:
         """True unless the page holding ``offset`` lies wholly in a hole of the file.

@@ -19,10 +19,11 @@ Every wait is bounded by ``signal.alarm``: a stuck helper dies in 30 s.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import sys
+
+from _handover import send_uffd
 
 from uffd import Feature, Userfaultfd, mem
 
@@ -35,15 +36,7 @@ def main() -> int:
     pages = int(sys.argv[2])
     ufd = Userfaultfd(Feature.WP_ASYNC | Feature.WP_UNPOPULATED)
     region = mem.anon(pages * mem.PAGE_SIZE)
-    header = {
-        "addr": region.addr,
-        "length": region.length,
-        "features": int(ufd.features),
-        "available": int(ufd.available),
-        "ioctls": int(ufd.ioctls),
-        "pid": os.getpid(),
-    }
-    socket.send_fds(sock, [json.dumps(header).encode() + b"\n"], [ufd.fileno()])
+    send_uffd(sock, ufd, region)
     for line in sock.makefile("rb"):
         command = json.loads(line)
         if "exit" in command:

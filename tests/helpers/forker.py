@@ -31,6 +31,8 @@ import socket
 import struct
 import sys
 
+from _handover import send_uffd
+
 import uffd
 from uffd import Feature, Mode, mem
 
@@ -48,15 +50,7 @@ def main() -> int:
         return 1
     region = mem.anon(4 * mem.PAGE_SIZE)
     ufd.register(region.addr, region.length, Mode.MISSING)
-    header = {
-        "addr": region.addr,
-        "length": region.length,
-        "features": int(ufd.features),
-        "available": int(ufd.available),
-        "ioctls": int(ufd.ioctls),
-        "pid": os.getpid(),
-    }
-    socket.send_fds(sock, [json.dumps(header).encode()], [ufd.fileno()])
+    send_uffd(sock, ufd, region)
     if sock.recv(1) != b"g":
         return 1
     pid = os.fork()

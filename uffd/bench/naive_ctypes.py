@@ -205,6 +205,52 @@ def _verify(base: int, pages: int, workload: str) -> None:
             )
 
 
+def _touch(
+    lib: ctypes.CDLL, workload: str, addr: int, pages: int, threads: int, cpu: int, seed: int
+) -> tuple[int, int, array[int] | None]:
+    """Touch ``pages`` pages at ``addr`` in libtouch the way ``workload`` does.
+
+    Returns libtouch's rc, the elapsed ns and, for ``random`` (shuffled with
+    ``seed``), each fault's ns; shared with :mod:`uffd.bench.workloads`.
+    """
+    elapsed = ctypes.c_uint64()
+    if workload == "random":
+        perm = list(range(pages))
+        random.Random(seed).shuffle(perm)
+        order = array("Q", perm)
+        fault_ns = array("Q", bytes(8 * pages))
+        rc = lib.touch_pages(
+            addr,
+            pages,
+            _PAGE,
+            order.buffer_info()[0],
+            fault_ns.buffer_info()[0],
+            cpu,
+            ctypes.byref(elapsed),
+        )
+        return rc, elapsed.value, fault_ns
+    rc = lib.touch_range(
+        addr,
+        pages,
+        _PAGE,
+        threads if workload == "threads" else 1,
+        cpu,
+        ctypes.byref(elapsed),
+    )
+    return rc, elapsed.value, None
+
+
+def _figures(pages: int, elapsed_ns: int, fault_ns: array[int] | None) -> dict[str, float]:
+    """The timing figures of one :func:`_touch` run (fault latencies when it has them)."""
+    figures = {"pages_per_s": pages * 1e9 / elapsed_ns, "elapsed_ns": float(elapsed_ns)}
+    if fault_ns is not None:
+        ordered = sorted(fault_ns)
+        figures["fault_ns_median"] = float(statistics.median(ordered))
+        figures["fault_ns_p90"] = float(ordered[(pages * 9 - 1) // 10])
+        figures["fault_ns_mean"] = sum(ordered) / pages
+    return figures
+
+
 def _run_once(
     lib: ctypes.CDLL,
     workload: str,
@@ -226,31 +272,7 @@ def _run_once(
         stop_page = base + pages * _PAGE
         handler = _Handler(_open_uffd(base, length), base, src_addr, stop_page, handler_cpu)
         handler.thread.start()
-        elapsed = ctypes.c_uint64()
-        fault_ns = None
-        if workload == "random":
-            perm = list(range(pages))
-            random.Random(seed).shuffle(perm)
-            order = array("Q", perm)
-            fault_ns = array("Q", bytes(8 * pages))
-            rc = lib.touch_pages(
-                base,
-                pages,
-                _PAGE,
-                order.buffer_info()[0],
-                fault_ns.buffer_info()[0],
-                toucher_cpu,
-                ctypes.byref(elapsed),
-            )
-        else:
-            rc = lib.touch_range(
-                base,
-                pages,
-                _PAGE,
-                threads if workload == "threads" else 1,
-                toucher_cpu,
-                ctypes.byref(elapsed),
-            )
+        rc, elapsed_ns, fault_ns = _touch(lib, workload, base, pages, threads, toucher_cpu, seed)
         # Through libtouch too: a fault taken with the GIL held would deadlock.
         stop = ctypes.c_uint64()
         stop_rc = lib.touch_pages(stop_page, 1, _PAGE, None, None, -1, ctypes.byref(stop))
@@ -262,16 +284,8 @@ def _run_once(
         _check(rc, f"libtouch ({workload})")
         _check(stop_rc, "libtouch (stop page)")
         _verify(base, pages, workload)
-        figures: dict[str, float] = {
-            "pages_per_s": pages * 1e9 / elapsed.value,
-            "elapsed_ns": elapsed.value,
-            "faults": handler.faults,
-        }
-        if fault_ns is not None:
-            ordered = sorted(fault_ns)
-            figures["fault_ns_median"] = statistics.median(ordered)
-            figures["fault_ns_p90"] = ordered[(pages * 9 - 1) // 10]
-            figures["fault_ns_mean"] = sum(ordered) / pages
+        figures = _figures(pages, elapsed_ns, fault_ns)
+        figures["faults"] = handler.faults
         return figures
     finally:
         _libc.munmap(base, length)

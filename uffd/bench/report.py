@@ -173,6 +173,11 @@ def _entries(results: dict[str, Any]) -> dict[tuple[str, str, str], dict[str, An
     return {(e["workload"], e["placement"], e["handler"]): e for e in results["results"]}
 
 
+def _measured(entry: dict[str, Any], metric: str) -> bool:
+    """True if ``entry`` ran (no error, not skipped) and has a median of ``metric``."""
+    return not entry.get("error") and not entry.get("skipped") and metric in entry["median"]
+
+
 def compute_ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Every ratio of :data:`RATIOS` that the results hold, per placement.
 
@@ -187,12 +192,7 @@ def compute_ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
     for r in RATIOS:
         for placement in placements:
             entry = found.get((r.workload, placement, r.handler))
-            if (
-                not entry
-                or entry.get("error")
-                or entry.get("skipped")
-                or r.metric not in entry["median"]
-            ):
+            if entry is None or not _measured(entry, r.metric):
                 continue
             runs = [run[r.metric] for run in entry["runs"]]
             if r.baseline is None:
@@ -200,12 +200,7 @@ def compute_ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
                 spread = [min(runs), max(runs)]
             else:
                 base = found.get((r.workload, placement, r.baseline))
-                if (
-                    not base
-                    or base.get("error")
-                    or base.get("skipped")
-                    or r.metric not in base["median"]
-                ):
+                if base is None or not _measured(base, r.metric):
                     continue
                 value = entry["median"][r.metric] / base["median"][r.metric]
                 base_runs = [run[r.metric] for run in base["runs"]]

@@ -42,6 +42,7 @@ from typing import Any
 from uffd.bench import placement as _placement
 from uffd.bench import report, workloads
 from uffd.bench.reference import default_build_dir
+from uffd.cli import run_module
 
 __all__ = ["ALL_WORKLOADS", "Config", "add_cli", "main", "quick_config", "run_suite"]
 
@@ -227,30 +228,20 @@ def _touch_workload(
 
 
 def _restore_workload(config: Config, col: _Collector, build_dir: Path) -> None:
-    entry = col.entry(
-        "restore",
-        "unpinned",
-        "python",
-        bytes=config.restore_pages * workloads.PAGE,
-        server=config.restore_server,
-        chunk=config.restore_chunk,
-        window=config.restore_window,
-    )
+    params: dict[str, Any] = {
+        "bytes": config.restore_pages * workloads.PAGE,
+        "server": config.restore_server,
+        "chunk": config.restore_chunk,
+        "window": config.restore_window,
+    }
+    entry = col.entry("restore", "unpinned", "python", **params)
     try:
         server = workloads.RestoreServer(config.restore_pages, mode=config.restore_server)
     except Exception as err:
         entry["error"] = f"page server: {type(err).__name__}: {err}"
         col.progress(f"  restore: ERROR {entry['error']}")
         return
-    limit = col.entry(
-        "restore",
-        "unpinned",
-        "fetch-only",
-        bytes=config.restore_pages * workloads.PAGE,
-        server=config.restore_server,
-        chunk=config.restore_chunk,
-        window=config.restore_window,
-    )
+    limit = col.entry("restore", "unpinned", "fetch-only", **params)
     try:
         for rep in range(config.repeat):
 
@@ -449,10 +440,7 @@ def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run just the bench subcommand (``python -m uffd.bench.suite ...``)."""
-    parser = argparse.ArgumentParser(prog="uffd")
-    add_cli(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(["bench", *(argv if argv is not None else sys.argv[1:])])
-    return int(args.func(args))
+    return run_module(add_cli, ["bench", *(argv if argv is not None else sys.argv[1:])])
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ from uffd._handler import FaultHandler
 from uffd._mapping import Fault, Mapping
 from uffd._ops import UffdOps
 from uffd._resolution import Resolution
-from uffd.bench.naive_ctypes import _libtouch, _pattern, run_naive
+from uffd.bench.naive_ctypes import _figures, _libtouch, _pattern, _touch, run_naive
 from uffd.bench.placement import Placement
 from uffd.bench.reference import default_build_dir, run_reference
 from uffd.modules.sources import BufferOps
@@ -177,50 +177,6 @@ class PrefetchOps(UffdOps):
         return Resolution.copy(self._view[fault.offset : fault.offset + ps])
 
 
-def _touch(
-    lib: ctypes.CDLL,
-    workload: str,
-    region: mem.Region,
-    pages: int,
-    threads: int,
-    cpu: int,
-    seed: int,
-) -> dict[str, float]:
-    """Run the libtouch loop of ``workload`` over ``region``; return its timing figures."""
-    elapsed = ctypes.c_uint64()
-    if workload == "random":
-        perm = list(range(pages))
-        random.Random(seed).shuffle(perm)
-        order = array("Q", perm)
-        fault_ns = array("Q", bytes(8 * pages))
-        rc = lib.touch_pages(
-            region.addr,
-            pages,
-            PAGE,
-            order.buffer_info()[0],
-            fault_ns.buffer_info()[0],
-            cpu,
-            ctypes.byref(elapsed),
-        )
-    else:
-        rc = lib.touch_range(
-            region.addr,
-            pages,
-            PAGE,
-            threads if workload == "threads" else 1,
-            cpu,
-            ctypes.byref(elapsed),
-        )
-    _rc(rc, f"libtouch ({workload})")
-    figures = {"pages_per_s": pages * 1e9 / elapsed.value, "elapsed_ns": float(elapsed.value)}
-    if workload == "random":
-        ordered = sorted(fault_ns)
-        figures["fault_ns_median"] = float(statistics.median(ordered))
-        figures["fault_ns_p90"] = float(ordered[(pages * 9 - 1) // 10])
-        figures["fault_ns_mean"] = sum(ordered) / pages
-    return figures
-
-
 def _run_pyuffd(
     workload: str,
     handler: str,
@@ -255,7 +211,11 @@ def _run_pyuffd(
         try:
             if isinstance(ops, PrefetchOps):
                 ops.bind(fh)
-            figures = _touch(lib, workload, region, pages, threads, placement.toucher_cpu, seed)
+            rc, elapsed_ns, fault_ns = _touch(
+                lib, workload, region.addr, pages, threads, placement.toucher_cpu, seed
+            )
+            _rc(rc, f"libtouch ({workload})")
+            figures = _figures(pages, elapsed_ns, fault_ns)
             stats = fh.stats
         finally:
             fh.stop()  # re-raises what the handler recorded

@@ -1,0 +1,27 @@
+"""Child side of the userfaultfd handover the helper scripts share with conftest.HelperProcess.
+
+The parent starts a script with one end of a socketpair (its fd number the
+first argument); the script sends one JSON header line (addr, length,
+features, available, ioctls, pid) with its userfaultfd attached (SCM_RIGHTS).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+from uffd import Userfaultfd, mem
+
+
+def send_uffd(sock: socket.socket, ufd: Userfaultfd, region: mem.Region) -> None:
+    """Send the header describing ``region`` and ``ufd``, with the fd attached."""
+    header = {
+        "addr": region.addr,
+        "length": region.length,
+        "features": int(ufd.features),
+        "available": int(ufd.available),
+        "ioctls": int(ufd.ioctls),
+        "pid": os.getpid(),
+    }
+    socket.send_fds(sock, [json.dumps(header).encode() + b"\n"], [ufd.fileno()])
