@@ -10,6 +10,7 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -22,6 +23,7 @@ _Static_assert(sizeof(struct pyuffd_item) == 48, "pyuffd_item is 48 bytes");
 #define SLOT_BITS 12
 #define MAX_FDS 256
 #define READ_BATCH 64
+#define TAKEOVER_NS 20000000ull /* the dispatch thread away from wait this long: read for it */
 
 enum slot_state { SLOT_FREE = 0, SLOT_PENDING, SLOT_RESOLVING };
 
@@ -102,14 +104,31 @@ static int grow(void **buf, int *cap, int need, size_t elem)
 	return 0;
 }
 
+/*
+ * Buffers the pump fills while it reads come from mmap, never malloc: the
+ * watchdog may read a FORK event while fork() in this process waits for
+ * exactly that read, and glibc's fork() holds every malloc arena lock then.
+ */
+static void *pages_alloc(size_t len)
+{
+	void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	return p == MAP_FAILED ? NULL : p;
+}
+
+static void pages_free(void *buf, size_t len)
+{
+	if (buf)
+		munmap(buf, len);
+}
+
 static int ensure_buffer(void **buf, uint64_t *len, uint64_t need)
 {
 	if (*len >= need)
 		return 0;
-	void *nb = calloc(1, need);
+	void *nb = pages_alloc(need); /* zero-filled */
 	if (!nb)
 		return -ENOMEM;
-	free(*buf);
+	pages_free(*buf, *len);
 	*buf = nb;
 	*len = need;
 	return 0;
@@ -119,13 +138,13 @@ static int backlog_push(struct pyuffd_pump *p, const struct pyuffd_item *item)
 {
 	if (p->bl_count == p->bl_cap) {
 		/* Unroll the ring into a larger buffer. */
-		int ncap = p->bl_cap ? p->bl_cap * 2 : 64;
-		struct pyuffd_item *nb = malloc((size_t)ncap * sizeof(*nb));
+		int ncap = p->bl_cap ? p->bl_cap * 2 : 1024;
+		struct pyuffd_item *nb = pages_alloc((size_t)ncap * sizeof(*nb));
 		if (!nb)
 			return -ENOMEM;
 		for (int i = 0; i < p->bl_count; i++)
 			nb[i] = p->backlog[(p->bl_head + i) % p->bl_cap];
-		free(p->backlog);
+		pages_free(p->backlog, (size_t)p->bl_cap * sizeof(*nb));
 		p->backlog = nb;
 		p->bl_cap = ncap;
 		p->bl_head = 0;
@@ -326,14 +345,21 @@ static int read_fd(struct pyuffd_pump *p, int fd, struct pyuffd_item *items, int
 	int count = (int)(got / (ssize_t)sizeof(msgs[0]));
 	int dontwake = count > 1;
 	uint64_t lo = UINT64_MAX, hi = 0;
-	/* After an event, Python must update the mapping table before later faults are served. */
+	/*
+	 * Python must apply an event to the mapping table before faults near it
+	 * are served. read() returns pending faults ahead of pending events, and
+	 * the event's sender (madvise, mremap) resumes as soon as it is read: a
+	 * fault installed natively now could land after MADV_DONTNEED's zap. So
+	 * a batch holding any event is all handed to Python, in order.
+	 */
 	int native_ok = items != NULL;
+	for (int i = 0; i < count && native_ok; i++)
+		if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
+			native_ok = 0;
 	for (int i = 0; i < count; i++) {
 		struct pyuffd_item item = { .fd = fd, .slot = 0, .t_ns = t, .msg = msgs[i] };
-		if (msgs[i].event != UFFD_EVENT_PAGEFAULT) {
-			native_ok = 0;
+		if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
 			p->events_read++;
-		}
 		if (msgs[i].event == UFFD_EVENT_PAGEFAULT) {
 			if (native_ok && serve_native(p, fd, &msgs[i], dontwake, &lo, &hi))
 				continue;
@@ -369,11 +395,17 @@ static void *watchdog_main(void *arg)
 			break;
 		uint64_t now = now_ns();
 		int pushed = 0;
-		if (!p->in_wait && !p->stopping && now - p->left_wait_ns > p->deadline_ns / 2) {
-			/* The dispatch thread is stuck: take over reading, so nothing waits on it. */
+		/*
+		 * The dispatch thread is stuck (a slow handler, a thread holding the
+		 * GIL, fork() in this process waiting for its FORK event to be read):
+		 * take over reading soon, so nothing waits on it; those faults get
+		 * what is left of the deadline.
+		 */
+		uint64_t takeover = p->deadline_ns / 2 < TAKEOVER_NS ? p->deadline_ns / 2 : TAKEOVER_NS;
+		if (!p->in_wait && !p->stopping && now - p->left_wait_ns > takeover) {
 			int before = p->bl_count;
 			for (int i = 0; i < p->nfds; i++)
-				read_fd(p, p->fds[i], NULL, READ_BATCH, p->deadline_ns / 2);
+				read_fd(p, p->fds[i], NULL, READ_BATCH, p->deadline_ns - takeover);
 			pushed |= p->bl_count != before;
 		}
 		for (int i = 0; i < NSLOTS; i++) {
@@ -442,9 +474,9 @@ void pyuffd_pump_free(struct pyuffd_pump *p)
 	close(p->stopfd);
 	close(p->kickfd);
 	free(p->maps);
-	free(p->backlog);
-	free(p->zero_page);
-	free(p->bounce);
+	pages_free(p->backlog, (size_t)p->bl_cap * sizeof(*p->backlog));
+	pages_free(p->zero_page, p->zero_len);
+	pages_free(p->bounce, p->bounce_len);
 	pthread_mutex_destroy(&p->lock);
 	pthread_cond_destroy(&p->tick);
 	free(p);
