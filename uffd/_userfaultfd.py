@@ -36,6 +36,8 @@ from uffd._native import ffi, lib
 __all__ = ["Userfaultfd", "explain_open_error"]
 
 PAGE_SIZE = mmap.PAGESIZE
+_MAX_BATCH = 4096  # events read by one read_events() call at most
+_MAX_WAIT_MS = 2**31 - 1  # poll() timeout limit (an int of milliseconds)
 _VIAS = ("auto", "syscall", "device")
 
 
@@ -109,6 +111,14 @@ def _index(name: str, value: Any) -> int:
         return operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
+
+
+def _check_address(op: str, name: str, value: int, length: int) -> None:
+    """A source address must fit the kernel's u64 with its length (checked before C sees it)."""
+    if value < 0 or value + length >= 1 << 64:
+        raise ValueError(
+            f"{op}: {name} {describe_range(value, length)} is outside the address space"
+        )
 
 
 class Userfaultfd:
@@ -276,7 +286,7 @@ class Userfaultfd:
         length = _index("length", length)
         if length <= 0:
             raise ValueError(f"{op}: length must be positive, got {length}")
-        if addr < 0 or addr + length > 1 << 64:
+        if addr < 0 or addr + length >= 1 << 64:
             raise ValueError(
                 f"{op}: range {describe_range(addr, length)} is outside the address space"
             )
@@ -299,8 +309,10 @@ class Userfaultfd:
             UffdError: EBUSY (registered on another fd), ENOMEM, ...
         """
         mode = _index("mode", mode)
-        if mode == 0:
-            raise ValueError("register: mode must name at least one of Mode.MISSING, WP, MINOR")
+        if mode <= 0 or mode >= 1 << 64:
+            raise ValueError(
+                f"register: mode must name at least one of Mode.MISSING, WP, MINOR, got {mode}"
+            )
         fd, addr, length = self._range("UFFDIO_REGISTER", addr, length)
         out = ffi.new("uint64_t *")
         rc = lib.pyuffd_register(fd, addr, length, mode, out)
@@ -346,6 +358,7 @@ class Userfaultfd:
             lib.UFFDIO_COPY_MODE_WP if wp else 0
         )
         if isinstance(src, int):
+            _check_address("UFFDIO_COPY", "src", src, length)
             return self._fill(
                 "UFFDIO_COPY", lib.pyuffd_copy, dst, length, fd, dst, src, length, mode
             )
@@ -412,6 +425,7 @@ class Userfaultfd:
         """
         fd, dst, length = self._range("UFFDIO_MOVE", dst, length)
         src = _index("src", src)
+        _check_address("UFFDIO_MOVE", "src", src, length)
         if src % PAGE_SIZE:
             raise ValueError(
                 f"UFFDIO_MOVE: src {src:#x} is not aligned to the {PAGE_SIZE}-byte page size"
@@ -460,8 +474,10 @@ class Userfaultfd:
         max_events = _index("max_events", max_events)
         if max_events < 1:
             raise ValueError(f"read_events: max_events must be at least 1, got {max_events}")
-        if timeout is not None and timeout < 0:
+        if timeout is not None and not timeout >= 0:  # NaN too
             raise ValueError(f"read_events: timeout must be >= 0 or None, got {timeout}")
+        if timeout == math.inf:
+            timeout = None  # waits forever, as None does
         if timeout is not None:
             status = fcntl.fcntl(fd, fcntl.F_GETFL)
             if not status & os.O_NONBLOCK:
@@ -476,13 +492,16 @@ class Userfaultfd:
         return self._read_events(fd, max_events, timeout)
 
     def _read_events(self, fd: int, max_events: int, timeout: float | None) -> list[Event]:
+        # "At most max_events": a huge value must not allocate a huge buffer.
+        max_events = min(max_events, _MAX_BATCH)
         buf = ffi.new("struct uffd_msg[]", max_events)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if deadline is None:
                 wait_ms = -1
             else:
-                wait_ms = max(0, math.ceil((deadline - time.monotonic()) * 1000))
+                # Capped to what poll() takes; the loop waits again for the rest.
+                wait_ms = min(_MAX_WAIT_MS, max(0, math.ceil((deadline - time.monotonic()) * 1000)))
             n = lib.pyuffd_read_msgs(fd, buf, max_events, wait_ms)
             if n > 0:
                 data = ffi.buffer(buf, n * MSG_SIZE)

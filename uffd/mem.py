@@ -26,6 +26,7 @@ __all__ = ["Region", "anon", "huge_page_size", "hugetlb", "kind_of", "shmem"]
 
 PAGE_SIZE = mmap.PAGESIZE
 _MAP_FAILED = 2**64 - 1
+_MAX_LENGTH = 1 << 63
 
 
 def huge_page_size() -> int:
@@ -64,8 +65,8 @@ def _map_aligned(length: int, align: int | None, prot: int, flags: int, fd: int,
     """mmap ``length`` bytes, starting on an ``align`` boundary when asked."""
     if align is None:
         return _mmap(length, prot, flags, fd, what)
-    if align <= 0 or align & (align - 1):
-        raise ValueError(f"align must be a positive power of two, got {align}")
+    if align <= 0 or align & (align - 1) or align >= _MAX_LENGTH:
+        raise ValueError(f"align must be a positive power of two below 2**63, got {align}")
     # Reserve length + align of nothing, then place the real mapping inside it.
     span = length + align
     base = _mmap(
@@ -269,6 +270,9 @@ def _check_length(length: Any, page_size: int, what: str) -> int:
             f"{what}: length must be a positive multiple of the {page_size}-byte "
             f"page size, got {length}"
         )
+    if length >= _MAX_LENGTH:
+        # mmap takes a size_t and ftruncate an off_t: larger would be an OverflowError.
+        raise ValueError(f"{what}: length {length} is larger than any address space")
     return int(length)
 
 
