@@ -61,6 +61,8 @@ _FALLBACKS = ("sigbus", "zero")
 _ITEM = struct.Struct("=iIQB7xQQQ")
 _ITEM_SIZE = 48
 _EAGAIN_RETRIES = 16
+_MAX_DEADLINE = 86400.0 * 365  # a year: the pump keeps nanoseconds in a u64
+_REAP_INTERVAL_MS = 1000  # how often the dispatch loop looks for exited forked children
 _DID = {
     lib.PYUFFD_DID_POISON: "poison",
     lib.PYUFFD_DID_ZEROPAGE: "zero",
@@ -130,10 +132,13 @@ class FaultHandler:
     ) -> None:
         if fallback not in _FALLBACKS:
             raise ValueError(f"fallback must be 'sigbus' or 'zero', not {fallback!r}")
-        if not deadline > 0:
-            raise ValueError(f"deadline must be positive seconds, got {deadline!r}")
+        if not 0 < deadline <= _MAX_DEADLINE:
+            raise ValueError(
+                f"deadline must be positive seconds up to {_MAX_DEADLINE:g}, got {deadline!r}"
+            )
         self.fallback = fallback
         self.deadline = float(deadline)
+        self._deadline_ns = int(self.deadline * 1e9)
         self._batch = batch
         self._pump: Any = None
         self._fds: dict[int, Userfaultfd] = {}
@@ -161,9 +166,17 @@ class FaultHandler:
             if auto_features:
                 answer = api_answer()
                 features = Feature(features | (AUTO_FEATURES & (answer[0] if answer else 0)))
-            self.uffd = Userfaultfd(features)
+            try:
+                self.uffd = Userfaultfd(features)
+            except PermissionError as err:
+                # The fd's own remedy (user_mode_only=True) is not a FaultHandler argument.
+                raise PermissionError(
+                    err.errno,
+                    f"{err.strerror}; for a FaultHandler: "
+                    "FaultHandler(uffd=Userfaultfd(user_mode_only=True))",
+                ) from None
         self.features = self.uffd.features
-        pump = lib.pyuffd_pump_new(int(self.deadline * 1e9))
+        pump = lib.pyuffd_pump_new(self._deadline_ns)
         if pump == ffi.NULL:
             self.uffd.close()
             raise OSError(ffi.errno, "could not start the fault pump (out of memory or threads?)")
@@ -212,7 +225,8 @@ class FaultHandler:
         Raises:
             UnsupportedError: the ops, the negotiated features or the kernel
                 refused; the message says who and why.
-            ValueError: mode 0, an unaligned range, an overlap with a mapping.
+            ValueError: mode 0, an unaligned range, an overlap with a mapping,
+                an ``(addr, length)`` where nothing is mapped.
         """
         self._require_running("register")
         mode = Mode(mode)
@@ -226,7 +240,10 @@ class FaultHandler:
         else:
             addr, length = target
             if kind is None and not registered:
-                kind, _, _, found = mem.kind_of(addr)
+                try:
+                    kind, _, _, found = mem.kind_of(addr)
+                except LookupError as err:
+                    raise ValueError(f"register: {err}: map the memory first") from None
                 page_size = page_size or found
             else:
                 kind = kind or (ops.kind if ops is not None and ops.kind else "anon")
@@ -548,8 +565,15 @@ class FaultHandler:
         view = ffi.buffer(items)
         unpack = _ITEM.unpack_from
         pump = self._pump
+        next_reap = 0.0
         while True:
-            n = lib.pyuffd_pump_wait(pump, items, self._batch, 100 if self._retry else -1)
+            timeout_ms = 100 if self._retry else _REAP_INTERVAL_MS if self._forked else -1
+            n = lib.pyuffd_pump_wait(pump, items, self._batch, timeout_ms)
+            if self._forked and time.monotonic() >= next_reap:
+                # Exited children send no event: look for them now and then.
+                with self._lock:
+                    self._reap_exited()
+                next_reap = time.monotonic() + _REAP_INTERVAL_MS / 1000
             if n == 0:
                 return
             if n < 0:
@@ -565,10 +589,14 @@ class FaultHandler:
                 # in it (a mremap or MADV_DONTNEED waiting for its event to be read):
                 # apply the events first, then look the faults up (stable sort).
                 batch.sort(key=lambda item: item[3] == _EVENT_PAGEFAULT)
+            # A fault read longer ago than the deadline has been (or is about to
+            # be) answered by the watchdog, which reports it: do not run its handler.
+            stale = time.monotonic_ns() - self._deadline_ns
             for fd, slot, t_ns, event, a, b, c in batch:
                 try:
                     if event == _EVENT_PAGEFAULT:
-                        self._dispatch(fd, slot, t_ns, a, b, c)
+                        if t_ns > stale:
+                            self._dispatch(fd, slot, t_ns, a, b, c)
                     else:
                         self._on_event(fd, slot, event, a, b, c)
                 except Exception as err:
@@ -707,6 +735,15 @@ class FaultHandler:
             lib.pyuffd_pump_fallback(self._pump, fault._slot)
             with self._lock:
                 m.stats.record(fault.kind, "gone", time.monotonic_ns() - fault._t_ns)
+            return False
+        if rc == -_errno.EBADF:
+            # Closed under the running handler (os.close, or its close() while
+            # serving): the kernel has released the threads; report the fd lost.
+            lib.pyuffd_pump_fallback(self._pump, fault._slot)
+            with self._lock:
+                for n, known in list(self._fds.items()):
+                    if known is m.uffd:
+                        self._fd_lost(n, _errno.EBADF)
             return False
         if rc == -_errno.EAGAIN and attempt < _EAGAIN_RETRIES:
             # The mappings are changing: the event is queued; retry after reading it.
@@ -871,23 +908,21 @@ class FaultHandler:
         """Close the fds of forked children whose process has exited (lock held).
 
         The kernel says nothing when a child's mm goes away (no event, no
-        POLLHUP), so each FORK event probes the earlier children; without this
+        POLLHUP), so each FORK event and the dispatch loop, once a second,
+        probe the earlier children; without this
         every child ever forked keeps an fd and one of the pump's 256 fd slots
         for the handler's lifetime, and FORK events fail with EMFILE after that.
         """
         for n in [n for n in self._forked if mm_gone(n)]:
             self._forked.discard(n)
-            for slot, fault in list(self._deferred.items()):
-                if fault.mapping.uffd.fileno() == n:
-                    del self._deferred[slot]
-                    lib.pyuffd_pump_fallback(self._pump, slot)  # frees the slot (ESRCH)
-            kept = []
-            for fault, r, attempt in self._retry:
-                if fault.mapping.uffd.fileno() == n:
-                    lib.pyuffd_pump_fallback(self._pump, fault._slot)
-                else:
-                    kept.append((fault, r, attempt))
-            self._retry = kept
+            waiting = [f for f in self._deferred.values() if f.mapping.uffd.fileno() == n]
+            waiting += [f for f, _, _ in self._retry if f.mapping.uffd.fileno() == n]
+            self._retry = [item for item in self._retry if item[0] not in waiting]
+            for fault in waiting:
+                # Nobody waits for these pages any more: "gone", not an error.
+                self._deferred.pop(fault._slot, None)
+                lib.pyuffd_pump_fallback(self._pump, fault._slot)  # frees the slot (ESRCH)
+                fault.mapping.stats.record(fault.kind, "gone", time.monotonic_ns() - fault._t_ns)
             lost = self._fds.pop(n)
             table = self._tables.pop(n, None)
             if table is not None:
@@ -913,7 +948,7 @@ class FaultHandler:
                 UffdError(
                     err,
                     f"the handler's userfaultfd (fd {fd}) was closed under the running handler "
-                    f"([{_errno.errorcode.get(err, err)}]: os.close by someone else?): the kernel "
+                    f"([{_errno.errorcode.get(err, err)}]: closed while in use?): the kernel "
                     "released its faulting threads and unregistered its ranges; the handler did "
                     "not close that fd number again",
                 ),
@@ -936,7 +971,7 @@ class FaultHandler:
             table = self._tables.get(fd)
             m = table.find(address) if table is not None else None
             if m is not None and gone:
-                m.stats.record("missing", "gone", int(self.deadline * 1e9))
+                m.stats.record("missing", "gone", self._deadline_ns)
             elif m is not None:
                 m.stats.errors += 1
                 kind = (
@@ -946,9 +981,7 @@ class FaultHandler:
                     if flags & lib.UFFD_PAGEFAULT_FLAG_WP
                     else "missing"
                 )
-                m.stats.record(
-                    kind, "fallback-" + _DID.get(did & 0xFF, "?"), int(self.deadline * 1e9)
-                )
+                m.stats.record(kind, "fallback-" + _DID.get(did & 0xFF, "?"), self._deadline_ns)
         if gone:
             return
         what = _DID.get(did & 0xFF, "nothing (the fallback failed)")
