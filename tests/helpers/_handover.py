@@ -14,9 +14,9 @@ import socket
 from uffd import Userfaultfd, mem
 
 
-def send_uffd(sock: socket.socket, ufd: Userfaultfd, region: mem.Region) -> None:
-    """Send the header describing ``region`` and ``ufd``, with the fd attached."""
-    header = {
+def uffd_header(ufd: Userfaultfd, region: mem.Region) -> dict[str, int]:
+    """What the parent needs to serve ``region`` through ``ufd`` once it has the fd."""
+    return {
         "addr": region.addr,
         "length": region.length,
         "features": int(ufd.features),
@@ -24,4 +24,9 @@ def send_uffd(sock: socket.socket, ufd: Userfaultfd, region: mem.Region) -> None
         "ioctls": int(ufd.ioctls),
         "pid": os.getpid(),
     }
+
+
+def send_uffd(sock: socket.socket, ufd: Userfaultfd, region: mem.Region) -> None:
+    """Send the header describing ``region`` and ``ufd``, with the fd attached."""
+    header = uffd_header(ufd, region)
     socket.send_fds(sock, [json.dumps(header).encode() + b"\n"], [ufd.fileno()])

@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 
+from _handover import uffd_header
 from rel_common import arm_alarm, page_pattern, recv_json, send_json
 
 import uffd
@@ -50,15 +51,7 @@ def main() -> int:
     ufd = uffd.Userfaultfd(Feature.EVENT_FORK)
     region = mem.anon(npages * mem.PAGE_SIZE)
     ufd.register(region.addr, region.length, Mode.MISSING)
-    header = {
-        "addr": region.addr,
-        "length": region.length,
-        "features": int(ufd.features),
-        "available": int(ufd.available),
-        "ioctls": int(ufd.ioctls),
-        "pid": os.getpid(),
-    }
-    send_json(sock, header, [ufd.fileno()])
+    send_json(sock, uffd_header(ufd, region), [ufd.fileno()])
     go, _ = recv_json(sock)
     assert go == {"go": True}
 
