@@ -117,7 +117,7 @@ def check_decoder(case: tuple[bytes, list[int], int]) -> None:
             decoder.feed(p.encode(p.List()))
 
 
-@budget(1000)
+@budget(2000)
 def test_fuzz_frame_decoder(examples: int) -> None:
     """Random, mutated and header-valid streams, fed in random pieces: frames or ProtocolError."""
     run(
@@ -160,7 +160,7 @@ def test_fuzz_snapshot_reader_targets(snapshot_blob: tuple[bytes, dict[str, byte
         assert {r.name: snap.read(r.name, 0, r.length) for r in snap.regions} == regions
 
 
-@budget(500)
+@budget(2000)
 def test_fuzz_snapshot_reader(
     examples: int, snapshot_blob: tuple[bytes, dict[str, bytes], Path]
 ) -> None:
@@ -266,7 +266,7 @@ def check_handshake(data: bytes) -> None:
     assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
 
 
-@budget(1000)
+@budget(2000)
 def test_fuzz_firecracker_handshake(examples: int) -> None:
     """Random bytes, random JSON and near-valid mapping lists: mappings or HandshakeError."""
     run(examples, handshakes, check_handshake)
@@ -318,7 +318,7 @@ def bare_uffd() -> Iterator[uffd.Userfaultfd]:
         yield ufd
 
 
-@budget(800)
+@budget(2000)
 def test_fuzz_userfaultfd_range_methods(examples: int, bare_uffd: uffd.Userfaultfd) -> None:
     """Random ints and types to every range method: ValueError, TypeError or a UffdError only."""
     ufd = bare_uffd
@@ -381,7 +381,7 @@ def test_fuzz_userfaultfd_range_methods(examples: int, bare_uffd: uffd.Userfault
     )
 
 
-@budget(600)
+@budget(2000)
 def test_fuzz_mem_sizes(examples: int) -> None:
     """mem.anon/shmem with random sizes and aligns: a Region, or ValueError/TypeError/OSError."""
 
@@ -430,7 +430,7 @@ def idle_handler() -> Iterator[uffd.FaultHandler]:
     handler.stop()
 
 
-@budget(600)
+@budget(2000)
 def test_fuzz_fault_handler_register_targets(
     examples: int, idle_handler: uffd.FaultHandler
 ) -> None:
@@ -477,7 +477,7 @@ class Scripted(uffd.UffdOps):
         return self.answer  # type: ignore[no-any-return]
 
 
-@budget(300)
+@budget(1000)
 def test_fuzz_resolution_inputs_through_the_handler(examples: int) -> None:
     """Resolution factories with random inputs, applied to real faults: the page is right or
     zero, the thread is released, and only documented errors are recorded."""

@@ -418,7 +418,10 @@ def race(
                 else:
                     page = rng.randrange(npages)
                     removed.add(page)
+                    # A read of that page during the zap may see part pattern, part zeros.
+                    state[0] += 1
                     region.madvise(mmap.MADV_DONTNEED, page * PS, PS)
+                    state[0] += 1
                 counts["moves"] += 1
                 time.sleep(rng.random() * 0.002)
             final = region.read(0, region.length)
