@@ -683,7 +683,14 @@ int pyuffd_pump_resolve(struct pyuffd_pump *p, int fd, uint32_t id, int op, uint
 	case PYUFFD_OP_WAKE: rc = pyuffd_wake(fd, dst, len); break;
 	default: rc = -EINVAL;
 	}
-	if (rc == -EEXIST || rc == -ENOENT) {
+	/*
+	 * EEXIST on a WP or MINOR fault (other than CONTINUE's) is no resolution:
+	 * the page was there all along and the thread would only fault again.
+	 * The slot stays pending for Python, which copies over it or falls back.
+	 */
+	int present = rc == -EEXIST && s && (s->flags & (UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR)) &&
+		      op != PYUFFD_OP_CONTINUE;
+	if ((rc == -EEXIST && !present) || rc == -ENOENT) {
 		/* Resolved by someone else, or unregistered under us: wake the thread. */
 		int wrc = pyuffd_wake(fd, dst, len);
 		if (wrc < 0)
@@ -691,7 +698,7 @@ int pyuffd_pump_resolve(struct pyuffd_pump *p, int fd, uint32_t id, int op, uint
 	}
 	if (s) {
 		pthread_mutex_lock(&p->lock);
-		if (rc < 0 && rc != -EEXIST && rc != -ENOENT)
+		if (present || (rc < 0 && rc != -EEXIST && rc != -ENOENT))
 			s->state = SLOT_PENDING; /* still unresolved: Python falls back or the deadline will */
 		else
 			s->state = SLOT_FREE;
@@ -755,6 +762,14 @@ int pyuffd_pump_stop(struct pyuffd_pump *p)
 	__atomic_store_n(&p->stop_requested, 1, __ATOMIC_RELAXED);
 	kick(p->stopfd);
 	return 0;
+}
+
+uint64_t pyuffd_pump_events_read(struct pyuffd_pump *p)
+{
+	pthread_mutex_lock(&p->lock);
+	uint64_t n = p->events_read;
+	pthread_mutex_unlock(&p->lock);
+	return n;
 }
 
 uint64_t pyuffd_pump_native_faults(struct pyuffd_pump *p)

@@ -79,6 +79,7 @@ int pyuffd_pump_drain(struct pyuffd_pump *pump);
 int pyuffd_pump_stop(struct pyuffd_pump *pump);
 void pyuffd_pump_set_spin(struct pyuffd_pump *pump, uint64_t spin_ns);
 uint64_t pyuffd_pump_native_faults(struct pyuffd_pump *pump);
+uint64_t pyuffd_pump_events_read(struct pyuffd_pump *pump);
 
 /* uffd_mem.c: is this thread inside a SIGBUS-safe Region access? */
 int pyuffd_tid_guarded(int32_t tid);

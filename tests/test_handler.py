@@ -24,7 +24,16 @@ from _dispatch_helpers import (
     wait_for,
     zeros,
 )
-from conftest import PAGE, WAIT, run_toucher
+from conftest import (
+    HAS_PAGEMAP_WP,
+    PAGE,
+    PM_UFFD_WP,
+    WAIT,
+    pagemap,
+    requires,
+    run_in_thread,
+    run_toucher,
+)
 
 import uffd
 from uffd import FaultHandler, Feature, Ioctl, Mode, Resolution, UffdOps, mem
@@ -234,6 +243,117 @@ def test_poison_without_feature(region_factory: Regions) -> None:
     assert mapping.ioctls & Ioctl.POISON  # granted by the kernel, yet unusable
     assert run_toucher(region, 0, 8, read=True).finish() == bytes(8)
     stop_raises(handler, uffd.UnsupportedError, "POISON was not negotiated")
+
+
+# -- resolutions on write-protected and present pages ---------------------------
+
+
+class CopyKeepWp(UffdOps):
+    """MISSING: the pattern page, installed write-protected; WP: unprotect (counted)."""
+
+    def __init__(self, wrap: Callable[[bytes], object]) -> None:
+        self.wrap = wrap
+
+    def handle_missing(self, fault: uffd.Fault) -> Resolution:
+        return Resolution.copy(self.wrap(page_pattern(0, PAGE)), keep_wp=True)
+
+    def handle_wp(self, fault: uffd.Fault) -> Resolution:
+        return Resolution.unprotect()
+
+
+@requires(Feature.PAGEFAULT_FLAG_WP)
+@pytest.mark.parametrize("wrap", [bytes, bytearray, memoryview], ids=lambda w: w.__name__)
+def test_copy_keep_wp_installs_protected_for_every_buffer_type(
+    wrap: Callable[[bytes], object], region_factory: Regions
+) -> None:
+    """copy(keep_wp=True) leaves the page write-protected whatever buffer type carries it."""
+    region = region_factory("anon", pages=1)
+    with FaultHandler() as handler:
+        handler.register(region, Mode.MISSING | Mode.WP, CopyKeepWp(wrap))
+        assert run_toucher(region, 0, PAGE, read=True).finish() == page_pattern(0, PAGE)
+        if HAS_PAGEMAP_WP:
+            assert pagemap(region.addr) & PM_UFFD_WP
+        run_toucher(region, 0, 8, write=True).finish()
+    assert handler.stats.total.faults == {"missing": 1, "wp": 1}
+    assert handler.stats.total.resolutions == {"copy": 1, "unprotect": 1}
+
+
+class WpAnswers(UffdOps):
+    """WP faults get ``answer``."""
+
+    def __init__(self, answer: Resolution) -> None:
+        self.answer = answer
+
+    def handle_missing(self, fault: uffd.Fault) -> Resolution:
+        return Resolution.zero()
+
+    def handle_wp(self, fault: uffd.Fault) -> Resolution:
+        return self.answer
+
+
+@requires(Feature.PAGEFAULT_FLAG_WP)
+def test_wp_copy_on_present_page_copies_then_unprotects(region_factory: Regions) -> None:
+    """handle_wp returning copy(data) on a present page: the page becomes data, then the
+    write lands on it (copy-then-unprotect), once."""
+    region = region_factory("anon", pages=1)
+    region.write(0, page_pattern(0, PAGE, salt=1))
+    new = page_pattern(0, PAGE, salt=2)
+    with FaultHandler() as handler:
+        handler.register(region, Mode.WP, WpAnswers(Resolution.copy(new)))
+        handler.uffd.writeprotect(region.addr, region.length, True)
+        run_in_thread(region.write, 0, b"written!").finish()
+        if HAS_PAGEMAP_WP:
+            assert not pagemap(region.addr) & PM_UFFD_WP
+    assert region.read(0, PAGE) == b"written!" + new[8:]
+    assert handler.stats.total.faults == {"wp": 1}
+    assert handler.stats.total.resolutions == {"copy": 1}
+
+
+@requires(Feature.PAGEFAULT_FLAG_WP)
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (Resolution.copy(bytes(PAGE), keep_wp=True), "fault again forever"),
+        (Resolution.zero(), "the page is present"),
+    ],
+    ids=["copy-keep-wp", "zero"],
+)
+def test_wp_answers_that_cannot_resolve_take_the_fallback(
+    answer: Resolution, message: str, region_factory: Regions
+) -> None:
+    """A WP answer that would leave the page protected is an error, not a livelock: the
+    fallback unprotects, the write lands, stop() names the cause."""
+    region = region_factory("anon", pages=1)
+    region.write(0, page_pattern(0, PAGE, salt=1))
+    handler = FaultHandler().start()
+    handler.register(region, Mode.WP, WpAnswers(answer))
+    handler.uffd.writeprotect(region.addr, region.length, True)
+    run_in_thread(region.write, 0, b"written!").finish()
+    stop_raises(handler, uffd.UnsupportedError, message)
+    assert region.read(0, PAGE) == b"written!" + page_pattern(0, PAGE, salt=1)[8:]
+    assert handler.stats.total.faults == {"wp": 1}
+    assert handler.stats.total.errors == 1
+
+
+class MinorCopies(UffdOps):
+    """MINOR faults answered with a copy, which cannot resolve them (the page is cached)."""
+
+    def handle_continue(self, fault: uffd.Fault) -> Resolution:
+        return Resolution.copy(bytes(PAGE))
+
+
+@requires(Feature.MINOR_SHMEM)
+def test_minor_copy_takes_the_fallback(region_factory: Regions, track_region: Callable) -> None:
+    """copy() for a MINOR fault meets EEXIST: an error naming continue_(), and the "zero"
+    fallback CONTINUEs, so the reader sees the page cache, not a livelock."""
+    region = region_factory("shmem", pages=1)
+    alias = track_region(region.alias())
+    alias.write(0, page_pattern(0, PAGE))
+    handler = FaultHandler(fallback="zero").start()
+    handler.register(region, Mode.MINOR, MinorCopies())
+    assert run_toucher(region, 0, PAGE, read=True).finish() == page_pattern(0, PAGE)
+    stop_raises(handler, uffd.UnsupportedError, "page is present", "continue_()")
+    assert handler.stats.total.faults == {"minor": 1}
 
 
 # -- stats ----------------------------------------------------------------------

@@ -229,6 +229,7 @@ class FaultHandler:
                 an ``(addr, length)`` where nothing is mapped.
         """
         self._require_running("register")
+        self._settle()  # a range just unmapped or moved: its events applied first
         mode = Mode(mode)
         if not mode:
             raise ValueError("register: mode must name at least one of Mode.MISSING, WP, MINOR")
@@ -337,6 +338,7 @@ class FaultHandler:
 
     def unregister(self, mapping: Mapping) -> None:
         """UFFDIO_UNREGISTER ``mapping`` and drop it; faults pending on it are woken."""
+        self._settle()
         with self._lock:
             fd = mapping.uffd.fileno() if not mapping.uffd.closed else -1
             table = self._tables.get(fd)
@@ -403,6 +405,11 @@ class FaultHandler:
             with self._lock:
                 self._detach_lost_fds()
                 for fault in self._deferred.values():
+                    did = lib.pyuffd_pump_fallback(self._pump, fault._slot)
+                    if did < 0 or did & 0xFF == lib.PYUFFD_DID_WAKE:
+                        # Its page is there already (a prefetch installed it, and
+                        # the thread went on) or nobody waits: nothing was lost.
+                        continue
                     self._errors.append(
                         DeadlineExceededError(
                             f"deferred fault at {fault.address:#x} was never resolved "
@@ -480,7 +487,34 @@ class FaultHandler:
 
     @property
     def mappings(self) -> list[Mapping]:
-        """Every registered mapping (forked children's too), sorted by start."""
+        """Every registered mapping (forked children's too), sorted by start.
+
+        Events already read (an mremap or MADV_DONTNEED that has returned) are
+        applied to the table first, as for ``register`` and ``unregister``.
+        """
+        self._settle()
+        return self._sorted_mappings()
+
+    def _settle(self) -> None:
+        """Wait until every event the pump has read is applied to the table.
+
+        mremap, MADV_DONTNEED and fork return once the pump has *read* their
+        event; the dispatch thread applies it a moment later. A caller that
+        acts on the table right after (registers the freed range anew,
+        unregisters the moved mapping) waits for that, up to the deadline; the
+        dispatch thread itself (a handler calling in) never waits on itself.
+        """
+        if self._thread is None or threading.current_thread() is self._thread:
+            return
+        with self._lock:  # stop() frees the pump under it
+            if self._stopped:
+                return
+            target = lib.pyuffd_pump_events_read(self._pump)
+        until = time.monotonic() + self.deadline
+        while self._events_applied < target and not self._stopped and time.monotonic() < until:
+            time.sleep(0.0002)
+
+    def _sorted_mappings(self) -> list[Mapping]:
         # list() copies at once: a FORK event may add a table on the dispatch thread meanwhile.
         tables = list(self._tables.values())
         return sorted(
@@ -492,9 +526,10 @@ class FaultHandler:
     def stats(self) -> HandlerStats:
         """Counters per mapping and in total, native faults, deadline fallbacks."""
         with self._lock:
-            live = {(m.start, m.end): m.stats for m in self.mappings}
+            mappings = self._sorted_mappings()
+            live = {(m.start, m.end): m.stats for m in mappings}
             total = self._orphans
-            for m in [*self.mappings, *self._retired]:
+            for m in [*mappings, *self._retired]:
                 total = total.merged(m.stats)
             if self._stopped:
                 native = self._native_at_stop
@@ -699,6 +734,7 @@ class FaultHandler:
         kind = type(data)
         if (
             r.kind is _COPY_KIND
+            and not r.keep_wp
             and m._honoured & r.need == r.need
             and (
                 (kind is bytes and len(data) >= ps)
@@ -721,6 +757,8 @@ class FaultHandler:
             # memoryview with a live export crashes CPython 3.11's gc (tp_clear).
             ffi.release(src)
         del src
+        if rc == -_errno.EEXIST and fault.kind != "missing":
+            return self._present(fault, r, op)
         if rc == 0 or rc == -_errno.EEXIST or rc == -_errno.ENOENT:
             latency = time.monotonic_ns() - fault._t_ns
             with self._lock:  # resolve() may run on other threads
@@ -774,6 +812,77 @@ class FaultHandler:
             self._fail(fault, err)
         return False
 
+    def _present(self, fault: Fault, r: Resolution, op: int) -> bool:
+        """EEXIST for a WP or MINOR fault: the page is there, so ``r`` did not resolve it.
+
+        For a MISSING fault EEXIST means another install won the race; a WP or
+        MINOR fault is on a page that exists, and waking the thread would only
+        fault it again, forever. A WP fault's copy is done by overwriting the
+        page; a MINOR fault's CONTINUE found the page mapped already (resolved);
+        anything else is the handler's mistake: recorded, and the fallback
+        (unprotect, continue) lets the thread on.
+        """
+        if fault.kind == "wp" and op == _OP_COPY:
+            return self._copy_over(fault, r)
+        if fault.kind == "minor" and op == lib.PYUFFD_OP_CONTINUE:
+            with self._lock:
+                fault.mapping.stats.record(fault.kind, r.kind, time.monotonic_ns() - fault._t_ns)
+            return True
+        remedy = "Resolution.unprotect()" if fault.kind == "wp" else "Resolution.continue_()"
+        self._fail(
+            fault,
+            UnsupportedError(
+                f"{type(fault.mapping.ops).__name__}.handle_{fault.kind} answered {r!r} for "
+                f"{fault!r}, but the page is present (EEXIST), so that cannot resolve a "
+                f"{fault.kind} fault; return {remedy}"
+            ),
+        )
+        return False
+
+    def _copy_over(self, fault: Fault, r: Resolution) -> bool:
+        """Copy-then-unprotect for a WP fault on a present page (UFFDIO_COPY said EEXIST).
+
+        No ioctl replaces a present page, so for this process's own memory the
+        page is unprotected without waking the writer, overwritten, and the
+        writer woken (``keep_wp`` was refused before: it would fault forever).
+        A write by another thread in between is overwritten: the handler's data
+        wins, as a copy would.
+        Another process's memory is not writable from here: that is recorded
+        as an error and the fault takes the fallback (unprotect).
+        """
+        m = fault.mapping
+        ps, addr, fd = m.page_size, fault.address, m.uffd._fd
+        if m.uffd is not self.uffd or not self._own_mm:
+            self._fail(
+                fault,
+                UnsupportedError(
+                    f"{type(m.ops).__name__}.handle_wp returned {r!r} for {fault!r}, a present "
+                    "page of another process, which cannot be overwritten from here; return "
+                    "Resolution.unprotect() (or copy only into unpopulated pages)"
+                ),
+            )
+            return False
+        rc = lib.pyuffd_writeprotect(fd, addr, ps, lib.UFFDIO_WRITEPROTECT_MODE_DONTWAKE)
+        if rc == 0:
+            src = ffi.from_buffer(r.data)
+            rc = lib.pyuffd_mem_write(addr, src, ps, ffi.new("uint64_t *"))
+            ffi.release(src)
+        if rc == 0:
+            rc = _resolve(
+                self._pump, fd, fault._slot, lib.PYUFFD_OP_WAKE, addr, ffi.NULL, ps, 0, self._done
+            )
+        if rc == 0:
+            with self._lock:
+                m.stats.record(fault.kind, r.kind, time.monotonic_ns() - fault._t_ns)
+            return True
+        if rc == -_errno.ETIME:
+            return False  # the watchdog resolved it meanwhile; its notice reports that
+        try:
+            check(rc, f"copying over the present page for {fault!r} with {r!r}", addr, ps)
+        except UffdError as err:
+            self._fail(fault, err)
+        return False
+
     def _prepare(self, fault: Fault, r: Resolution) -> tuple[int, Any, int] | None:
         """(pump op, source, mode) for ``r``; None after recording why it cannot be installed."""
         m = fault.mapping
@@ -807,6 +916,15 @@ class FaultHandler:
             self._fail(
                 fault,
                 UnsupportedError(f"{r!r} for {fault!r}: UFFD_FEATURE_POISON was not negotiated"),
+            )
+            return None
+        if r.keep_wp and fault.kind == "wp":
+            self._fail(
+                fault,
+                UnsupportedError(
+                    f"{r!r} for {fault!r} would leave the page write-protected, so the write "
+                    "would fault again forever; use keep_wp=False (or Resolution.unprotect())"
+                ),
             )
             return None
         if keep is None:
