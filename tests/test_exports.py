@@ -274,3 +274,20 @@ def test_probe_signature_and_result_type():
     """``uffd.probe()`` takes no arguments and returns a ``uffd.Capabilities``."""
     assert params(uffd.probe) == []
     assert isinstance(uffd.probe(), uffd.Capabilities)
+
+
+def test_submodules_of_the_contract_reachable_from_import_uffd():
+    """``import uffd`` is enough for ``uffd.mem.anon`` and ``uffd.dirty.DirtyTracker`` (§5, §8)."""
+    import subprocess
+    import sys
+
+    code = "import uffd; print(uffd.mem.anon.__name__, uffd.dirty.DirtyTracker.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["anon", "DirtyTracker"]
+
+
+def test_gil_warning_in_the_public_docstrings():
+    """api.md §2: the GIL warning (fork with EVENT_FORK, faults while holding the GIL) is stated
+    where users read it."""
+    for doc in (uffd.Userfaultfd.__doc__, uffd.Userfaultfd.read_events.__doc__):
+        assert doc is not None and "GIL" in doc and "fork" in doc

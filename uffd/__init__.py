@@ -5,7 +5,7 @@ reads, the error hierarchy, ``uffd.mem`` regions and ``probe()``. On top of
 it, ``FaultHandler`` serves faults with per-mapping ``UffdOps``.
 """
 
-from uffd import mem
+from uffd import dirty, mem
 from uffd._constants import Feature, Ioctl, Mode
 from uffd._errors import (
     DeadlineExceededError,
@@ -57,6 +57,7 @@ __all__ = [
     "Unmap",
     "UnsupportedError",
     "Userfaultfd",
+    "dirty",
     "get_uffd_ops",
     "mem",
     "probe",

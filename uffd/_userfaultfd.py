@@ -4,16 +4,8 @@ This is the thin layer: it keeps no table of registered ranges and passes
 every valid call to the kernel. Arguments are checked here first (types,
 zero lengths, page alignment, a closed fd, a short source buffer) so the
 kernel only ever sees calls that can be right; refusing an ioctl a mapping
-does not honour is the dispatch layer's job (uffd/_dispatch.py).
-
-GIL warning: every call that can block or fault releases the GIL while it is
-in the kernel, but some waits are not ours to release. With EVENT_FORK,
-``os.fork()`` holds the GIL while the kernel waits for the FORK event to be
-read, so a monitor that needs the GIL to reach its next ``read_events``
-deadlocks the fork. The same holds for any thread that faults on registered
-memory while holding the GIL (``ctypes.string_at`` on a registered page).
-Only a reader that runs in C without the GIL, the FaultHandler's pump, is
-safe in those cases.
+does not honour is the dispatch layer's job (uffd/_handler.py). The GIL
+warning is in the ``Userfaultfd`` docstring.
 """
 
 from __future__ import annotations
@@ -135,6 +127,16 @@ class Userfaultfd:
     call on a closed object raises ValueError. Closing does not wake a
     thread blocked in ``read_events`` on another thread: use a timeout or the
     FaultHandler, whose stop eventfd exists for this reason.
+
+    GIL warning: every call that can block or fault releases the GIL while
+    it is in the kernel, but some waits are not ours to release. With
+    EVENT_FORK, ``os.fork()`` holds the GIL while the kernel waits for the
+    FORK event to be read, so a monitor that needs the GIL to reach its next
+    ``read_events`` deadlocks the fork. The same holds for any thread that
+    faults on registered memory while holding the GIL (``ctypes.string_at``
+    on a registered page, a plain ``mmap`` slice). Only a reader that runs in
+    C without the GIL, the FaultHandler's pump, is safe in those cases; use
+    ``Region.read/write/touch``, which release the GIL, to access the memory.
 
     Raises:
         PermissionError: the open or a feature (EVENT_FORK needs
@@ -462,7 +464,11 @@ class Userfaultfd:
 
         ``timeout=0`` returns ``[]`` at once when nothing is pending, ``None``
         waits forever, a float waits up to that many seconds. EINTR is retried
-        (signal handlers run in between). The GIL is released while waiting.
+        (signal handlers run in between). The GIL is released while waiting,
+        but see the class docstring's GIL warning: a thread that forks (with
+        EVENT_FORK) or faults on registered memory while holding the GIL
+        blocks until its event is read, and this method needs the GIL to
+        return: a deadlock that only the FaultHandler's C pump avoids.
         On a blocking fd (``nonblock=False``) a bounded wait sets O_NONBLOCK
         on the open file for the duration of the call.
 
