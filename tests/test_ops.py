@@ -9,8 +9,11 @@ feature the kernel offers.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
+import mmap
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from conftest import CAPS
@@ -209,3 +212,29 @@ def test_get_uffd_ops() -> None:
     assert "pass ops=" in str(info.value)
     with pytest.raises(TypeError):
         get_uffd_ops("anon", object())  # type: ignore[arg-type]
+
+
+def test_get_uffd_ops_of_real_mappings(tmp_path: Path) -> None:
+    """get_uffd_ops(mapping): a Region by its kind, an (addr, length) by /proc/self/smaps,
+    a registered Mapping by its own ops, a file mapping refused, nothing mapped a ValueError."""
+    with mem.anon(mem.PAGE_SIZE) as anon, mem.shmem(mem.PAGE_SIZE) as shm:
+        assert isinstance(get_uffd_ops(anon), AnonOps)
+        assert isinstance(get_uffd_ops((shm.addr, shm.length)), ShmemOps)
+        assert isinstance(get_uffd_ops((anon.addr, anon.length)), AnonOps)
+        mine = AnonOps()
+        with uffd.FaultHandler() as handler:
+            mapping = handler.register(anon, Mode.MISSING, mine)
+            assert get_uffd_ops(mapping) is mine
+        assert isinstance(get_uffd_ops(shm.alias()), ShmemOps)
+    path = tmp_path / "data"
+    path.write_bytes(bytes(mem.PAGE_SIZE))
+    with path.open("r+b") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as m:
+        first = ctypes.c_char.from_buffer(m)
+        addr = ctypes.addressof(first)
+        del first  # releases the export, so the mmap can close
+        with pytest.raises(uffd.UnsupportedError, match="'file'"):
+            get_uffd_ops((addr, mem.PAGE_SIZE))
+    with pytest.raises(ValueError, match="no mapping contains"):
+        get_uffd_ops((1 << 46, mem.PAGE_SIZE))
+    with pytest.raises(TypeError, match="get_uffd_ops"):
+        get_uffd_ops(3.5)

@@ -211,16 +211,42 @@ for _cls in (UffdOps, AnonOps, ShmemOps, HugetlbOps):
     _cls.__module__ = "uffd"
 
 
-def get_uffd_ops(kind: str, ops: UffdOps | None = None) -> UffdOps:
-    """The ops for a mapping of ``kind``: ``ops`` if given, else the built-in for the kind.
+def get_uffd_ops(mapping: Any, ops: UffdOps | None = None) -> UffdOps:
+    """The ops that serve ``mapping``: the kernel's ``get_uffd_ops(vma)`` step.
 
-    Raises UnsupportedError for a memory kind no ops covers (file-backed
-    memory other than shmem/hugetlb has no userfaultfd support in 6.18).
+    Explicit ``ops`` first; else a registered ``Mapping``'s own ops; else the
+    built-in for the memory kind: ``mapping`` may be a kind ("anon", "shmem",
+    "hugetlb"), a ``uffd.mem.Region`` (its kind is known), or an
+    ``(addr, length)`` tuple (the kind is read from /proc/self/smaps).
+
+    Raises:
+        UnsupportedError: a memory kind no ops covers (file-backed memory other
+            than shmem/hugetlb has no userfaultfd support in 6.18).
+        ValueError: an ``(addr, length)`` where nothing is mapped.
+        TypeError: ``ops`` is not a UffdOps, or ``mapping`` is none of the above.
     """
     if ops is not None:
         if not isinstance(ops, UffdOps):
             raise TypeError(f"ops must be a uffd.UffdOps instance, not {type(ops).__name__}")
         return ops
+    if isinstance(mapping, tuple):
+        from uffd import mem
+
+        try:
+            kind = mem.kind_of(int(mapping[0]))[0]
+        except LookupError as err:
+            raise ValueError(f"get_uffd_ops: {err}") from None
+    elif isinstance(mapping, str):
+        kind = mapping
+    elif isinstance(getattr(mapping, "ops", None), UffdOps):
+        return mapping.ops  # type: ignore[no-any-return]
+    elif isinstance(getattr(mapping, "kind", None), str):
+        kind = mapping.kind
+    else:
+        raise TypeError(
+            "get_uffd_ops: mapping must be a Mapping, a uffd.mem.Region, an (addr, length) "
+            f"tuple or a memory kind, not {type(mapping).__name__}"
+        )
     try:
         return _BUILTIN[kind]
     except KeyError:
