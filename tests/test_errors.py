@@ -235,6 +235,41 @@ def test_non_buffer_source_is_a_type_error(uffd_factory, anon_region, src):
         uffd_factory().copy(anon_region.addr, src, PAGE)
 
 
+def test_strided_source_buffer_is_a_value_error(uffd_factory, anon_region):
+    """A non-contiguous ``src`` (a strided memoryview) is a ValueError naming op and range."""
+    strided = memoryview(bytes(2 * PAGE))[::2]
+    with pytest.raises(ValueError, match=r"UFFDIO_COPY to .*not a contiguous buffer"):
+        uffd_factory().copy(anon_region.addr, strided, PAGE)
+
+
+@pytest.mark.parametrize("features", [-1, 1 << 64])
+def test_features_outside_a_64_bit_mask_are_a_value_error(features):
+    """Feature masks that cannot reach UFFDIO_API are a ValueError naming it."""
+    with pytest.raises(ValueError, match="UFFDIO_API: features must be a mask"):
+        uffd.Userfaultfd(features)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"batch": 0}, "batch must be"),
+        ({"batch": -5}, "batch must be"),
+        ({"batch": 1.5}, "batch must be"),
+        ({"spin": -1.0}, "spin must be"),
+        ({"spin": float("nan")}, "spin must be"),
+        ({"features": -1}, "features must be"),
+        ({"deadline": float("inf")}, "deadline must be"),
+        ({"deadline": 0}, "deadline must be"),
+        ({"fallback": "hang"}, "fallback must be"),
+    ],
+    ids=lambda v: str(v) if not isinstance(v, dict) else "-".join(f"{k}={x}" for k, x in v.items()),
+)
+def test_fault_handler_arguments_out_of_range(kwargs, message):
+    """FaultHandler refuses values that would hang or crash its threads, before opening an fd."""
+    with pytest.raises(ValueError, match=message):
+        uffd.FaultHandler(**kwargs)
+
+
 def test_closed_fd_is_a_value_error_and_double_close_is_fine(uffd_factory, anon_region):
     """Calls on a closed fd raise ValueError; closing again raises nothing."""
     ufd = uffd_factory()

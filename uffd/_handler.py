@@ -62,6 +62,7 @@ _ITEM = struct.Struct("=iIQB7xQQQ")
 _ITEM_SIZE = 48
 _EAGAIN_RETRIES = 16
 _MAX_DEADLINE = 86400.0 * 365  # a year: the pump keeps nanoseconds in a u64
+_MAX_BATCH = 4096  # faults one pump wait hands over at most
 _REAP_INTERVAL_MS = 1000  # how often the dispatch loop looks for exited forked children
 _DID = {
     lib.PYUFFD_DID_POISON: "poison",
@@ -109,14 +110,16 @@ class FaultHandler:
     is how long the pump polls for the next fault before it sleeps: it
     yields the CPU while polling, so it costs nothing when the faulting
     thread shares the handler's CPU, and saves a cross-CPU wake-up (most of
-    the fault latency here) when it does not; 0 turns it off.
+    the fault latency here) when it does not; 0 turns it off. ``batch`` is
+    how many faults the dispatch thread takes from the pump at once.
 
     Methods may be called from any thread; the handlers run on the dispatch
     thread. With EVENT_FORK, a ``os.fork()`` in this process is safe: the
     FORK event is read by C code that needs no GIL.
 
     Raises (constructor): PermissionError, UnsupportedError (a requested
-    feature the kernel lacks), ValueError (bad fallback or deadline).
+    feature the kernel lacks), ValueError (a fallback, deadline, batch, spin or
+    features value out of range).
     """
 
     def __init__(
@@ -136,6 +139,12 @@ class FaultHandler:
             raise ValueError(
                 f"deadline must be positive seconds up to {_MAX_DEADLINE:g}, got {deadline!r}"
             )
+        if not isinstance(batch, int) or not 1 <= batch <= _MAX_BATCH:
+            raise ValueError(f"batch must be an int from 1 to {_MAX_BATCH}, got {batch!r}")
+        if not 0 <= spin <= 1:
+            raise ValueError(f"spin must be seconds from 0 to 1, got {spin!r}")
+        if int(features) < 0:
+            raise ValueError(f"features must be a mask of uffd.Feature bits, got {features!r}")
         self.fallback = fallback
         self.deadline = float(deadline)
         self._deadline_ns = int(self.deadline * 1e9)
@@ -457,8 +466,10 @@ class FaultHandler:
             errors, self._errors = self._errors, []
         if errors:
             first = errors[0]
-            if len(errors) > 1 and hasattr(first, "add_note"):
-                first.add_note(f"({len(errors) - 1} more handler errors were recorded)")
+            if len(errors) > 1:
+                note = f"({len(errors) - 1} more handler errors were recorded)"
+                # PEP 678 notes; Python 3.10 has the attribute convention, not add_note().
+                first.__notes__ = [*getattr(first, "__notes__", []), note]  # type: ignore[attr-defined]
             raise first
 
     def __enter__(self) -> FaultHandler:

@@ -158,6 +158,11 @@ class Userfaultfd:
         if via not in _VIAS:
             raise ValueError(f"via must be one of {', '.join(map(repr, _VIAS))}, not {via!r}")
         requested = _index("features", features)
+        if not 0 <= requested < 1 << 64:
+            raise ValueError(
+                f"UFFDIO_API: features must be a mask of UFFD_FEATURE_* bits (0 to 2**64-1), "
+                f"got {requested}"
+            )
         flags = (os.O_NONBLOCK if nonblock else 0) | (os.O_CLOEXEC if cloexec else 0)
         flags |= lib.UFFD_USER_MODE_ONLY if user_mode_only else 0
         fd = _open_fd(flags, via)
@@ -378,6 +383,11 @@ class Userfaultfd:
                 raise ValueError(
                     f"UFFDIO_COPY to {describe_range(dst, length)}: src holds only "
                     f"{view.nbytes} bytes, {length} needed"
+                )
+            if not view.c_contiguous:
+                raise ValueError(
+                    f"UFFDIO_COPY to {describe_range(dst, length)}: src is not a contiguous "
+                    "buffer (a strided memoryview?); pass bytes(src) or a contiguous slice"
                 )
             with ffi.from_buffer(view) as keep:  # the buffer must outlive the ioctl
                 src_addr = int(ffi.cast("uintptr_t", keep))
