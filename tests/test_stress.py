@@ -582,7 +582,8 @@ def served_snapshot(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, byt
 def restore_clients(
     path: Path, data: bytes, clients: int, timeout: float, repeat: int = 1
 ) -> dict[str, Any]:
-    """``clients`` processes each restore the whole snapshot page by page and check every page."""
+    """``clients`` processes each lazily restore the whole snapshot through userfaultfd (faults
+    fetched from the page server), and check every page."""
     from uffd.server import ServerThread
     from uffd.snapshot import Snapshot
 
@@ -596,10 +597,14 @@ def restore_clients(
         stats = server.stats
     assert [r["sha256"] for r in results] == [digest] * clients
     assert all(r["bad_pages"] == [] for r in results)
+    assert all(r["errors"] == 0 for r in results)
+    # Every page was faulted in (a page two readers fault at once may be fetched twice).
+    assert all(r["faults"] >= len(data) // PS * repeat for r in results)
     assert stats.clients == clients and stats.errors == 0
     return {
         "clients": clients,
         "pages_each": len(data) // PS * repeat,
+        "faults": sum(r["faults"] for r in results),
         "bytes_sent": stats.bytes,
         "zero_bytes": stats.zero_bytes,
         "requests": stats.requests,
@@ -607,7 +612,8 @@ def restore_clients(
 
 
 def test_page_server_sixteen_restoring_processes(served_snapshot: tuple[Path, bytes]) -> None:
-    """16 client processes restore a 4 MiB snapshot at once, one READ per page; every page right."""
+    """16 processes are lazily restored from one page server at once, 4 faulting threads each;
+    every page of every process right."""
     print(f"\npage server: {restore_clients(*served_snapshot, clients=16, timeout=120)}")
 
 
