@@ -31,3 +31,22 @@ def test_readme_names_the_two_setup_commands() -> None:
     for target in ("demo", "test"):
         assert f"make {target}" in README
         assert re.search(rf"^{target}:", makefile, re.M)
+
+
+def _shape(text: str) -> list[str]:
+    """A probe report's line labels (the first word; a feature row's name), host values dropped."""
+    return [
+        line.split()[-1] if line.split()[0] in ("yes", "no") else line.split()[0]
+        for line in text.strip().splitlines()
+    ]
+
+
+def test_readme_probe_output_is_what_probe_prints() -> None:
+    """The README's probe block has the lines `python -m uffd probe` prints today, in order."""
+    block = README.split("## This machine (`python -m uffd probe`)", 1)[1]
+    block = block.split("```", 2)[1]
+    live = subprocess.run(
+        [sys.executable, "-m", "uffd", "probe"], capture_output=True, text=True, timeout=60
+    )
+    assert live.returncode == 0, live.stderr
+    assert _shape(block) == _shape(live.stdout)

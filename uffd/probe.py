@@ -62,6 +62,7 @@ class Capabilities:
             return f"  {name:<17} {state}{': ' + p.reason if p.reason else ''}"
 
         known = [f for f in Feature]
+        present = sum(f in self.available for f in known)
         lines = [
             f"kernel            {self.kernel}",
             f"page size         {self.page_size}",
@@ -80,7 +81,7 @@ class Capabilities:
             path_line("syscall", self.syscall),
             path_line("/dev/userfaultfd", self.device),
             path_line("user_mode_only", self.user_mode_only),
-            f"features          {sum(f in self.available for f in known)} of {len(known)} present",
+            f"features          {present} of {len(known)} available",
         ]
         lines += [f"  {'yes' if f in self.available else 'no ':<4} {f.name}" for f in known]
         lines.append(
