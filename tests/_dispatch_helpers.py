@@ -130,7 +130,7 @@ def read_concurrently(region: uffd.mem.Region, nthreads: int = 4, timeout: float
 def child_copies(handler: uffd.FaultHandler, region: uffd.mem.Region) -> list[uffd.Mapping]:
     """The mappings a FORK event copied from ``region``'s range onto a child's fd."""
     span = (region.addr, region.addr + region.length)
-    return [m for m in handler.mappings if m.uffd is not handler.uffd and (m.start, m.end) == span]
+    return [m for m in handler.mappings if m._uffd is not handler.uffd and (m.start, m.end) == span]
 
 
 def stop_raises(

@@ -33,7 +33,7 @@ NATIVE = pytest.mark.parametrize("native", [True, False], ids=["native", "python
 
 def spans(handler: FaultHandler) -> list[tuple[int, int]]:
     """The handler's own (not forked children's) mappings as (start, end)."""
-    return [(m.start, m.end) for m in handler.mappings if m.uffd is handler.uffd]
+    return [(m.start, m.end) for m in handler.mappings if m._uffd is handler.uffd]
 
 
 def pattern_at(offset: int = 0) -> Callable[[int], bytes]:
@@ -71,8 +71,8 @@ def test_fork_copies_every_mapping(region_factory: Regions) -> None:
         data = fork_child(lambda: a.read(0, a.length) + b.read(0, b.length))
         (ca,) = wait_for(lambda: child_copies(handler, a), "the copy of a")
         (cb,) = wait_for(lambda: child_copies(handler, b), "the copy of b")
-        assert ca.uffd is cb.uffd
-        assert ca.uffd.features == handler.uffd.features
+        assert ca._uffd is cb._uffd
+        assert ca._uffd.features == handler.uffd.features
         assert len(handler.mappings) == 4
         assert spans(handler) == sorted([(a.addr, a.addr + a.length), (b.addr, b.addr + b.length)])
     assert_pages(data[: a.length], PAGE, pattern_at(), "a in the child")
@@ -161,7 +161,9 @@ def test_split_mapping_forked_child(native: bool, served: Callable) -> None:
     wait_for(lambda: len(spans(handler)) == 2, "the split")
     data = fork_child(lambda: region.read(0, PAGE) + region.read(2 * PAGE, 2 * PAGE))
     assert_pages(data, PAGE, lambda i: page_pattern((0, 2, 3)[i], PAGE), "child")
-    copies = wait_for(lambda: [m for m in handler.mappings if m.uffd is not handler.uffd], "copies")
+    copies = wait_for(
+        lambda: [m for m in handler.mappings if m._uffd is not handler.uffd], "copies"
+    )
     assert [(m.start, m.end) for m in copies] == spans(handler)
 
 

@@ -306,7 +306,7 @@ class FaultHandler:
         if (
             self.fallback == "sigbus"
             and m.ioctls & Ioctl.POISON
-            and m.uffd.features & Feature.POISON
+            and m._uffd.features & Feature.POISON
         ):
             return int(lib.PYUFFD_FALLBACK_POISON)
         if m.ioctls & Ioctl.ZEROPAGE:
@@ -316,7 +316,7 @@ class FaultHandler:
     def _publish(self, m: Mapping) -> None:
         """Add ``m`` to its fd's table and to the pump (lock held)."""
         self._pump_map(m)
-        fd = m.uffd.fileno()
+        fd = m._uffd.fileno()
         self._tables[fd] = Table([*self._tables[fd].maps, m])
 
     def _pump_map(self, m: Mapping) -> None:
@@ -331,7 +331,7 @@ class FaultHandler:
         check(
             lib.pyuffd_pump_map(
                 self._pump,
-                m.uffd.fileno(),
+                m._uffd.fileno(),
                 m.start,
                 m.end,
                 m.page_size,
@@ -349,11 +349,11 @@ class FaultHandler:
         """UFFDIO_UNREGISTER ``mapping`` and drop it; faults pending on it are woken."""
         self._settle()
         with self._lock:
-            fd = mapping.uffd.fileno() if not mapping.uffd.closed else -1
+            fd = mapping._uffd.fileno() if not mapping._uffd.closed else -1
             table = self._tables.get(fd)
             if table is None or mapping not in table.maps:
                 raise ValueError(f"unregister: {mapping!r} is not registered on this handler")
-            mapping.uffd.unregister(mapping.start, mapping.length)
+            mapping._uffd.unregister(mapping.start, mapping.length)
             self._drop(fd, mapping.start, mapping.end)
 
     def _split(self, fd: int, start: int, end: int) -> list[Mapping]:
@@ -530,7 +530,7 @@ class FaultHandler:
         tables = list(self._tables.values())
         return sorted(
             (m for t in tables for m in t.maps),
-            key=lambda m: (m.start, m.uffd.fileno() if not m.uffd.closed else -1),
+            key=lambda m: (m.start, m._uffd.fileno() if not m._uffd.closed else -1),
         )
 
     @property
@@ -579,7 +579,7 @@ class FaultHandler:
                 dst = mapping.start + offset + pos
                 rc = lib.pyuffd_pump_install(
                     self._pump,
-                    mapping.uffd.fileno(),
+                    mapping._uffd.fileno(),
                     dst,
                     buf + pos,
                     view.nbytes - pos,
@@ -602,7 +602,7 @@ class FaultHandler:
 
     def wake(self, mapping: Mapping, offset: int, length: int) -> None:
         """UFFDIO_WAKE a part of ``mapping`` (after DONTWAKE installs)."""
-        mapping.uffd.wake(mapping.start + offset, length)
+        mapping._uffd.wake(mapping.start + offset, length)
 
     # -- dispatch --------------------------------------------------------
 
@@ -760,7 +760,7 @@ class FaultHandler:
                 return False
             op, src, mode = prepared
         rc = _resolve(
-            self._pump, m.uffd._fd, fault._slot, op, fault.address, src, ps, mode, self._done
+            self._pump, m._uffd._fd, fault._slot, op, fault.address, src, ps, mode, self._done
         )
         if src is not data and isinstance(src, ffi.CData) and src != ffi.NULL:
             # Release the buffer export now: this frame may outlive the call in the
@@ -777,7 +777,7 @@ class FaultHandler:
             return True
         if rc == -_errno.ETIME:
             return False  # the watchdog resolved it; its notice reports that
-        gone = rc == -_errno.EBADF and m.uffd.closed and m.uffd is not self.uffd
+        gone = rc == -_errno.EBADF and m._uffd.closed and m._uffd is not self.uffd
         if rc == -_errno.ESRCH or gone:
             # The faulting process has exited (its fd may be reaped already): nobody
             # waits for this page, so it is not an error. Free the slot for the watchdog.
@@ -791,7 +791,7 @@ class FaultHandler:
             lib.pyuffd_pump_fallback(self._pump, fault._slot)
             with self._lock:
                 for n, known in list(self._fds.items()):
-                    if known is m.uffd:
+                    if known is m._uffd:
                         self._fd_lost(n, _errno.EBADF)
             return False
         if rc == -_errno.EAGAIN and attempt < _EAGAIN_RETRIES:
@@ -804,7 +804,7 @@ class FaultHandler:
             # served like any other. Nothing is lost, so nothing is recorded.
             rc = _resolve(
                 self._pump,
-                m.uffd._fd,
+                m._uffd._fd,
                 fault._slot,
                 lib.PYUFFD_OP_WAKE,
                 fault.address,
@@ -862,8 +862,8 @@ class FaultHandler:
         as an error and the fault takes the fallback (unprotect).
         """
         m = fault.mapping
-        ps, addr, fd = m.page_size, fault.address, m.uffd._fd
-        if m.uffd is not self.uffd or not self._own_mm:
+        ps, addr, fd = m.page_size, fault.address, m._uffd._fd
+        if m._uffd is not self.uffd or not self._own_mm:
             self._fail(
                 fault,
                 UnsupportedError(
@@ -923,7 +923,7 @@ class FaultHandler:
                 ),
             )
             return None
-        if kind == _POISON and not m.uffd.features & Feature.POISON:
+        if kind == _POISON and not m._uffd.features & Feature.POISON:
             self._fail(
                 fault,
                 UnsupportedError(f"{r!r} for {fault!r}: UFFD_FEATURE_POISON was not negotiated"),
@@ -1044,8 +1044,8 @@ class FaultHandler:
         """
         for n in [n for n in self._forked if mm_gone(n)]:
             self._forked.discard(n)
-            waiting = [f for f in self._deferred.values() if f.mapping.uffd.fileno() == n]
-            waiting += [f for f, _, _ in self._retry if f.mapping.uffd.fileno() == n]
+            waiting = [f for f in self._deferred.values() if f.mapping._uffd.fileno() == n]
+            waiting += [f for f, _, _ in self._retry if f.mapping._uffd.fileno() == n]
             self._retry = [item for item in self._retry if item[0] not in waiting]
             for fault in waiting:
                 # Nobody waits for these pages any more: "gone", not an error.
@@ -1093,7 +1093,7 @@ class FaultHandler:
             for slot, fault in list(self._deferred.items()):
                 if (
                     fault.address == address & ~(fault.mapping.page_size - 1)
-                    and fault.mapping.uffd.fileno() == fd
+                    and fault.mapping._uffd.fileno() == fd
                 ):
                     del self._deferred[slot]
                     break

@@ -28,8 +28,10 @@ class Mapping:
     """A registered range ``[start, end)`` with its kind, modes, ops and honoured ioctls.
 
     ``ioctls`` is what the dispatch layer honours: ``ops.ioctls`` & the
-    kernel's grant. ``uffd`` is the fd it is registered on (a forked child's
-    mappings live on the child's fd). ``stats`` counts its faults.
+    kernel's grant. ``stats`` counts its faults. The fd it is registered on
+    (a forked child's mappings live on the child's fd) stays with the core:
+    handlers see mappings, never the fd, so every ioctl goes through the
+    dispatch layer's checks.
     A mapping split by an event (munmap, MADV_DONTNEED or mremap of a part)
     keeps, in each piece, the offsets of the range as registered.
     """
@@ -39,6 +41,7 @@ class Mapping:
         "_honoured",
         "_ioctls",
         "_origin",
+        "_uffd",
         "end",
         "kind",
         "mode",
@@ -46,7 +49,6 @@ class Mapping:
         "page_size",
         "start",
         "stats",
-        "uffd",
     )
 
     def __init__(
@@ -66,7 +68,7 @@ class Mapping:
         self.mode = mode
         self.ops = ops
         self.page_size = page_size
-        self.uffd = uffd
+        self._uffd = uffd
         self.ioctls = ioctls
         self.stats = Counters()
         self._fallback = lib.PYUFFD_FALLBACK_ZEROPAGE
@@ -96,7 +98,7 @@ class Mapping:
             self.mode,
             self.ops,
             self.page_size,
-            uffd or self.uffd,
+            uffd or self._uffd,
             self.ioctls,
         )
         m._fallback = self._fallback
