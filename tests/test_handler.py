@@ -356,6 +356,60 @@ def test_minor_copy_takes_the_fallback(region_factory: Regions, track_region: Ca
     assert handler.stats.total.faults == {"minor": 1}
 
 
+# -- kernel outcomes of a resolution -------------------------------------------
+
+
+class InstallsFirst(UffdOps):
+    """Installs ``first`` itself (as a prefetch would), then answers with ``second``: EEXIST."""
+
+    def __init__(self, first: bytes, second: bytes) -> None:
+        self.first, self.second = first, second
+        self.handler: FaultHandler | None = None
+
+    def handle_missing(self, fault: uffd.Fault) -> Resolution:
+        assert self.handler is not None
+        assert self.handler.install(fault.mapping, fault.offset, self.first) == PAGE
+        return Resolution.copy(self.second)
+
+
+def test_eexist_is_resolved_and_the_thread_woken(region_factory: Regions) -> None:
+    """A copy that meets EEXIST (the page was installed meanwhile) counts as resolved: the
+    thread is woken and sees the page that won, no error."""
+    region = region_factory("anon", pages=1)
+    ops = InstallsFirst(page_pattern(0, PAGE, salt=1), page_pattern(0, PAGE, salt=2))
+    with FaultHandler() as handler:
+        ops.handler = handler
+        handler.register(region, Mode.MISSING, ops)
+        assert run_toucher(region, 0, PAGE, read=True).finish() == page_pattern(0, PAGE, salt=1)
+    assert handler.stats.total.resolutions == {"copy": 1}
+    assert handler.stats.total.errors == 0
+
+
+class UnregistersFirst(UffdOps):
+    """Unregisters the mapping (as a racing unregister would), then answers: ENOENT."""
+
+    def __init__(self) -> None:
+        self.handler: FaultHandler | None = None
+
+    def handle_missing(self, fault: uffd.Fault) -> Resolution:
+        assert self.handler is not None
+        self.handler.unregister(fault.mapping)
+        return Resolution.copy(page_pattern(0, PAGE))
+
+
+def test_enoent_wakes_the_thread_onto_plain_memory(region_factory: Regions) -> None:
+    """A copy into a range unregistered meanwhile meets ENOENT: the thread is woken and faults
+    again on plain memory (a zero page), no error, nothing installed."""
+    region = region_factory("anon", pages=1)
+    ops = UnregistersFirst()
+    with FaultHandler() as handler:
+        ops.handler = handler
+        handler.register(region, Mode.MISSING, ops)
+        assert run_toucher(region, 0, PAGE, read=True).finish() == bytes(PAGE)
+        assert handler.mappings == []
+    assert handler.stats.total.errors == 0
+
+
 # -- stats ----------------------------------------------------------------------
 
 
