@@ -376,12 +376,15 @@ def race(
     def reader(seed: int) -> None:
         rng = random.Random(seed)
         while not stop.is_set():
+            reading[seed] = True  # before looking at the generation: see one_round
             gen, base = state
             if gen % 2:
+                reading[seed] = False
                 time.sleep(0.0002)  # between rounds or mid-move
                 continue
             page = rng.randrange(npages)
             rc, data = kread(base + page * PS, PS)
+            reading[seed] = False
             counts["reads"] += 1
             if gen % 2 or state[0] != gen:
                 counts["raced"] += 1  # moved under the read: anything but a crash is fine
@@ -396,12 +399,17 @@ def race(
                 bad.append(f"page {page} read as {who}")
 
     retired: list[mem.Region] = []
+    reading: dict[int, bool] = {}  # reader seed -> between its generation check and its read
 
     def one_round(rng: random.Random) -> None:
+        # A read still in flight from the last round may use an address that round's
+        # region moved away from; if this round's region landed there before it is
+        # registered, that read would map the kernel's zero page into it for good.
+        # So no region is made until every reader has seen the odd generation.
+        wait_until(lambda: not any(reading.values()), WAIT, "readers out of the last round")
         region = mem.anon(npages * PS)
         # The previous round's region is unmapped only now: a reader still blocked in
-        # one of its faults retries on it (unregistered: a zero page there), never on
-        # this new region at a reused address before it is registered.
+        # one of its faults retries on it (unregistered: a zero page there).
         while retired:
             retired.pop().close()
         removed: set[int] = set()
