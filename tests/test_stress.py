@@ -528,6 +528,7 @@ class DeferChildren(uffd.UffdOps):
 
 
 @pytest.mark.parametrize("resolve", ["resolved", "deadline"])
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_child_killed_mid_fault(resolve: str) -> None:
     """SIGKILL a child whose fault is deferred; resolving it (or the deadline) is not an error,
     and the handler keeps serving this process."""

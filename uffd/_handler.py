@@ -1087,7 +1087,11 @@ class FaultHandler:
         # A fallback that failed because the faulting process has exited (ESRCH)
         # left nobody waiting: that is the process's end, not a missed deadline.
         # The handler's own fd serves this process, which cannot have exited.
-        gone = not did & 0xFF and (fd != self.uffd._fd or not self._own_mm) and mm_gone(fd)
+        # A forked child's fd reaped (closed) before this notice: its process had exited.
+        gone = not did & 0xFF and (
+            (fd not in self._fds and fd != self.uffd._fd)
+            or ((fd != self.uffd._fd or not self._own_mm) and mm_gone(fd))
+        )
         with self._lock:
             self._expired += 0 if gone else 1
             for slot, fault in list(self._deferred.items()):
