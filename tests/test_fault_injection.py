@@ -129,13 +129,17 @@ def flaky_run(npages: int, threads: int, seed: int) -> dict[str, int]:
 def test_handler_exceptions_and_stalls_release_every_thread() -> None:
     """10% of faults raise, 5% stall past the deadline: all threads released, errors counted,
     every page right or zero."""
-    print(f"\nflaky handler: {flaky_run(npages=64, threads=4, seed=1)}")
+    figures = flaky_run(npages=64, threads=4, seed=1)
+    print(f"\nflaky handler: {figures}")
+    assert figures["faults"] == 64 * 4 and figures["zero_pages"] <= figures["errors_counted"]
 
 
 @pytest.mark.stress
 def test_handler_exceptions_and_stalls_release_every_thread_long() -> None:
     """The same over 6x the faults and twice the threads."""
-    print(f"\nflaky handler: {flaky_run(npages=200, threads=8, seed=2)}")
+    figures = flaky_run(npages=200, threads=8, seed=2)
+    print(f"\nflaky handler: {figures}")
+    assert figures["faults"] == 200 * 8 and figures["zero_pages"] <= figures["errors_counted"]
 
 
 # -- the page server killed and restarted mid-restore --------------------------------------------
@@ -374,7 +378,9 @@ def test_bit_flips_raise_snapshot_error_with_file_and_offset(
     small_snapshot: tuple[Path, dict[str, bytes]], tmp_path: Path
 ) -> None:
     """300 single-bit flips anywhere in a snapshot: each a SnapshotError naming file and offset."""
-    print(f"\nbit flips: {flip_bits(small_snapshot, tmp_path, 300)}")
+    outcomes = flip_bits(small_snapshot, tmp_path, 300)
+    print(f"\nbit flips: {outcomes}")
+    assert outcomes["error"] == 300
 
 
 @pytest.mark.stress
@@ -382,7 +388,9 @@ def test_every_bit_flip_position_is_detected(
     small_snapshot: tuple[Path, dict[str, bytes]], tmp_path: Path
 ) -> None:
     """A flip at every byte offset of the snapshot is detected."""
-    print(f"\nbit flips: {flip_bits(small_snapshot, tmp_path, None)}")
+    outcomes = flip_bits(small_snapshot, tmp_path, None)
+    print(f"\nbit flips: {outcomes}")
+    assert outcomes["error"] == outcomes["file_bytes"]
 
 
 def test_truncations_raise_snapshot_error_with_file_and_offset(

@@ -190,6 +190,7 @@ def test_counters_survive_bounces_and_wp_toggling(counters: ctypes.CDLL) -> None
     """4 C threads x 3M locked increments x 14 bounces under MISSING and toggled WP: all exact."""
     figures = run_bounces(counters, npages=512, threads=4, increments=3_000_000, bounces=14)
     print(f"\ncounters: {figures}")
+    assert figures["increments"] == 4 * 3_000_000 * 14
 
 
 @pytest.mark.stress
@@ -197,6 +198,7 @@ def test_counters_survive_bounces_and_wp_toggling_long(counters: ctypes.CDLL) ->
     """4 C threads x 2M locked increments x 32 bounces over 1024 pages: every counter exact."""
     figures = run_bounces(counters, npages=1024, threads=4, increments=2_000_000, bounces=32)
     print(f"\ncounters: {figures}")
+    assert figures["increments"] == 4 * 2_000_000 * 32
 
 
 # -- fork storms -----------------------------------------------------------------------------
@@ -274,6 +276,7 @@ def test_fork_storm_children_all_served(native: bool) -> None:
     """A process forks 24 children while 4 threads fault; every page of every child is right."""
     figures = fork_storm(npages=128, threads=4, children=24, native=native)
     print(f"\nfork storm: {figures}")
+    assert figures["ok"] == figures["children"] == 24
 
 
 @pytest.mark.stress
@@ -282,6 +285,7 @@ def test_fork_storm_children_all_served_long(native: bool) -> None:
     """300 children (more than the pump's 256 fd slots): served, and exited ones' fds reaped."""
     figures = fork_storm(npages=256, threads=4, children=300, native=native)
     print(f"\nfork storm: {figures}")
+    assert figures["ok"] == figures["children"] == 300
 
 
 def thread_states(pid: int) -> list[str]:
@@ -497,7 +501,9 @@ def test_remap_and_dontneed_race_faults(
     event: str, native: bool, kread: Callable[[int, int], tuple[int, bytes]]
 ) -> None:
     """mremap / MADV_DONTNEED under 3 faulting threads: no hang, no error, never a wrong page."""
-    print(f"\n{event} race: {race(event, native, 1.5, kread)}")
+    counts = race(event, native, 1.5, kread)
+    print(f"\n{event} race: {counts}")
+    assert counts["rounds"] > 5 and counts["moves"] >= 8 * counts["rounds"]
 
 
 @pytest.mark.stress
@@ -506,7 +512,9 @@ def test_remap_and_dontneed_race_faults_long(
     event: str, native: bool, kread: Callable[[int, int], tuple[int, bytes]]
 ) -> None:
     """The same races for 15 s each."""
-    print(f"\n{event} race: {race(event, native, 15.0, kread)}")
+    counts = race(event, native, 15.0, kread)
+    print(f"\n{event} race: {counts}")
+    assert counts["rounds"] > 50 and counts["moves"] >= 8 * counts["rounds"]
 
 
 # -- a faulting process killed mid-fault ----------------------------------------------------------
@@ -623,11 +631,15 @@ def restore_clients(
 def test_page_server_sixteen_restoring_processes(served_snapshot: tuple[Path, bytes]) -> None:
     """16 processes are lazily restored from one page server at once, 4 faulting threads each;
     every page of every process right."""
-    print(f"\npage server: {restore_clients(*served_snapshot, clients=16, timeout=120)}")
+    figures = restore_clients(*served_snapshot, clients=16, timeout=120)
+    print(f"\npage server: {figures}")
+    assert figures["clients"] == 16 and figures["faults"] >= 16 * figures["pages_each"]
 
 
 @pytest.mark.stress
 def test_page_server_many_restoring_processes_long(served_snapshot: tuple[Path, bytes]) -> None:
     """48 client processes, each restoring the snapshot three times."""
     path, data = served_snapshot
-    print(f"\npage server: {restore_clients(path, data, clients=48, timeout=600, repeat=3)}")
+    figures = restore_clients(path, data, clients=48, timeout=600, repeat=3)
+    print(f"\npage server: {figures}")
+    assert figures["clients"] == 48 and figures["faults"] >= 48 * figures["pages_each"]
