@@ -691,14 +691,12 @@ int pyuffd_pump_resolve(struct pyuffd_pump *p, int fd, uint32_t id, int op, uint
 	int present = rc == -EEXIST && s && (s->flags & (UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR)) &&
 		      op != PYUFFD_OP_CONTINUE;
 	if ((rc == -EEXIST && !present) || rc == -ENOENT) {
-		/* Resolved by someone else, or unregistered under us: wake the thread. */
-		int wrc = pyuffd_wake(fd, dst, len);
-		if (wrc < 0)
-			rc = wrc;
+		/* Resolved by someone else, or unregistered under us: waking the thread is all. */
+		rc = pyuffd_wake(fd, dst, len);
 	}
 	if (s) {
 		pthread_mutex_lock(&p->lock);
-		if (present || (rc < 0 && rc != -EEXIST && rc != -ENOENT))
+		if (present || rc < 0)
 			s->state = SLOT_PENDING; /* still unresolved: Python falls back or the deadline will */
 		else
 			s->state = SLOT_FREE;

@@ -768,9 +768,11 @@ class FaultHandler:
             # memoryview with a live export crashes CPython 3.11's gc (tp_clear).
             ffi.release(src)
         del src
-        if rc == -_errno.EEXIST and fault.kind != "missing":
+        if rc == -_errno.EEXIST:
+            # Only for a WP or MINOR fault: the pump answers 0 (and wakes) when
+            # EEXIST or ENOENT means someone else resolved the fault.
             return self._present(fault, r, op)
-        if rc == 0 or rc == -_errno.EEXIST or rc == -_errno.ENOENT:
+        if rc == 0:
             latency = time.monotonic_ns() - fault._t_ns
             with self._lock:  # resolve() may run on other threads
                 m.stats.record(fault.kind, r.kind, latency)
@@ -826,19 +828,15 @@ class FaultHandler:
     def _present(self, fault: Fault, r: Resolution, op: int) -> bool:
         """EEXIST for a WP or MINOR fault: the page is there, so ``r`` did not resolve it.
 
-        For a MISSING fault EEXIST means another install won the race; a WP or
-        MINOR fault is on a page that exists, and waking the thread would only
-        fault it again, forever. A WP fault's copy is done by overwriting the
-        page; a MINOR fault's CONTINUE found the page mapped already (resolved);
-        anything else is the handler's mistake: recorded, and the fallback
-        (unprotect, continue) lets the thread on.
+        For a MISSING fault (or a CONTINUE) EEXIST means another install won
+        the race, and the pump has woken the thread; a WP or MINOR fault is on
+        a page that exists, and waking the thread would only fault it again,
+        forever: the pump leaves it pending. A WP fault's copy is done by
+        overwriting the page; anything else is the handler's mistake: recorded,
+        and the fallback (unprotect, continue) lets the thread on.
         """
         if fault.kind == "wp" and op == _OP_COPY:
             return self._copy_over(fault, r)
-        if fault.kind == "minor" and op == lib.PYUFFD_OP_CONTINUE:
-            with self._lock:
-                fault.mapping.stats.record(fault.kind, r.kind, time.monotonic_ns() - fault._t_ns)
-            return True
         remedy = "Resolution.unprotect()" if fault.kind == "wp" else "Resolution.continue_()"
         self._fail(
             fault,
