@@ -6,7 +6,7 @@
 - ``DaemonProcess`` / ``ServerProcess``: ``python -m uffd handler`` and
   ``python -m uffd serve`` as subprocesses, with bounded waits for their
   "listening on" line and their reports;
-- ``DaemonThread``: the same daemon in this process (``uffd.daemon.HandlerDaemon``).
+- ``DaemonThread``: the same daemon in this process (``uffd.restore.daemon.HandlerDaemon``).
 
 Every wait here is bounded; a child that does not answer in time is killed.
 """
@@ -74,7 +74,7 @@ def digests_of(buffer: bytes | bytearray | memoryview, page_size: int = PAGE) ->
 
 def digests_of_source(path: str | os.PathLike[str], length: int, offset: int = 0) -> bytes:
     """Per-page digests of ``length`` bytes at ``offset`` of a snapshot's (or raw file's) image."""
-    from uffd.daemon import FileSource
+    from uffd.restore.daemon import FileSource
 
     source = FileSource(os.fspath(path))
     try:
@@ -318,10 +318,10 @@ class DaemonProcess:
 
 
 class DaemonThread:
-    """``uffd.daemon.HandlerDaemon`` in this process, with DaemonProcess's ``reports``."""
+    """``uffd.restore.daemon.HandlerDaemon`` in this process, with DaemonProcess's ``reports``."""
 
     def __init__(self, socket_path: str | os.PathLike[str], source: str, **kwargs: Any) -> None:
-        from uffd.daemon import HandlerDaemon
+        from uffd.restore.daemon import HandlerDaemon
 
         kwargs.setdefault("progress", False)
         self.daemon = HandlerDaemon(socket_path, source, **kwargs).start()

@@ -53,7 +53,7 @@ from _helpers import DIGEST, PAGE, page_digest, parse_size, pattern
 
 import uffd
 from uffd import Feature, Mode, mem
-from uffd.firecracker import GuestRegionUffdMapping, connect_and_send
+from uffd.restore.firecracker import GuestRegionUffdMapping, connect_and_send
 
 # -- the worker process side -----------------------------------------------------
 

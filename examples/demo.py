@@ -33,7 +33,7 @@ from _helpers import (
     wrong_pages,
 )
 
-from uffd.snapshot import write_snapshot
+from uffd.pagestore.snapshot import write_snapshot
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ Here:
 3. a stand-in process does exactly what Firecracker does, byte for byte,
    with ``--regions`` guest regions, then "boots": reads guest memory;
 4. the stand-in's page hashes are checked against the memory file, and the
-   bytes it sent are parsed back with ``uffd.firecracker.parse_mappings``;
+   bytes it sent are parsed back with ``uffd.restore.firecracker.parse_mappings``;
 5. the same restore runs a second time, with prefetch: the daemon recorded
    the pages the first run faulted on (``mem.raw.ws.json``) and installs them first.
 
@@ -41,7 +41,7 @@ from _helpers import (
     wrong_pages,
 )
 
-from uffd.firecracker import parse_mappings
+from uffd.restore.firecracker import parse_mappings
 
 
 def _boot(tmp: str, memory: str, args: argparse.Namespace, run: int) -> tuple[bool, dict, dict]:

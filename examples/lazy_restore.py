@@ -37,8 +37,8 @@ from _helpers import (
     wrong_pages,
 )
 
-from uffd.server import ServerThread
-from uffd.snapshot import open_source, write_snapshot
+from uffd.pagestore.server import ServerThread
+from uffd.pagestore.snapshot import open_source, write_snapshot
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,8 @@
 """Page server: serve a snapshot's pages over TCP, and read them back with a client.
 
 Writes a snapshot of ``--size`` bytes with a known pattern (or serves
-``--snapshot``), starts a :class:`uffd.server.PageServer` on 127.0.0.1 in a
-background thread, then a :class:`uffd.client.ThreadedPageClient` reads the
+``--snapshot``), starts a :class:`uffd.pagestore.server.PageServer` on 127.0.0.1 in a
+background thread, then a :class:`uffd.pagestore.client.ThreadedPageClient` reads the
 whole image in 1 MiB requests, a few pages as urgent single-page reads, and
 checks every byte. ``--forever`` keeps serving until Ctrl-C afterwards (point
 ``python -m uffd handler --source tcp://...`` at it).
@@ -22,9 +22,9 @@ import time
 
 from _helpers import parse_size, pattern
 
-from uffd.client import ThreadedPageClient
-from uffd.server import ServerThread
-from uffd.snapshot import open_source, write_snapshot
+from uffd.pagestore.client import ThreadedPageClient
+from uffd.pagestore.server import ServerThread
+from uffd.pagestore.snapshot import open_source, write_snapshot
 
 
 def main(argv: list[str] | None = None) -> int:

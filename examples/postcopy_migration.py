@@ -49,9 +49,9 @@ from _helpers import (
 )
 
 from uffd.dirty import DirtyTracker
-from uffd.firecracker import recv_handshake, userfaultfd_from_fd
-from uffd.server import ServerThread
-from uffd.snapshot import RawMemoryFile
+from uffd.pagestore.server import ServerThread
+from uffd.pagestore.snapshot import RawMemoryFile
+from uffd.restore.firecracker import recv_handshake, userfaultfd_from_fd
 
 SEED = 3
 

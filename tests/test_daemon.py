@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from uffd.daemon import FileSource, HandlerDaemon
-from uffd.firecracker import GuestRegionUffdMapping, HandshakeError
-from uffd.prefetch import WorkingSet
+from uffd.pagestore.snapshot import write_snapshot
+from uffd.restore.daemon import FileSource, HandlerDaemon
+from uffd.restore.firecracker import GuestRegionUffdMapping, HandshakeError
 from uffd.restore.layout import GuestLayout
+from uffd.restore.prefetch import WorkingSet
 from uffd.restore.session import _kind
 from uffd.restore.sources import _FlatLayout
-from uffd.snapshot import write_snapshot
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -200,7 +200,7 @@ def test_killed_page_server_zero_fallback(
     with (
         ServerProcess(snapshot) as server,
         DaemonThread(sock, server.url, prefetch=False, working_set=None, fallback="zero") as daemon,
-        caplog.at_level(logging.ERROR, logger="uffd.daemon"),
+        caplog.at_level(logging.ERROR, logger="uffd.restore.daemon"),
     ):
         result, got = _restore_through_a_dying_server(short_tmp, snapshot, server, sock, pause)
         (report,) = daemon.reports(1)
@@ -284,7 +284,7 @@ def test_a_region_outside_the_source_is_refused(
 ) -> None:
     """A handshake offset past the end of the source is refused, naming the field; no hang."""
     sock = os.path.join(short_tmp, "h.sock")
-    with caplog.at_level(logging.ERROR, logger="uffd.daemon"):
+    with caplog.at_level(logging.ERROR, logger="uffd.restore.daemon"):
         daemon = HandlerDaemon(sock, snapshot, working_set=None, progress=False).start()
         try:
             proc = spawn_restore(sock, SIZE, "--offset", str(SIZE), "--timeout", "3")

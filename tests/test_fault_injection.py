@@ -148,7 +148,7 @@ def test_handler_exceptions_and_stalls_release_every_thread_long() -> None:
 @pytest.fixture(scope="module")
 def snapshot_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
     """A 2 MiB snapshot of pattern pages."""
-    from uffd.snapshot import write_snapshot
+    from uffd.pagestore.snapshot import write_snapshot
 
     data = pattern(512, PS)
     path = tmp_path_factory.mktemp("inject") / "mem.snap"
@@ -194,7 +194,7 @@ class ServeProcess:
 def test_page_server_killed_mid_restore_then_restarted(snapshot_file: tuple[Path, bytes]) -> None:
     """SIGKILL the server mid-restore: the client fails cleanly and fast; a new client
     against the restarted server restores every page."""
-    from uffd.client import PeerGoneError, ThreadedPageClient
+    from uffd.pagestore.client import PeerGoneError, ThreadedPageClient
 
     path, data = snapshot_file
     npages = len(data) // PS
@@ -260,7 +260,7 @@ def test_faults_fetched_from_a_killed_server_take_the_fallback(
 ) -> None:
     """Faults deferred to a page server that is killed mid-restore: every thread is released
     within the deadline, pages are right or zero, and stop() reports the failures."""
-    from uffd.client import ThreadedPageClient
+    from uffd.pagestore.client import ThreadedPageClient
 
     path, data = snapshot_file
     npages = len(data) // PS
@@ -313,7 +313,7 @@ def test_faults_fetched_from_a_killed_server_take_the_fallback(
 @pytest.fixture(scope="module")
 def small_snapshot(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes]]:
     """Three regions with zero pages and small chunks (so damage lands in many places)."""
-    from uffd.snapshot import write_snapshot
+    from uffd.pagestore.snapshot import write_snapshot
 
     rng = random.Random(3)
     regions = {}
@@ -329,7 +329,7 @@ def small_snapshot(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
 
 
 def read_everything(path: Path) -> dict[str, bytes]:
-    from uffd.snapshot import Snapshot
+    from uffd.pagestore.snapshot import Snapshot
 
     with Snapshot.open(path) as snap:
         snap.verify()
@@ -338,7 +338,7 @@ def read_everything(path: Path) -> dict[str, bytes]:
 
 def check_damage(path: Path, size: int, regions: dict[str, bytes]) -> str:
     """Reading a damaged copy raises SnapshotError naming the file and an offset inside it."""
-    from uffd.snapshot import SnapshotError
+    from uffd.pagestore.snapshot import SnapshotError
 
     try:
         got = read_everything(path)
@@ -409,7 +409,7 @@ def test_snapshot_truncated_while_open_raises(
     small_snapshot: tuple[Path, dict[str, bytes]], tmp_path: Path
 ) -> None:
     """A snapshot truncated under an open reader: reads raise SnapshotError, never short data."""
-    from uffd.snapshot import Snapshot, SnapshotError
+    from uffd.pagestore.snapshot import Snapshot, SnapshotError
 
     original, _ = small_snapshot
     copy = tmp_path / "shrinking.snap"
@@ -451,7 +451,7 @@ def small_disk() -> Iterator[Path]:
 
 def test_disk_full_while_writing_a_snapshot(small_disk: Path) -> None:
     """ENOSPC mid-write: OSError(ENOSPC), nothing under the final name, the previous file intact."""
-    from uffd.snapshot import Snapshot, write_snapshot
+    from uffd.pagestore.snapshot import Snapshot, write_snapshot
 
     old = {"mem": pattern(8, PS)}
     target = small_disk / "vm.snap"

@@ -16,7 +16,7 @@ import pytest
 
 import uffd
 from uffd import Feature
-from uffd.firecracker import (
+from uffd.restore.firecracker import (
     MAX_MAPPINGS,
     GuestRegionUffdMapping,
     HandshakeError,

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 import uffd
 from uffd import Mode, Resolution, mem
-from uffd import protocol as p
+from uffd.pagestore import protocol as p
 
 PS = mem.PAGE_SIZE
 STRESS = 10
@@ -137,7 +137,7 @@ def test_fuzz_frame_decoder(examples: int) -> None:
 @pytest.fixture(scope="module")
 def snapshot_blob(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, dict[str, bytes], Path]:
     """A small valid snapshot (two regions, zero pages, 2-page chunks) and its contents."""
-    from uffd.snapshot import write_snapshot
+    from uffd.pagestore.snapshot import write_snapshot
 
     rng = random.Random(11)
     regions = {
@@ -151,7 +151,7 @@ def snapshot_blob(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, dict
 
 def test_fuzz_snapshot_reader_targets(snapshot_blob: tuple[bytes, dict[str, bytes], Path]) -> None:
     """The base snapshot used by the reader fuzz reads back exactly (the oracle is sound)."""
-    from uffd.snapshot import Snapshot
+    from uffd.pagestore.snapshot import Snapshot
 
     blob, regions, directory = snapshot_blob
     path = directory / "oracle.snap"
@@ -165,7 +165,7 @@ def test_fuzz_snapshot_reader(
     examples: int, snapshot_blob: tuple[bytes, dict[str, bytes], Path]
 ) -> None:
     """Mutated, cut, extended or random files: SnapshotError (file, offset) or exact contents."""
-    from uffd.snapshot import Snapshot, SnapshotError, open_source
+    from uffd.pagestore.snapshot import Snapshot, SnapshotError, open_source
 
     blob, regions, directory = snapshot_blob
     counter = iter(range(1 << 30))
@@ -248,7 +248,7 @@ handshakes = st.one_of(
 
 def check_handshake(data: bytes) -> None:
     """parse_mappings returns checked mappings or raises HandshakeError naming a field."""
-    from uffd.firecracker import HandshakeError, parse_mappings
+    from uffd.restore.firecracker import HandshakeError, parse_mappings
 
     try:
         mappings = parse_mappings(data)

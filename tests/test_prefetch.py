@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from uffd.prefetch import (
+from uffd.restore.prefetch import (
     MAX_CHUNK,
     MIN_CHUNK,
     AdaptivePrefetcher,

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from uffd import protocol as p
+from uffd.pagestore import protocol as p
 
 SAMPLES: list[p.Frame] = [
     p.Hello(bytes(range(32)), True, 1 << 20, 64),

@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 from helpers.rel_common import NOBODY, ROOT, finish, page_pattern, pattern, spawn, wait_until
 
-from uffd import protocol as p
+from uffd.pagestore import protocol as p
 
 PS = 4096
 WAIT = 30.0
@@ -46,7 +46,7 @@ TOKEN = b"s3cret-token-for-tests"
 @pytest.fixture(scope="module")
 def snap_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 1 MiB snapshot of pattern pages, region "mem", plus a tiny region "tiny"."""
-    from uffd.snapshot import write_snapshot
+    from uffd.pagestore.snapshot import write_snapshot
 
     path = tmp_path_factory.mktemp("sec") / "mem.snap"
     write_snapshot(path, {"mem": pattern(256, PS), "tiny": pattern(2, PS)})
@@ -55,7 +55,7 @@ def snap_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def snap(snap_path: Path) -> Iterator[object]:
-    from uffd.snapshot import Snapshot
+    from uffd.pagestore.snapshot import Snapshot
 
     with Snapshot.open(snap_path) as s:
         yield s
@@ -103,7 +103,7 @@ class Raw:
 
 def test_page_server_binds_loopback_by_default(snap: object) -> None:
     """No host given: the server listens on 127.0.0.1 only."""
-    from uffd.server import ServerThread
+    from uffd.pagestore.server import ServerThread
 
     with ServerThread(snap) as server:
         assert server.address[0] == "127.0.0.1"
@@ -113,7 +113,7 @@ def test_page_server_binds_loopback_by_default(snap: object) -> None:
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.7", "10.1.2.3"])
 def test_non_loopback_needs_a_token(snap: object, host: str) -> None:
     """Any non-loopback address without a token is refused before binding."""
-    from uffd.server import PageServer
+    from uffd.pagestore.server import PageServer
 
     with pytest.raises(ValueError, match="without a token"):
         PageServer(snap, host=host)  # type: ignore[arg-type]
@@ -137,8 +137,8 @@ def test_cli_refuses_public_bind_without_token(snap_path: Path) -> None:
 
 def test_token_checked_on_all_interfaces(snap: object) -> None:
     """On 0.0.0.0 with a token: no token and a wrong token are refused, the right one reads."""
-    from uffd.client import RemoteError, ThreadedPageClient
-    from uffd.server import ServerThread
+    from uffd.pagestore.client import RemoteError, ThreadedPageClient
+    from uffd.pagestore.server import ServerThread
 
     with ServerThread(snap, host="0.0.0.0", token=TOKEN) as server:  # type: ignore[arg-type]
         url = f"tcp://127.0.0.1:{server.address[1]}"
@@ -162,8 +162,8 @@ def test_token_checked_on_all_interfaces(snap: object) -> None:
 def test_hostile_clients_do_not_disturb_a_restore(snap: object) -> None:
     """Slow loris, huge lengths, wrong tokens, out-of-range reads, garbage and request floods,
     all at once: each gets its error, and a healthy client verifies every page throughout."""
-    from uffd.client import ThreadedPageClient
-    from uffd.server import ServerThread
+    from uffd.pagestore.client import ThreadedPageClient
+    from uffd.pagestore.server import ServerThread
 
     data = pattern(256, PS)
     with ServerThread(
@@ -257,7 +257,7 @@ def test_hostile_clients_do_not_disturb_a_restore(snap: object) -> None:
 def test_pending_requests_per_client_are_bounded(snap: object) -> None:
     """More READs in flight than max_pending: the excess gets BUSY, the rest is served, and
     no reply frame exceeds max_frame."""
-    from uffd.server import ServerThread
+    from uffd.pagestore.server import ServerThread
 
     with ServerThread(snap, max_pending=4, max_frame=16 << 10) as server:  # type: ignore[arg-type]
         conn = Raw(server.address)
@@ -313,7 +313,7 @@ def nobody_can_run_children() -> str | None:
 def test_daemon_socket_owner_only_and_peer_uid_checked(open_dir: Path, memory_file: Path) -> None:
     """The socket is 0600; nobody cannot even connect; with the mode opened up SO_PEERCRED
     still refuses uid 65534 by default, and allow_uids=[65534] lets it restore."""
-    from uffd.daemon import HandlerDaemon
+    from uffd.restore.daemon import HandlerDaemon
 
     sock = str(open_dir / "h.sock")
     with HandlerDaemon(
@@ -355,8 +355,13 @@ def test_daemon_handshake_limits(open_dir: Path, memory_file: Path) -> None:
     """A handshake over 64 KiB, one with more than MAX_MAPPINGS regions, and a silent peer are
     refused with their reason; the daemon keeps serving."""
     import uffd
-    from uffd.daemon import HandlerDaemon
-    from uffd.firecracker import MAX_MAPPINGS, HandshakeError, parse_mappings, send_handshake
+    from uffd.restore.daemon import HandlerDaemon
+    from uffd.restore.firecracker import (
+        MAX_MAPPINGS,
+        HandshakeError,
+        parse_mappings,
+        send_handshake,
+    )
 
     sock = str(open_dir / "lim.sock")
     with (
@@ -401,9 +406,9 @@ def test_daemon_handshake_limits(open_dir: Path, memory_file: Path) -> None:
 
 def test_path_like_region_names_stay_names(tmp_path: Path) -> None:
     """Regions named like paths are opaque names: served from the snapshot, nothing else opened."""
-    from uffd.client import ThreadedPageClient
-    from uffd.server import ServerThread
-    from uffd.snapshot import Snapshot, write_snapshot
+    from uffd.pagestore.client import ThreadedPageClient
+    from uffd.pagestore.server import ServerThread
+    from uffd.pagestore.snapshot import Snapshot, write_snapshot
 
     outside = tmp_path / "secret.txt"
     outside.write_bytes(b"S" * PS)
@@ -427,8 +432,8 @@ def test_path_like_region_names_stay_names(tmp_path: Path) -> None:
 def test_handshake_path_keys_are_ignored(open_dir: Path, memory_file: Path) -> None:
     """Path-like keys in a handshake (backend_path, snapshot) change nothing: the daemon only
     reads the source it was started with and writes the working set next to it."""
-    from uffd.firecracker import parse_mappings
-    from uffd.prefetch import working_set_path
+    from uffd.restore.firecracker import parse_mappings
+    from uffd.restore.prefetch import working_set_path
 
     data = json.dumps(
         [
@@ -449,7 +454,7 @@ def test_handshake_path_keys_are_ignored(open_dir: Path, memory_file: Path) -> N
 
 def test_snapshot_temp_file_stays_in_the_target_directory(tmp_path: Path) -> None:
     """write_snapshot's temporary file lives beside the target; a failure leaves nothing."""
-    from uffd.snapshot import write_snapshot
+    from uffd.pagestore.snapshot import write_snapshot
 
     target = tmp_path / "d" / "x.snap"
     target.parent.mkdir()

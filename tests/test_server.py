@@ -21,10 +21,11 @@ from typing import Any
 
 import pytest
 
-from uffd import protocol as p
-from uffd.client import PageClient, PeerGoneError, RemoteError, ThreadedPageClient
-from uffd.server import PageServer, ServerThread, main
-from uffd.snapshot import RawMemoryFile, RegionInfo, Snapshot, write_snapshot
+from uffd.cli import main
+from uffd.pagestore import protocol as p
+from uffd.pagestore.client import PageClient, PeerGoneError, RemoteError, ThreadedPageClient
+from uffd.pagestore.server import PageServer, ServerThread
+from uffd.pagestore.snapshot import RawMemoryFile, RegionInfo, Snapshot, write_snapshot
 
 PS = 4096
 PAGES = 256

@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from uffd import snapshot as sn
-from uffd.snapshot import (
+from uffd.pagestore import snapshot as sn
+from uffd.pagestore.snapshot import (
     RawMemoryFile,
     RegionInfo,
     Snapshot,

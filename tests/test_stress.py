@@ -585,7 +585,7 @@ def test_child_killed_mid_fault(resolve: str) -> None:
 @pytest.fixture(scope="module")
 def served_snapshot(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
     """A 4 MiB snapshot of pattern pages with every 5th page zero (sent as ZERO ranges)."""
-    from uffd.snapshot import write_snapshot
+    from uffd.pagestore.snapshot import write_snapshot
 
     npages = 1024
     data = bytearray(pattern(npages, PS))
@@ -601,8 +601,8 @@ def restore_clients(
 ) -> dict[str, Any]:
     """``clients`` processes each lazily restore the whole snapshot through userfaultfd (faults
     fetched from the page server), and check every page."""
-    from uffd.server import ServerThread
-    from uffd.snapshot import Snapshot
+    from uffd.pagestore.server import ServerThread
+    from uffd.pagestore.snapshot import Snapshot
 
     digest = hashlib.sha256(data).hexdigest()
     with Snapshot.open(path) as snap, ServerThread(snap, max_pending=64) as server:

@@ -26,7 +26,7 @@ from rel_common import arm_alarm, drop_privileges, page_pattern
 
 import uffd
 from uffd import Mode, mem
-from uffd.firecracker import GuestRegionUffdMapping, send_handshake
+from uffd.restore.firecracker import GuestRegionUffdMapping, send_handshake
 
 
 def main() -> int:

@@ -26,7 +26,7 @@ from rel_common import arm_alarm, page_pattern
 
 import uffd
 from uffd import Mode, Resolution, mem
-from uffd.client import ThreadedPageClient
+from uffd.pagestore.client import ThreadedPageClient
 
 READERS = 4
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from uffd.bench.suite import main
+from uffd.cli import main
 
-sys.exit(main())
+sys.exit(main(["bench", *sys.argv[1:]]))

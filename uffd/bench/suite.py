@@ -27,7 +27,6 @@ Targets are reported as ratios with PASS/MISS, never asserted.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import os
@@ -35,16 +34,15 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from uffd.bench import placement as _placement
 from uffd.bench import report, workloads
 from uffd.bench.reference import default_build_dir
-from uffd.cli import run_module
 
-__all__ = ["ALL_WORKLOADS", "Config", "add_cli", "main", "quick_config", "run_suite"]
+__all__ = ["ALL_WORKLOADS", "DEFAULT_OUT", "Config", "quick_config", "run_suite", "write_outputs"]
 
 ALL_WORKLOADS = ("random", "sequential", "threads", "restore", "dirty")
 _TOUCH_HANDLERS = {
@@ -53,7 +51,8 @@ _TOUCH_HANDLERS = {
     "threads": ("c-ref", "naive", "python", "native", "native-prefetch"),
 }
 _LIMITS = ("notouch", "bulkcopy")
-_REPO = Path(__file__).resolve().parents[2]
+# Where `make bench` writes by default: docs/bench of the source tree.
+DEFAULT_OUT = Path(__file__).resolve().parents[2] / "docs" / "bench"
 SCHEMA = 1
 
 
@@ -373,75 +372,3 @@ def write_outputs(
         chart = report.write_chart(results, out / "chart.png")
         written["chart"] = str(chart) if chart else None
     return written
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    config = quick_config() if args.quick else Config()
-    if args.workloads:
-        config.workloads = tuple(args.workloads)
-    if args.repeat is not None:
-        config.repeat = args.repeat
-    if args.pages is not None:
-        config.pages = args.pages
-    out = Path(args.out) if args.out else _REPO / "docs" / "bench"
-    results = run_suite(config)
-    written = write_outputs(results, out)
-    print(report.format_report(results))
-    print(
-        f"\nWrote {written['json']}"
-        + (f" and {written['chart']}" if written["chart"] else " (no chart)")
-    )
-    if results["errors"]:
-        print(f"{results['errors']} handler runs failed; see the ERROR rows", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``bench [--quick] [--out DIR] [--workloads ...] [--repeat N] [--pages N]``."""
-    bench = subparsers.add_parser(
-        "bench",
-        help="run the benchmark suite against the C reference",
-        description="Run pyuffd's handlers side by side with the C reference handler, the naive "
-        "ctypes handler and the kernel limits; print a table with each ratio against its "
-        "target, and write results.json and chart.png (the chart needs matplotlib: "
-        "pip install 'pyuffd[bench]'). Needs gcc and permission to use userfaultfd. "
-        "Exit 1 if a handler failed (targets missed do not fail).",
-    )
-    bench.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
-    bench.add_argument(
-        "--out", metavar="DIR", help="output directory (default: docs/bench of the source tree)"
-    )
-    bench.add_argument(
-        "--workloads",
-        nargs="+",
-        choices=ALL_WORKLOADS,
-        metavar="W",
-        help=f"workloads to run (default all: {' '.join(ALL_WORKLOADS)})",
-    )
-    bench.add_argument(
-        "--repeat", type=_positive, metavar="N", help="repeats per handler (default 3; quick 2)"
-    )
-    bench.add_argument(
-        "--pages",
-        type=_positive,
-        metavar="N",
-        help="pages for random/sequential/threads (default 16384)",
-    )
-    bench.set_defaults(func=_cmd_bench)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run just the bench subcommand (``python -m uffd.bench.suite ...``)."""
-    return run_module(add_cli, ["bench", *(argv if argv is not None else sys.argv[1:])])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -368,7 +368,7 @@ def run_dirty(pages: int, cpu: int, *, repeat: int, stride: int = 4) -> list[dic
 class RestoreServer:
     """A raw memory file of ``pages`` pattern pages, served by a page server on loopback.
 
-    ``mode="thread"`` runs :class:`uffd.server.ServerThread` in this process
+    ``mode="thread"`` runs :class:`uffd.pagestore.server.ServerThread` in this process
     (it shares the GIL with the handler); ``mode="process"`` runs the same
     server as ``python -m uffd serve`` in a child process, as a page server
     on another host would be. ``close()`` stops it and removes the file.
@@ -399,8 +399,8 @@ class RestoreServer:
 
     def _start(self) -> str:
         if self.mode == "thread":
-            from uffd.server import ServerThread
-            from uffd.snapshot import RawMemoryFile
+            from uffd.pagestore.server import ServerThread
+            from uffd.pagestore.snapshot import RawMemoryFile
 
             self._source = RawMemoryFile(self.path)
             self._thread = ServerThread(self._source)
@@ -519,7 +519,7 @@ def run_fetch_only(
     and idle_fetch_ms (the median of 20 urgent single-page reads on an idle
     connection, the floor of a fault's round trip to the server).
     """
-    from uffd.client import ThreadedPageClient
+    from uffd.pagestore.client import ThreadedPageClient
 
     length = server.pages * PAGE
     with ThreadedPageClient(server.url) as client:
@@ -563,7 +563,7 @@ def run_restore(
 ) -> dict[str, float]:
     """One lazy restore of the server's memory into a fresh region, with a worker running.
 
-    The minimal restore driver: a :class:`uffd.client.ThreadedPageClient`, a
+    The minimal restore driver: a :class:`uffd.pagestore.client.ThreadedPageClient`, a
     FaultHandler whose ops defer each fault to an urgent fetch, and a
     background prefetcher thread that installs the whole image in order. At
     t0 the prefetcher and the worker (a C thread touching ``worker_pages``
@@ -572,7 +572,7 @@ def run_restore(
     first_access_ms (the worker's first access, from its start),
     worker_fault_us_median, connect_ms, faults (served on demand).
     """
-    from uffd.client import ThreadedPageClient
+    from uffd.pagestore.client import ThreadedPageClient
 
     lib = _libtouch(build_dir if build_dir is not None else default_build_dir())
     pages = server.pages

@@ -1,7 +1,12 @@
-"""Lazy restore of another process's memory: what :class:`uffd.daemon.HandlerDaemon` runs.
+"""Lazy restore of another process's memory: the handler daemon and what it runs.
 
 One module per job:
 
+- ``daemon``: :class:`~uffd.restore.daemon.HandlerDaemon`, which accepts
+  processes on a Unix socket and runs one session each (``uffd handler``);
+- ``firecracker``: Firecracker's UFFD handshake (SCM_RIGHTS fd + JSON
+  regions) and peer credentials;
+- ``prefetch``: working sets and the adaptive prefetch chunk policy;
 - ``sources``: the page source, a snapshot file or a page server seen as one
   flat image (``FileSource``, ``RemoteSource``);
 - ``layout``: where each byte of the restored process's memory is (host

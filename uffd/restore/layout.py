@@ -1,8 +1,8 @@
 """Where a restored process's memory is: its host addresses, the flat space, the source.
 
-The handshake's regions (:class:`uffd.firecracker.GuestRegionUffdMapping`)
+The handshake's regions (:class:`uffd.restore.firecracker.GuestRegionUffdMapping`)
 are laid end to end in the order sent: the session's flat space, over which
-prefetch plans (:class:`uffd.prefetch.AdaptivePrefetcher`). A flat offset is
+prefetch plans (:class:`uffd.restore.prefetch.AdaptivePrefetcher`). A flat offset is
 a host address in the peer (``base_host_virt_addr`` + the offset in the
 region) and a position in the source image (``offset`` + the same).
 The regions are expected to stay where the handshake put them (Firecracker
@@ -15,7 +15,7 @@ import bisect
 import itertools
 from collections.abc import Sequence
 
-from uffd.firecracker import GuestRegionUffdMapping, HandshakeError
+from uffd.restore.firecracker import GuestRegionUffdMapping, HandshakeError
 
 __all__ = ["GuestLayout"]
 

@@ -6,7 +6,7 @@ megabytes of prefetch):
 
 1. the recorded working set, when there is one (REAP-style: the pages a
    previous run faulted on), in bulk;
-2. adaptive chunks (:class:`uffd.prefetch.AdaptivePrefetcher`, planned by
+2. adaptive chunks (:class:`uffd.restore.prefetch.AdaptivePrefetcher`, planned by
    :class:`uffd.restore.progress.Progress`) that start at 64 KiB and double
    to 4 MiB while the stream runs on, restarting just after the latest fault.
 

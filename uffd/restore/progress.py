@@ -3,7 +3,7 @@
 The fault path (the FaultHandler's dispatch thread, and the page clients'
 threads for deferred faults) and the prefetch thread both update it;
 :class:`Progress` is the only place their shared state lives. Errors are
-logged on the ``uffd.daemon`` logger.
+logged on the ``uffd.restore.daemon`` logger.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import threading
 import time
 from typing import Any
 
-from uffd.prefetch import MAX_CHUNK, MIN_CHUNK, AdaptivePrefetcher
 from uffd.restore.layout import GuestLayout
+from uffd.restore.prefetch import MAX_CHUNK, MIN_CHUNK, AdaptivePrefetcher
 from uffd.restore.report import SessionReport
 
 __all__ = ["Progress", "progress_bars_available"]
 
-log = logging.getLogger("uffd.daemon")
+log = logging.getLogger("uffd.restore.daemon")
 
 
 def progress_bars_available() -> bool:

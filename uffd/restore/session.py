@@ -1,7 +1,7 @@
 """One restored process: :class:`Session` ties its userfaultfd, source, threads and report.
 
 A session serves the userfaultfd a process handed over (Firecracker's
-handshake, :mod:`uffd.firecracker`) with a :class:`uffd.FaultHandler` that
+handshake, :mod:`uffd.restore.firecracker`) with a :class:`uffd.FaultHandler` that
 owns it, registers the handshake's regions (the process registered them
 MISSING already), and runs two threads: prefetch
 (:mod:`uffd.restore.prefetch_thread`) and a watch that ends the session when
@@ -24,12 +24,12 @@ from uffd import mem
 from uffd._constants import Mode
 from uffd._handler import FaultHandler
 from uffd._userfaultfd import Userfaultfd
-from uffd.firecracker import (
+from uffd.restore.faults import SourceOps
+from uffd.restore.firecracker import (
     GuestRegionUffdMapping,
     PeerCred,
     userfaultfd_from_fd,
 )
-from uffd.restore.faults import SourceOps
 from uffd.restore.layout import GuestLayout
 from uffd.restore.parts import SessionParts
 from uffd.restore.prefetch_thread import Prefetch

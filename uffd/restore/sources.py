@@ -3,8 +3,8 @@
 A source's regions are laid end to end in order (``_FlatLayout``), so a
 restore addresses the image by one offset (for Firecracker's raw memory
 file, the file offset). :class:`FileSource` reads with pread on the calling
-thread (:func:`uffd.snapshot.open_source`); :class:`RemoteSource` fetches
-from a page server (:class:`uffd.client.ThreadedPageClient`) and hands back
+thread (:func:`uffd.pagestore.snapshot.open_source`); :class:`RemoteSource` fetches
+from a page server (:class:`uffd.pagestore.client.ThreadedPageClient`) and hands back
 futures, so reads for faults of several threads are in flight at once.
 Both have ``fetch`` (a future), ``read`` (the bytes), ``session`` (what one
 restored process reads through), ``remote``, ``label``, ``page_size``,
@@ -23,7 +23,7 @@ from typing import Any
 
 __all__ = ["FileSource", "RemoteSource", "SourceError", "open_flat_source"]
 
-log = logging.getLogger("uffd.daemon")
+log = logging.getLogger("uffd.restore.daemon")
 
 _KEEPALIVE = 10.0  # seconds idle: well inside the page server's default 30 s timeout
 
@@ -80,7 +80,7 @@ class FileSource:
     remote = False
 
     def __init__(self, path: str) -> None:
-        from uffd.snapshot import open_source
+        from uffd.pagestore.snapshot import open_source
 
         self.path = path
         self.label = path
@@ -164,7 +164,7 @@ class RemoteSource:
         self.length = self._layout.length
 
     def _connect(self) -> Any:
-        from uffd.client import ThreadedPageClient
+        from uffd.pagestore.client import ThreadedPageClient
 
         try:
             return ThreadedPageClient(self.url, token=self.token, request_timeout=self.timeout)

@@ -1,7 +1,7 @@
 """The UFFD handler daemon: lazy restore of other processes' memory, Firecracker style.
 
 A process (Firecracker, or anything that speaks its handshake: see
-:mod:`uffd.firecracker`) maps its memory, opens a userfaultfd, registers the
+:mod:`uffd.restore.firecracker`) maps its memory, opens a userfaultfd, registers the
 memory MISSING, connects to the daemon's Unix socket and sends one message:
 a JSON list of regions and, as SCM_RIGHTS, the userfaultfd. The daemon checks
 the peer (SO_PEERCRED: the daemon's own uid or root by default, or the
@@ -46,7 +46,6 @@ SO_PEERCRED), pidfd_open(2).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import json
@@ -57,11 +56,10 @@ import socket
 import stat
 import sys
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
-from uffd.cli import run_module
-from uffd.firecracker import HandshakeError, peer_credentials, recv_handshake
-from uffd.prefetch import MAX_CHUNK, WorkingSet, WorkingSetError, working_set_path
+from uffd.restore.firecracker import HandshakeError, peer_credentials, recv_handshake
+from uffd.restore.prefetch import MAX_CHUNK, WorkingSet, WorkingSetError, working_set_path
 from uffd.restore.progress import progress_bars_available
 from uffd.restore.report import SessionReport
 from uffd.restore.session import RestoreOptions, Session
@@ -73,12 +71,10 @@ __all__ = [
     "RemoteSource",
     "SessionReport",
     "SourceError",
-    "add_cli",
-    "main",
     "open_flat_source",
 ]
 
-log = logging.getLogger("uffd.daemon")
+log = logging.getLogger("uffd.restore.daemon")
 
 
 class HandlerDaemon:
@@ -263,6 +259,11 @@ class HandlerDaemon:
             self._thread.start()
         return self
 
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`shutdown` or :meth:`close` has been called."""
+        return self._stopping
+
     def shutdown(self) -> None:
         """Make ``serve_forever`` return (safe from signal handlers and other threads)."""
         self._stopping = True
@@ -426,146 +427,3 @@ def _listening(path: str) -> bool:
         except OSError:
             return False
     return True
-
-
-# -- command line -----------------------------------------------------------------------
-
-
-def _read_token(path: str | None) -> bytes | None:
-    if path is None:
-        env = os.environ.get("UFFD_TOKEN")
-        return env.encode() if env else None
-    with open(path, "rb") as f:
-        token = f.read().strip()
-    if not token:
-        raise ValueError(f"the token file {path} is empty")
-    return token
-
-
-def _cmd_handler(args: argparse.Namespace) -> int:
-    import signal
-
-    logging.basicConfig(
-        level=logging.DEBUG
-        if args.verbose > 1
-        else logging.INFO
-        if args.verbose
-        else logging.WARNING,
-        format="uffd handler: %(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
-    log.setLevel(logging.INFO)
-    try:
-        token = _read_token(args.token_file)
-    except (OSError, ValueError) as err:
-        print(f"uffd handler: cannot read the token: {err}", file=sys.stderr)
-        return 2
-    working_set: str | None = "auto"
-    if args.no_working_set:
-        working_set = None
-    elif args.working_set:
-        working_set = args.working_set
-    try:
-        daemon = HandlerDaemon(
-            args.socket,
-            args.source,
-            token=token,
-            allow_uids=args.allow_uid,
-            fallback=args.fallback,
-            deadline=args.deadline,
-            prefetch=not args.no_prefetch,
-            working_set=working_set,
-            progress=args.progress,
-            json_reports=args.json,
-        )
-    except (SourceError, OSError, ValueError) as err:
-        print(f"uffd handler: {err}", file=sys.stderr)
-        return 1
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: daemon.shutdown())
-    # A fault's Python step waits for the GIL behind prefetch and the page
-    # clients' loops; a shorter switch interval bounds that wait (default 5 ms).
-    sys.setswitchinterval(0.0005)
-    print(f"listening on {daemon.socket_path}", flush=True)
-    try:
-        if args.once:
-            daemon.start()
-            while not daemon.reports and not daemon._stopping:
-                with contextlib.suppress(TimeoutError):
-                    daemon.wait_reports(1, timeout=0.2)
-            reports = list(daemon.reports)
-            daemon.close()
-            return 0 if reports and all(r.ok for r in reports) else 1
-        daemon.serve_forever()
-    finally:
-        daemon.close()
-    return 0
-
-
-def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``handler`` to the ``python -m uffd`` parser (``args.func(args)`` -> exit code)."""
-    p = subparsers.add_parser(
-        "handler",
-        help="serve other processes' userfaultfds (Firecracker's UFFD handshake) from a snapshot",
-        description="Listen on a Unix socket for processes that send their userfaultfd and "
-        "a JSON list of regions (Firecracker's handshake: [{base_host_virt_addr, size, offset, "
-        "page_size}], page_size_kib accepted too), then restore their memory lazily from "
-        "SOURCE: faults are served on demand and the rest is prefetched in the background "
-        "(the recorded working set first). Prints 'listening on PATH' once ready and one "
-        "summary line per process. The page-server token comes from --token-file or the "
-        "UFFD_TOKEN environment variable.",
-        epilog="exit codes: 0 stopped by SIGINT/SIGTERM (or --once: a clean session), 1 a "
-        "runtime error (source, socket, or a --once session with errors), 2 usage",
-    )
-    p.add_argument("--socket", required=True, metavar="PATH", help="Unix socket to listen on")
-    p.add_argument(
-        "--source",
-        required=True,
-        metavar="SNAPSHOT|tcp://HOST:PORT",
-        help="a snapshot or raw memory file, or a page server",
-    )
-    p.add_argument("--token-file", metavar="F", help="file holding the page server's token")
-    p.add_argument(
-        "--allow-uid",
-        type=int,
-        action="append",
-        metavar="UID",
-        help="accept peers with this uid (repeatable); default: this user and root",
-    )
-    p.add_argument(
-        "--fallback",
-        choices=("sigbus", "zero"),
-        default="sigbus",
-        help="how a fault that cannot be served ends (default sigbus: a poison page where the "
-        "peer negotiated UFFD_FEATURE_POISON, else a zero page)",
-    )
-    p.add_argument(
-        "--deadline", type=float, default=2.0, metavar="S", help="seconds per fault (default 2)"
-    )
-    p.add_argument("--no-prefetch", action="store_true", help="serve faults only")
-    ws = p.add_mutually_exclusive_group()
-    ws.add_argument(
-        "--working-set",
-        metavar="FILE",
-        help="working-set file to load and record (default: SNAPSHOT.ws.json for a file source)",
-    )
-    ws.add_argument("--no-working-set", action="store_true", help="neither load nor record one")
-    p.add_argument("--once", action="store_true", help="exit after the first process ends")
-    p.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="tqdm progress bars (default: when stderr is a terminal and tqdm is installed)",
-    )
-    p.add_argument("--json", action="store_true", help="print session reports as JSON lines")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="log more (repeatable)")
-    p.set_defaults(func=_cmd_handler)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run just this module's subcommand (``python -m uffd.daemon handler ...``)."""
-    return run_module(add_cli, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,7 @@
 """Page-server clients: :class:`PageClient` (asyncio) and :class:`ThreadedPageClient`.
 
-Both speak the protocol of :mod:`uffd.protocol` to a :class:`uffd.server.PageServer`:
+Both speak the protocol of :mod:`uffd.pagestore.protocol` to a
+:class:`uffd.pagestore.server.PageServer`:
 HELLO, AUTH when the server wants a token, LIST, then pipelined READs (as
 many in flight as the server's HELLO allows). A read whose reply is split or
 short is completed by asking for the rest; ZERO ranges become zero bytes.
@@ -33,7 +34,7 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
-from uffd import protocol as p
+from uffd.pagestore import protocol as p
 
 __all__ = ["PageClient", "PeerGoneError", "RemoteError", "ThreadedPageClient", "parse_address"]
 

@@ -1,5 +1,10 @@
 """``python -m uffd`` / ``uffd``: the command line.
 
+Arguments are parsed here and only here; each subcommand module turns its
+parsed arguments into typed options for a tool (the page server, the handler
+daemon, the bench suite) and maps the tool's errors to exit codes. The tools
+never import this package.
+
 Exit codes: 0 success, 1 a runtime failure (the message says what and why),
 2 a usage error (argparse), 130 interrupted.
 """
@@ -7,12 +12,10 @@ Exit codes: 0 success, 1 a runtime failure (the message says what and why),
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-# Modules that add their own subcommands through add_cli(subparsers).
-_COMMAND_MODULES = ("uffd.server", "uffd.daemon", "uffd.bench.suite")
+from uffd.cli import bench, handler, serve
 
 
 def _probe(args: argparse.Namespace) -> int:
@@ -32,29 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     probe = sub.add_parser("probe", help="show what this host's kernel and permissions allow")
     probe.add_argument("--json", action="store_true", help="print as JSON")
     probe.set_defaults(func=_probe)
-    for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name != name:
-                raise
-            continue
-        module.add_cli(sub)
+    serve.add_parsers(sub)
+    handler.add_parser(sub)
+    bench.add_parser(sub)
     return parser
-
-
-def run_module(
-    add_cli: Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None],
-    argv: Sequence[str] | None,
-) -> int:
-    """The ``main`` of a module run on its own (``python -m uffd.server``): its subcommands only.
-
-    ``add_cli`` is the module's; returns the subcommand's exit code.
-    """
-    parser = argparse.ArgumentParser(prog="uffd")
-    add_cli(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
