@@ -15,7 +15,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from uffd.cli import bench, handler, serve
+from uffd.cli import bench, handler, serve, snapshot
 
 
 def _probe(args: argparse.Namespace) -> int:
@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     probe = sub.add_parser("probe", help="show what this host's kernel and permissions allow")
     probe.add_argument("--json", action="store_true", help="print as JSON")
     probe.set_defaults(func=_probe)
-    serve.add_parsers(sub)
+    serve.add_parser(sub)
+    snapshot.add_parser(sub)
     handler.add_parser(sub)
     bench.add_parser(sub)
     return parser

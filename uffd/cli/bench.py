@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from uffd.bench import report, suite
+from uffd.cli._types import positive_int
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -29,13 +30,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(f"{results['errors']} handler runs failed; see the ERROR rows", file=sys.stderr)
         return 1
     return 0
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -61,11 +55,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help=f"workloads to run (default all: {' '.join(suite.ALL_WORKLOADS)})",
     )
     bench.add_argument(
-        "--repeat", type=_positive, metavar="N", help="repeats per handler (default 3; quick 2)"
+        "--repeat", type=positive_int, metavar="N", help="repeats per handler (default 3; quick 2)"
     )
     bench.add_argument(
         "--pages",
-        type=_positive,
+        type=positive_int,
         metavar="N",
         help="pages for random/sequential/threads (default 16384)",
     )

@@ -9,6 +9,7 @@ import signal
 import sys
 
 from uffd.cli._token import UsageError, read_token
+from uffd.cli._types import seconds
 from uffd.restore.daemon import HandlerDaemon, SourceError, log
 
 
@@ -108,7 +109,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "peer negotiated UFFD_FEATURE_POISON, else a zero page)",
     )
     p.add_argument(
-        "--deadline", type=float, default=2.0, metavar="S", help="seconds per fault (default 2)"
+        "--deadline", type=seconds, default=2.0, metavar="S", help="seconds per fault (default 2)"
     )
     p.add_argument("--no-prefetch", action="store_true", help="serve faults only")
     ws = p.add_mutually_exclusive_group()
