@@ -105,7 +105,7 @@ def test_ratios_are_computed_against_the_same_run(results: dict[str, Any]) -> No
     by_key = {(r["name"], r["placement"]): r for r in ratios}
     found = {(e["workload"], e["placement"], e["handler"]): e for e in results["results"]}
     for spec in report.RATIOS:
-        placement = {"restore": "unpinned"}.get(spec.workload, "same")
+        placement = "unpinned" if spec.workload.startswith("restore") else "same"
         r = by_key[(spec.name, placement)]
         mine = found[(spec.workload, placement, spec.handler)]["median"][spec.metric]
         if spec.baseline is None:
@@ -119,6 +119,17 @@ def test_ratios_are_computed_against_the_same_run(results: dict[str, Any]) -> No
         else:
             met = r["value"] <= spec.target if spec.better == "lower" else r["value"] >= spec.target
             assert r["status"] == ("PASS" if met else "MISS")
+
+
+def test_restore_daemon_runs_the_product_path(results: dict[str, Any]) -> None:
+    """restore-daemon restores through uffd serve + uffd handler, from the server and the file."""
+    found = {(e["workload"], e["handler"]): e for e in results["results"]}
+    for handler in ("daemon-tcp", "daemon-file"):
+        for run in found[("restore-daemon", handler)]["runs"]:
+            assert run["restore_gbps"] > 0 and run["first_access_ms"] > 0
+            assert run["fault_us_p50"] <= run["fault_us_p99"]
+            assert run["touches"] >= 1 and {"handler_cpu_s", "server_cpu_s"} <= run.keys()
+    assert found[("restore-daemon", "bulkcopy")]["median"]["pages_per_s"] > 0
 
 
 def test_outputs_are_written_and_the_table_shows_targets(

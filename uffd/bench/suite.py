@@ -16,9 +16,14 @@ Workloads, handlers and placements:
   prefetch), with the limits measured in the same run: ``notouch`` (first
   touch with no userfaultfd) and ``bulkcopy`` (UFFDIO_COPY in 2 MiB calls);
 - ``threads``: 4 threads faulting their own slices at once;
-- ``restore``: lazy restore of 1 GiB from a page server on loopback, with a
-  worker touching random pages meanwhile (unpinned: three threads and a
-  server process share the CPUs);
+- ``restore``: lazy restore of 1 GiB from a page server on loopback by the
+  library's own driver, with a worker touching random pages meanwhile
+  (unpinned: three threads and a server process share the CPUs): the
+  ceiling of what the daemon can reach;
+- ``restore-daemon``: the same restore as users run it (``uffd serve`` +
+  ``uffd handler`` + a C stand-in VMM, :mod:`uffd.bench.restore_daemon`),
+  from the page server and from the local file, beside the fetch-only rate
+  and the bulk UFFDIO_COPY limit measured in the same run (unpinned);
 - ``dirty``: one DirtyTracker harvest over 1 GiB, every 4th page written,
   against the C PAGEMAP_SCAN loop (pinned to the first CPU).
 
@@ -39,12 +44,12 @@ from pathlib import Path
 from typing import Any
 
 from uffd.bench import placement as _placement
-from uffd.bench import report, workloads
+from uffd.bench import report, restore_daemon, workloads
 from uffd.bench.reference import default_build_dir
 
 __all__ = ["ALL_WORKLOADS", "DEFAULT_OUT", "Config", "quick_config", "run_suite", "write_outputs"]
 
-ALL_WORKLOADS = ("random", "sequential", "threads", "restore", "dirty")
+ALL_WORKLOADS = ("random", "sequential", "threads", "restore", "restore-daemon", "dirty")
 _TOUCH_HANDLERS = {
     "random": ("c-ref", "naive", "python", "native"),
     "sequential": ("c-ref", "naive", "python", "native", "prefetch", "native-prefetch"),
@@ -71,6 +76,7 @@ class Config:
     restore_server: str = "process"
     restore_chunk: int = 4 << 20
     restore_window: int = 4
+    restore_pace_us: int = 1000
     quick: bool = False
 
 
@@ -264,6 +270,66 @@ def _restore_workload(config: Config, col: _Collector, build_dir: Path) -> None:
         server.close()
 
 
+def _restore_daemon_workload(config: Config, col: _Collector, build_dir: Path) -> None:
+    """uffd serve + uffd handler (page server, then local file) + restore_vmm, interleaved
+    with the fetch-only rate and the bulk UFFDIO_COPY limit of the same size."""
+    pages = config.restore_pages
+    params: dict[str, Any] = {"bytes": pages * workloads.PAGE, "pace_us": config.restore_pace_us}
+    names = ("daemon-tcp", "daemon-file", "fetch-only", "bulkcopy")
+    entries = {h: col.entry("restore-daemon", "unpinned", h, **params) for h in names}
+    started: list[Any] = []
+    try:
+        server = workloads.RestoreServer(pages, mode="process")
+        started.append(server)
+        daemons = {
+            "daemon-tcp": restore_daemon.HandlerDaemonProcess(server.url),
+            "daemon-file": restore_daemon.HandlerDaemonProcess(server.path),
+        }
+        started.extend(daemons.values())
+    except Exception as err:
+        for e in entries.values():
+            e["error"] = f"setup: {type(err).__name__}: {err}"
+        col.progress(f"  restore-daemon: ERROR {type(err).__name__}: {err}")
+        for thing in reversed(started):
+            thing.close()
+        return
+    try:
+        for rep in range(config.repeat):
+            label = f"{rep + 1}/{config.repeat}"
+            for name, daemon in daemons.items():
+
+                def one(
+                    daemon: restore_daemon.HandlerDaemonProcess = daemon, rep: int = rep
+                ) -> dict[str, float]:
+                    return restore_daemon.run_daemon_restore(
+                        daemon,
+                        pages,
+                        server_pid=server.pid,
+                        seed=config.seed + rep,
+                        pace_us=config.restore_pace_us,
+                        build_dir=build_dir,
+                    )
+
+                col.run(entries[name], f"restore-daemon unpinned {name} {label}", one)
+            col.run(
+                entries["fetch-only"],
+                f"restore-daemon unpinned fetch-only {label}",
+                lambda: workloads.run_fetch_only(
+                    server, chunk=config.restore_chunk, window=config.restore_window
+                ),
+            )
+            col.run(
+                entries["bulkcopy"],
+                f"restore-daemon unpinned bulkcopy {label}",
+                lambda: workloads.run_limit(
+                    "bulkcopy", pages, _placement.UNPINNED, build_dir=build_dir
+                ),
+            )
+    finally:
+        for thing in reversed(started):
+            thing.close()
+
+
 def _dirty_workload(
     config: Config, placements: dict[str, Any], col: _Collector, build_dir: Path
 ) -> None:
@@ -341,6 +407,8 @@ def run_suite(
             _touch_workload(workload, config, placements, col, build_dir)
         elif workload == "restore":
             _restore_workload(config, col, build_dir)
+        elif workload == "restore-daemon":
+            _restore_daemon_workload(config, col, build_dir)
         else:
             _dirty_workload(config, placements, col, build_dir)
     host["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]

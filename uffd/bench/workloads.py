@@ -419,6 +419,11 @@ class RestoreServer:
             raise RuntimeError(f"the page server did not start: {(line + err).strip()}")
         return line.split()[-1]
 
+    @property
+    def pid(self) -> int:
+        """The page server's process id (this process's in ``thread`` mode)."""
+        return self._proc.pid if self._proc is not None else os.getpid()
+
     def close(self) -> None:
         """Stop the server and delete the file (idempotent)."""
         if self._thread is not None:
