@@ -21,6 +21,7 @@ from uffd._errors import (
 from uffd._events import Event, Fork, PageFault, Remap, Remove, Unmap
 from uffd._handler import FaultHandler
 from uffd._mapping import Fault, Mapping
+from uffd._memtype import FileMemory, Folio, MemoryType
 from uffd._ops import AnonOps, HugetlbOps, ShmemOps, UffdOps, get_uffd_ops
 from uffd._resolution import Resolution
 from uffd._userfaultfd import Userfaultfd
@@ -36,12 +37,15 @@ __all__ = [
     "Fault",
     "FaultHandler",
     "Feature",
+    "FileMemory",
+    "Folio",
     "Fork",
     "HandlerRefusedError",
     "HugetlbOps",
     "Ioctl",
     "Mapping",
     "MappingChangedError",
+    "MemoryType",
     "Mode",
     "NoMappingError",
     "PageAccessError",

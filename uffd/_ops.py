@@ -1,10 +1,12 @@
 """``UffdOps``: per-mapping userfaultfd operations, a user-space ``vm_uffd_ops``.
 
-A memory type opts in to userfaultfd by providing handlers; what it supports
-is derived from which handlers exist, never declared separately (the review
-of the kernel's vm_uffd_ops series, ../shared/reference). ``get_uffd_ops``
-picks the ops for a mapping: explicit ops first, else the built-in for its
-memory kind. The built-ins mirror what the 6.18 kernel grants per kind.
+Ops are the policy: which page a fault gets. What they support is derived
+from which handlers exist, never declared separately (the review of the
+kernel's vm_uffd_ops series; docs/dispatch.md). Under them sits the memory
+type (``uffd._memtype``, the shipped kernel's five callbacks), which decides
+what a mapping may be registered for. ``get_uffd_ops`` picks the ops for a
+mapping: explicit ops first, else the built-in for its memory kind.
+``kernel_grant`` is what the 6.18 kernel answers per kind.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from uffd._constants import Ioctl, Mode
 from uffd._errors import UnsupportedError
+from uffd._memtype import MEMORY_TYPES, MemoryType
 from uffd._resolution import Resolution
 
 if TYPE_CHECKING:
@@ -44,21 +47,18 @@ KIND_IOCTLS: dict[str, Ioctl] = {
     "shmem": _RANGE_IOCTLS,
     "hugetlb": _RANGE_IOCTLS_BASIC,
 }
-_ALL_MODES = Mode.MISSING | Mode.WP | Mode.MINOR
 
 
 def kernel_grant(kind: str, mode: Mode) -> Ioctl | None:
     """What the 6.18 kernel's UFFDIO_REGISTER answers for ``kind`` and ``mode``; None if it refuses.
 
-    The kernel refuses mode 0 and unknown bits, MINOR outside shmem/hugetlb,
-    and memory kinds it does not know; CONTINUE is granted only with MINOR,
-    WRITEPROTECT only with WP.
+    Whether it refuses is the kind's memory type's decision (``MEMORY_TYPES``:
+    mode 0 and unknown bits, MINOR without ``get_folio_noalloc``, i.e. on
+    anonymous memory, and kinds no type covers); the ioctls are 6.18's:
+    CONTINUE only with MINOR, WRITEPROTECT only with WP.
     """
-    # int(): ~ on an IntFlag complements within the named bits only, so an
-    # unknown bit (Mode(8)) would pass; the kernel refuses it (EINVAL).
-    if kind not in KIND_IOCTLS or not mode or int(mode) & ~int(_ALL_MODES):
-        return None
-    if mode & Mode.MINOR and kind == "anon":
+    memory = MEMORY_TYPES.get(kind)
+    if memory is None or memory.refusal(None, Mode(mode)) is not None:
         return None
     grant = KIND_IOCTLS[kind]
     if not mode & Mode.MINOR:
@@ -142,9 +142,47 @@ class UffdOps:
     handle_continue: Any = None
     handle_wp: Any = None
 
-    def can_userfault(self, mapping: Mapping, mode: Mode) -> bool:
-        """May ``mapping`` be registered with ``mode``? Default: ``mode`` is within ``features``."""
-        return bool(mode) and not int(mode) & ~int(self.features)
+    def can_userfault(self, mapping: Mapping | None, mode: Mode) -> bool:
+        """May ``mapping`` be registered with ``mode``? Called by ``FaultHandler.register``.
+
+        Default: ``mode`` is within ``features`` (False otherwise), and the
+        memory type under the mapping accepts it.
+
+        Raises:
+            UnsupportedError: the memory type refuses ``mode``; the message
+                names the callback it lacks (or its own ``can_userfault``).
+        """
+        # int(): ~ on an IntFlag complements within the named bits only, so an
+        # unknown bit (Mode(8)) would pass; the kernel refuses it (EINVAL).
+        if not mode or int(mode) & ~int(self.features):
+            return False
+        memory = self.memory_type(mapping)
+        reason = memory.refusal(mapping, mode) if memory is not None else None
+        if reason is not None:
+            where = {} if mapping is None else {"addr": mapping.start, "length": mapping.length}
+            raise UnsupportedError(f"register: {reason}", op="register", **where)
+        return True
+
+    def memory_type(self, mapping: Mapping | None) -> MemoryType | None:
+        """The memory type under ``mapping``: the built-in for its kind (or this ops' kind).
+
+        None when neither names a kind (the decision is then the kernel's
+        alone). An ops whose pages live elsewhere (``GuestMemfdOps``)
+        returns its own.
+
+        Raises:
+            UnsupportedError: a kind no memory type covers ("file").
+        """
+        kind = mapping.kind if mapping is not None else self.kind
+        if kind is None:
+            return None
+        try:
+            return MEMORY_TYPES[kind]
+        except KeyError:
+            raise UnsupportedError(
+                f"no memory type for {kind!r} memory: userfaultfd serves anon, shmem and hugetlb",
+                op="register",
+            ) from None
 
     def native_source(self, mapping: Mapping) -> tuple[int, int, int, int, int] | None:
         """A source the C pump serves MISSING faults from without entering Python, or None.

@@ -3,12 +3,14 @@
 Each is a ``UffdOps`` subclass, the way a kernel module would provide
 ``vm_uffd_ops``: ``FileOps`` and ``BufferOps`` serve MISSING faults (the C
 pump serves them natively, without the GIL), ``MinorFillOps`` fills the page
-cache through a second view of a memfd and CONTINUEs MINOR faults, and
-``WriteLogOps`` logs write-protect faults and un-protects.
+cache through a second view of a memfd and CONTINUEs MINOR faults,
+``GuestMemfdOps`` fills a memfd with pwrite and CONTINUEs without ever
+mapping it, and ``WriteLogOps`` logs write-protect faults and un-protects.
 """
 
+from uffd.modules.guest_memfd import GuestMemfdOps
 from uffd.modules.minor import MinorFillOps
 from uffd.modules.sources import BufferOps, FileOps
 from uffd.modules.wplog import WriteLogOps
 
-__all__ = ["BufferOps", "FileOps", "MinorFillOps", "WriteLogOps"]
+__all__ = ["BufferOps", "FileOps", "GuestMemfdOps", "MinorFillOps", "WriteLogOps"]
