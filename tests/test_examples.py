@@ -76,3 +76,11 @@ def test_demo() -> None:
     ):
         assert label in out
     assert "verified 4096 pages: every page matches the snapshot" in out
+
+
+def test_guest_memfd_example() -> None:
+    """guest_memfd.py serves a forked guest's memfd by pwrite + CONTINUE without mapping it."""
+    out = run_example("guest_memfd.py", "--size", "1M", "--prefetch", "16")
+    assert "240 filled with pwrite then continued (MISSING), 16 continued" in out
+    assert "handler process maps the memfd: no" in out
+    assert "guest memory == snapshot: yes" in out
