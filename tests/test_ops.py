@@ -1,10 +1,11 @@
 """vm_uffd_ops emulation: kernel_grant/honoured against the live kernel, derived ops attributes.
 
-dispatch.md: "A test must show, for every kind and every combination of
-modes, that the emulated decision (refused or granted, and the ioctl set)
-equals what the real kernel answers to UFFDIO_REGISTER on this machine."
-Each case registers a fresh region on a Userfaultfd that negotiated every
-feature the kernel offers.
+docs/dispatch.md: kernel_grant takes its refusals from the memory types and
+its ioctl sets from 6.18, and both are checked against the live kernel for
+every kind and mode: the emulated decision (refused or granted, and the ioctl
+set) must equal what UFFDIO_REGISTER answers on this machine. Each case
+registers a fresh region on a Userfaultfd that negotiated every feature the
+kernel offers.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def test_emulation_equals_kernel(
 
 
 def test_kernel_facts_recorded() -> None:
-    """The facts dispatch.md records: MOVE is granted on shmem, hugetlb has no ZEROPAGE/MOVE."""
+    """The facts docs/dispatch.md records: MOVE granted on shmem, no ZEROPAGE/MOVE on hugetlb."""
     assert kernel_grant("shmem", Mode.MISSING) == Ioctl(0x13C)
     assert Ioctl.MOVE & kernel_grant("shmem", Mode.MISSING)  # type: ignore[operator]
     assert kernel_grant("hugetlb", Mode.MISSING | Mode.WP | Mode.MINOR) == Ioctl(0x1CC)

@@ -3,7 +3,7 @@
 A ``Mapping`` is a registered range with its memory kind, modes, ops and the
 ioctls honoured for it; a ``Fault`` is what a handler is given. Tables are
 replaced whole on every change, so the dispatch thread reads them without a
-lock (dispatch.md, "The model").
+lock (docs/dispatch.md, "Dispatch").
 """
 
 from __future__ import annotations
