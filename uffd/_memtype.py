@@ -393,5 +393,5 @@ def mfill_copy(memory: MemoryType, mapping: Mapping, addr: int, data: Any) -> Re
     return Resolution.continue_()
 
 
-for _cls in (MemoryType, AnonMemory, HugetlbMemory, FileMemory, Folio):
+for _cls in (MemoryType, FileMemory, Folio):  # exported from uffd
     _cls.__module__ = "uffd"
