@@ -21,7 +21,8 @@ demo: $(STAMP) ## Lazy-restore a 256 MiB worker from a local page server and pri
 	$(PY) examples/demo.py
 
 test: $(STAMP) ## Run the test suite against the running kernel
-	$(PY) -m pytest -q -m "not stress"
+	$(PY) -m pytest -q -m "not stress" || { rc=$$?; [ $$rc -ne 5 ] || \
+		echo "make test: pytest collected no test (exit 5): nothing was tested" >&2; exit $$rc; }
 
 stress: $(STAMP) ## Run the long load variants
 	$(PY) -m pytest -q -m stress

@@ -5,7 +5,8 @@ reads, the error hierarchy, ``uffd.mem`` regions and ``probe()``. On top of
 it, ``FaultHandler`` serves faults with per-mapping ``UffdOps``.
 """
 
-from uffd import dirty, mem
+# _build comes first: importing it checks that the C extension is built.
+from uffd import _build, dirty, mem
 from uffd._constants import Feature, Ioctl, Mode
 from uffd._errors import (
     DeadlineExceededError,
@@ -27,7 +28,7 @@ from uffd._resolution import Resolution
 from uffd._userfaultfd import Userfaultfd
 from uffd.probe import Capabilities, probe
 
-__version__ = "0.1.0"
+__version__ = _build.version()
 
 __all__ = [
     "AnonOps",

@@ -15,6 +15,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from uffd import _build
 from uffd.cli import bench, handler, serve, snapshot
 
 
@@ -30,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="uffd",
         description="Linux userfaultfd tools: probe the host, serve snapshots, restore lazily.",
         epilog="exit codes: 0 ok, 1 runtime error, 2 usage error, 130 interrupted",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"uffd ({_build.DISTRIBUTION}) {_build.version()}"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     probe = sub.add_parser("probe", help="show what this host's kernel and permissions allow")
