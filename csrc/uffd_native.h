@@ -35,6 +35,22 @@ int pyuffd_read_msgs(int fd, struct uffd_msg *buf, int max_msgs, int timeout_ms)
 /* PAGEMAP_SCAN on an open /proc/PID/pagemap; returns the regions filled. */
 int pyuffd_pagemap_scan(int pagemap_fd, struct pm_scan_arg *arg);
 
+/*
+ * Dirty harvest (uffd_dirty.c): PAGEMAP_SCAN with WP_MATCHING over [pos, end),
+ * each written region stored as (start, length), merged when adjacent, as
+ * pair number `ranges` and on: in pairs[] (cap pairs) first, then in spill[]
+ * (spill_cap pairs); advances pos, ranges and bytes.  Returns 1 once pos
+ * reaches end, 0 when both are full first (move the spill and call again),
+ * PYUFFD_HARVEST_STALLED if the kernel made no progress, -errno on failure.
+ */
+struct pyuffd_harvest {
+	uint64_t pos, end, ranges, bytes;
+	uint64_t *spill;
+	uint64_t spill_cap;
+};
+#define PYUFFD_HARVEST_STALLED 2
+int pyuffd_dirty_harvest(int pagemap_fd, struct pyuffd_harvest *h, uint64_t *pairs, size_t cap);
+
 /* GIL-free, SIGBUS-safe memory access (uffd_mem.c); *fault_addr on -EFAULT. */
 int pyuffd_mem_read(void *dst, uint64_t src, size_t n, uint64_t *fault_addr);
 int pyuffd_mem_write(uint64_t dst, const void *src, size_t n, uint64_t *fault_addr);

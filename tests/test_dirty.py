@@ -8,6 +8,7 @@ tests/helpers/dirty_child.py, which sends its userfaultfd over SCM_RIGHTS.
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import os
 import random
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,7 @@ from conftest import (
 
 import uffd
 from uffd import Feature, Mode, mem
-from uffd.dirty import DirtyTracker
+from uffd.dirty import DirtyRanges, DirtyTracker
 
 pytestmark = requires(Feature.WP_ASYNC, Feature.WP_UNPOPULATED)
 
@@ -52,7 +54,12 @@ def merged(addr: int, pages: Iterable[int], page: int = PAGE) -> list[tuple[int,
     return out
 
 
-def pages_of(addr: int, ranges: list[tuple[int, int]], page: int = PAGE) -> list[int]:
+def flat(ranges: Iterable[tuple[int, int]]) -> array[int]:
+    """The flat ``array('Q')`` (start, length, start, length, ...) of ``ranges``."""
+    return array("Q", itertools.chain.from_iterable(ranges))
+
+
+def pages_of(addr: int, ranges: Iterable[tuple[int, int]], page: int = PAGE) -> list[int]:
     """Page indices (from ``addr``) covered by ``ranges``, with repeats."""
     return [(start - addr) // page + i for start, length in ranges for i in range(length // page)]
 
@@ -149,6 +156,138 @@ def test_many_ranges_span_several_scan_calls(region_factory, tracker):
     assert t.collect() == []
 
 
+# -- DirtyRanges and collect_into --------------------------------------------------
+
+
+def test_dirty_ranges_behave_like_a_list_of_tuples(region_factory, tracker):
+    """A harvest compares, indexes, slices, iterates and counts like the list it replaces."""
+    region = region_factory("anon", pages=64)
+    t = tracker(region)
+    written = [1, 2, 3, 10, 20, 21, 40, 63]
+    write_pages(region, written, random.Random("seq"))
+    got = t.collect()
+    want = merged(region.addr, written)
+    assert isinstance(got, DirtyRanges)
+    assert got == want and want == got and got == tuple(want)
+    assert got != want[:-1] and got != [*want[:-1], (want[-1][0], 2 * PAGE)]
+    assert got != "not a list"
+    assert len(got) == len(want) == 5 and got
+    assert list(got) == want and list(reversed(got)) == want[::-1]
+    assert [got[i] for i in range(-5, 5)] == want[-5:] + want
+    for index in (slice(None), slice(1, 4), slice(-2, None), slice(None, None, -2), slice(9, 12)):
+        assert got[index] == want[index], index
+    for bad in (5, -6):
+        with pytest.raises(IndexError, match="out of range"):
+            got[bad]
+    assert want[2] in got and (region.addr, PAGE) not in got and got.index(want[3]) == 3
+    assert got.array == flat(want) and got.array.typecode == "Q"
+    assert got.bytes == len(written) * PAGE
+    assert list(got.pages(PAGE)) == [region.addr + p * PAGE for p in written]
+    assert repr(got).startswith(f"<uffd.dirty.DirtyRanges 5 ranges, {len(written) * PAGE} bytes")
+    assert f"({want[0][0]:#x}, {3 * PAGE})" in repr(got) and "1 more" in repr(got)
+    with pytest.raises(TypeError):
+        hash(got)
+
+
+def test_empty_dirty_ranges():
+    """DirtyRanges() is an empty, falsy sequence; pages() refuses a non-positive page size."""
+    empty = DirtyRanges()
+    assert empty == [] and not empty and len(empty) == 0 and empty.bytes == 0
+    assert list(empty) == [] and list(empty.pages(PAGE)) == [] and empty[:] == []
+    assert empty.array == array("Q")
+    with pytest.raises(ValueError, match="page_size must be positive"):
+        list(empty.pages(0))
+    with pytest.raises(IndexError):
+        empty[0]
+
+
+def test_collect_into_writes_in_place_when_it_fits(region_factory, tracker):
+    """collect_into returns out itself and writes its array in place, growing nothing that fits."""
+    region = region_factory("anon", pages=1024)
+    t = tracker(region)
+    rng = random.Random("into")
+    out = DirtyRanges()
+    storage = out.array
+    first = range(0, 1024, 2)  # 512 ranges: 8 KiB of storage, out of pymalloc's range
+    write_pages(region, first, rng)
+    assert t.collect_into(out) is out
+    assert out.array is storage and out == merged(region.addr, first)
+    address = storage.buffer_info()[0]
+    second = range(1, 1024, 2)  # as many ranges: the same storage, rewritten
+    write_pages(region, second, rng)
+    assert t.collect_into(out) is out
+    assert out.array is storage and storage.buffer_info()[0] == address
+    assert out == merged(region.addr, second) and out.bytes == 512 * PAGE
+    third = rng.sample(range(1024), 100)  # fewer: shortened to what was found
+    write_pages(region, third, rng)
+    assert t.collect_into(out) == merged(region.addr, third) and out.array is storage
+    assert len(storage) == 2 * len(out)
+    assert t.collect_into(out) == [] and out.array is storage and out.bytes == 0
+
+
+def test_collect_into_grows_when_it_does_not_fit(region_factory, tracker, monkeypatch):
+    """A harvest larger than out and than the spill buffer lands whole, over several rounds."""
+    monkeypatch.setattr(uffd.dirty, "_SPILL_RANGES", 100)  # 100 ranges a round, for the start()
+    region = region_factory("anon", pages=2048)
+    t = tracker(region)
+    rng = random.Random("grow")
+    out = DirtyRanges()
+    storage = out.array
+    write_pages(region, [7, 8, 9], rng)
+    assert t.collect_into(out) == [(region.addr + 7 * PAGE, 3 * PAGE)]
+    written = [p for p in range(2048) if p % 3 != 1]  # 683 ranges of one or two pages
+    write_pages(region, written, rng)
+    assert t.collect_into(out) is out and out.array is storage
+    assert storage == flat(merged(region.addr, written)) and out.bytes == len(written) * PAGE
+    write_pages(region, written, rng)
+    fresh = t.collect()
+    assert fresh == out and fresh.array == storage and fresh.array is not storage
+
+
+def test_collect_into_refuses_what_it_cannot_fill(region_factory, tracker):
+    """A non-DirtyRanges raises TypeError; an exported array ValueError, and nothing is lost."""
+    region = region_factory("anon", pages=16)
+    t = tracker(region)
+    region.write(3 * PAGE, b"e")
+    with pytest.raises(TypeError, match="must be a DirtyRanges, not list"):
+        t.collect_into([])  # type: ignore[arg-type]
+    out = DirtyRanges()
+    with memoryview(out.array), pytest.raises(ValueError, match="exported"):
+        t.collect_into(out)
+    assert out == [] and t.collect_into(out) == [(region.addr + 3 * PAGE, PAGE)]
+    t.stop()
+    with pytest.raises(ValueError, match="stopped"):
+        t.collect_into(out)
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    ["every-other", "runs", "all"],
+)
+def test_large_harvest_matches_a_python_expectation(region_factory, tracker, pattern):
+    """A 64 MiB harvest equals, range by range, what a pure-Python scan of the writes predicts."""
+    pages = (64 << 20) // PAGE
+    region = region_factory("anon", pages=pages)
+    rng = random.Random(f"large-{pattern}")
+    if pattern == "every-other":
+        written: list[int] = list(range(0, pages, 2))
+    elif pattern == "runs":  # random runs of 1-600 pages, crossing 2 MiB boundaries
+        written, p = [], rng.randrange(16)
+        while p < pages:
+            run = rng.randrange(1, 600)
+            written.extend(range(p, min(p + run, pages)))
+            p += run + rng.randrange(1, 40)
+    else:
+        written = list(range(pages))
+    t = tracker(region)
+    write_pages(region, written, rng)
+    got = t.collect()
+    want = merged(region.addr, written)
+    assert len(got) == len(want) and got.array == flat(want)
+    assert got.bytes == len(written) * PAGE
+    assert t.collect() == []
+
+
 def test_hugetlb_pages_are_tracked_whole(region_factory, tracker):
     """On hugetlb a write reports its whole huge page; reading an untouched one reports nothing."""
     region = region_factory("hugetlb", pages=4)
@@ -156,15 +295,24 @@ def test_hugetlb_pages_are_tracked_whole(region_factory, tracker):
     t = tracker(region)
     region.read(0, 16)
     region.write(2 * size + 100, b"h")
-    assert t.collect() == [(region.addr + 2 * size, size)]
+    got = t.collect()
+    assert got == [(region.addr + 2 * size, size)]
+    assert list(got.pages(size)) == [region.addr + 2 * size]
+    assert got.bytes == size
     assert t.collect() == []
 
 
-def test_concurrent_writer_loses_nothing(region_factory, tracker):
-    """Each write racing with collect() is reported by the collects around it; none is lost."""
+@pytest.mark.parametrize("into", [False, True], ids=["collect", "collect_into"])
+def test_concurrent_writer_loses_nothing(region_factory, tracker, into):
+    """Each write racing with a harvest is reported by the harvests around it; none is lost."""
     region = region_factory("anon", pages=2048)
     order = random.Random("writer").sample(range(2048), 1536)
     t = tracker(region)
+    out = DirtyRanges()
+
+    def harvest() -> list[int]:
+        return pages_of(region.addr, t.collect_into(out) if into else t.collect())
+
     late_flag = threading.Event()
     collects: list[list[int]] = []  # pages reported by each collect, in call order
     spans: dict[int, tuple[int, int]] = {}  # page -> collects returned before/after its write
@@ -184,14 +332,14 @@ def test_concurrent_writer_loses_nothing(region_factory, tracker):
     deadline = time.monotonic() + WAIT
     while len(spans) < len(order) // 2:
         assert time.monotonic() < deadline, f"writer stuck after {len(spans)} pages"
-        collects.append(pages_of(region.addr, t.collect()))
+        collects.append(harvest())
         time.sleep(0.0002)  # let the writer have the GIL
-    collects.append(pages_of(region.addr, t.collect()))
+    collects.append(harvest())
     last_loop = len(collects)
     late_flag.set()
     thread.finish()
-    collects.append(pages_of(region.addr, t.collect()))
-    assert t.collect() == []
+    collects.append(harvest())
+    assert harvest() == []
 
     seen: dict[int, list[int]] = collections.defaultdict(list)
     for k, pages in enumerate(collects):

@@ -17,6 +17,11 @@ The memory may be another process's: pass that process's userfaultfd
 ioctls act on the mm the fd was created in, whichever process calls them,
 and PAGEMAP_SCAN goes to that process's pagemap file.
 
+A harvest is a ``DirtyRanges``: a read-only sequence of (start, length)
+tuples backed by one flat ``array('Q')`` that C fills (csrc/uffd_dirty.c):
+in place while it has room, the rest through the tracker's spill buffer and
+one copy. Building a Python tuple per range cost more than the kernel's scan.
+
 Requires Linux 6.7: UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN.
 """
 
@@ -27,8 +32,10 @@ import errno as _errno
 import mmap
 import operator
 import os
+from array import array
+from collections.abc import Iterator, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, overload
 
 from uffd._constants import Feature, Mode
 from uffd._errors import (
@@ -43,18 +50,106 @@ from uffd._native import ffi, lib
 from uffd._userfaultfd import Userfaultfd
 from uffd.mem import Region
 
-__all__ = ["DirtyTracker"]
+__all__ = ["DirtyRanges", "DirtyTracker"]
 
 PAGE_SIZE = mmap.PAGESIZE
 _NEEDED = Feature.WP_ASYNC | Feature.WP_UNPOPULATED
 _REQUIRES = "Requires Linux 6.7: UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN"
-# 96 KiB of page_region, allocated once per tracker. The kernel walks at
-# most 512 regions per pass whatever this is; a larger vec only saves
-# ioctl calls, and a batch this size keeps the per-batch Python work small.
-_VEC_LEN = 4096
-_WORDS = 3  # uint64_t fields of a struct page_region: start, end, categories
-_sub = operator.sub
 _STATES = {"new": "not started", "started": "started", "stopped": "stopped"}
+# Ranges beyond the result's array go to the tracker's spill buffer (1 MiB
+# at most, reused by every harvest so it stays in memory), then onto the
+# array in one copy: the array grows once per spill, to its exact size.
+# Growing the array itself in steps cost more than the scan (fresh pages).
+_SPILL_RANGES = 1 << 16
+_PAIR = 16  # bytes of one (start, length) pair
+_REPR_RANGES = 4
+
+
+class DirtyRanges(Sequence[tuple[int, int]]):
+    """The ranges one harvest found: a read-only sequence of ``(start, length)`` tuples.
+
+    Sorted by address and merged (no two ranges touch). Iterating,
+    indexing (negative indices and slices too; a slice is a list),
+    ``len`` and ``==`` with a list of tuples work as on a list, so code
+    written for a list keeps working. The storage is one flat
+    ``array('Q')``, ``.array``: start, length, start, length, ...; C
+    writes it, so no Python object exists per range until one is asked
+    for. ``DirtyRanges()`` is empty, ready for
+    ``DirtyTracker.collect_into``.
+
+    Calling context: any thread, but not while a ``collect_into`` is
+    filling it (it is resized and written then).
+    """
+
+    __slots__ = ("_array", "_bytes")
+
+    def __init__(self) -> None:
+        self._array = array("Q")
+        self._bytes = 0
+
+    @property
+    def array(self) -> array[int]:
+        """The storage itself: start, length, start, length, ... (do not resize it)."""
+        return self._array
+
+    @property
+    def bytes(self) -> int:
+        """The total length of the ranges, in bytes."""
+        return self._bytes
+
+    def pages(self, page_size: int) -> Iterator[int]:
+        """The address of every ``page_size`` page in the ranges, in order.
+
+        Raises:
+            ValueError: ``page_size`` is not positive.
+        """
+        page_size = operator.index(page_size)
+        if page_size <= 0:
+            raise ValueError(f"DirtyRanges.pages: page_size must be positive, got {page_size}")
+        for start, length in self:
+            yield from range(start, start + length, page_size)
+
+    def __len__(self) -> int:
+        return len(self._array) // 2
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        words = iter(self._array)
+        # One iterator twice: consecutive words pair up, in C.
+        return zip(words, words, strict=False)
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[int, int]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[tuple[int, int]]: ...
+
+    def __getitem__(self, index: int | slice) -> tuple[int, int] | list[tuple[int, int]]:
+        words = self._array
+        if isinstance(index, slice):
+            return [(words[2 * i], words[2 * i + 1]) for i in range(len(self))[index]]
+        i = operator.index(index)
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"DirtyRanges index {index} out of range ({n} ranges)")
+        return words[2 * i], words[2 * i + 1]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, DirtyRanges):
+            return self._array == other._array
+        if isinstance(other, (list, tuple)):
+            return len(other) == len(self) and all(map(operator.eq, self, other))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # collect_into changes it
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"({start:#x}, {length})" for start, length in self[:_REPR_RANGES])
+        more = len(self) - _REPR_RANGES
+        if more > 0:
+            shown += f", ... {more} more"
+        return f"<uffd.dirty.DirtyRanges {len(self)} ranges, {self._bytes} bytes: [{shown}]>"
 
 
 def _target_range(target: Any) -> tuple[int, int, int, Region | None]:
@@ -114,16 +209,17 @@ class DirtyTracker:
     that process's userfaultfd (received over SCM_RIGHTS); the caller
     needs ptrace read access to it (same user, or CAP_SYS_PTRACE).
 
-    Calling context: ``start``, ``collect`` and ``stop`` from one thread at
-    a time (they share a scan buffer); the memory may be written from any
-    thread or process meanwhile. A write that lands between two
-    ``collect()`` calls is reported by exactly the next one. A write racing
-    with a ``collect()`` is reported by a collect that returns after the
-    store, and the racing one may report its page early too (the kernel
-    grants write access before the store lands; a store that finds the page
-    protected again faults again): under concurrent writes a page can show
-    up in two collects, never in none. Writes before ``start()`` are not
-    reported; pages unmapped while tracked are dropped from the reports.
+    Calling context: ``start``, ``collect``, ``collect_into`` and ``stop``
+    from one thread at a time (they share a spill buffer); the memory may
+    be written from any thread or process meanwhile. A write that lands
+    between two harvests (``collect()`` or ``collect_into()``) is reported
+    by exactly the next one. A write racing with a harvest is reported by a
+    harvest that returns after the store, and the racing one may report its
+    page early too (the kernel grants write access before the store lands;
+    a store that finds the page protected again faults again): under
+    concurrent writes a page can show up in two harvests, never in none.
+    Writes before ``start()`` are not reported; pages unmapped while
+    tracked are dropped from the reports.
 
     Requires Linux 6.7: UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN.
 
@@ -143,9 +239,8 @@ class DirtyTracker:
     ) -> None:
         self._pagemap = -1
         self._owns_uffd = False
-        self._arg: Any = None
-        self._vec: Any = None
-        self._words = memoryview(b"")
+        self._harvest: Any = None
+        self._spill: Any = None
         self._state = "new"
         addr, length, page_size, region = _target_range(target)
         self._addr, self._length, self._end = addr, length, addr + length
@@ -218,8 +313,8 @@ class DirtyTracker:
             # both install markers on unpopulated ptes of anon and shmem, but
             # only this one does so on unpopulated hugetlb ptes.
             self._uffd.writeprotect(self._addr, self._length)
-            self._alloc()
             self._probe()
+            self._alloc()
         except BaseException as err:
             if registered:
                 # The original error matters more than a failed undo.
@@ -289,15 +384,16 @@ class DirtyTracker:
 
     # -- harvesting ------------------------------------------------------
 
-    def collect(self) -> list[tuple[int, int]]:
-        """The (start, length) ranges written since ``start()`` or the last ``collect()``.
+    def collect(self) -> DirtyRanges:
+        """The ranges written since ``start()`` or the last harvest, as a new ``DirtyRanges``.
 
         Sorted by address, adjacent pages merged into one range. The same
         PAGEMAP_SCAN ioctl that reports a page write-protects it again, so a
         write between two calls is reported once (see the class docstring
-        for writes racing with the call). Returns ``[]`` when nothing was
-        written. Releases the GIL while in the kernel; allocates nothing but
-        the result.
+        for writes racing with the call). Empty (``== []``) when nothing was
+        written. Releases the GIL while scanning; allocates only the result's
+        array, at its exact size (grown once per 65,536 ranges);
+        ``collect_into`` reuses one.
 
         Raises:
             ValueError: the tracker is not started, or stopped.
@@ -307,50 +403,79 @@ class DirtyTracker:
             UnsupportedError: the kernel has no PAGEMAP_SCAN (Linux < 6.7).
             UffdError: the scan failed otherwise.
         """
-        arg = self._arg
-        if arg is None:
-            raise ValueError(f"DirtyTracker.collect: the tracker is {_STATES[self._state]}")
-        scan = lib.pyuffd_pagemap_scan
-        fd = self._pagemap
-        words = self._words
-        end = self._end
-        out: list[tuple[int, int]] = []
-        pos = arg.start = self._addr
-        while True:
-            n = scan(fd, arg)
-            if n < 0:
-                self._raise_scan(n)
-            if n:
-                # Strided views of the vec: no list is built but the result.
-                starts = words[0 : _WORDS * n : _WORDS]
-                ends = words[1 : _WORDS * n : _WORDS]
-                # A full vec ends a call and the next resumes at walk_end. The
-                # kernel stops at a page that does not extend the last range,
-                # so ranges do not touch across calls; this keeps the result
-                # merged should a kernel ever stop mid-range.
-                if out and out[-1][0] + out[-1][1] == starts[0]:
-                    first = out.pop()[0]
-                    out.append((first, ends[0] - first))
-                    starts, ends = starts[1:], ends[1:]
-                out.extend(zip(starts, map(_sub, ends, starts), strict=True))
-            walk_end = arg.walk_end
-            if walk_end >= end:
-                break
-            if walk_end <= pos:
-                raise UffdError(
-                    _errno.EIO,
-                    f"PAGEMAP_SCAN on {describe_range(self._addr, self._length)} made no "
-                    f"progress at {pos:#x}; please report this kernel ({os.uname().release})",
-                    op="PAGEMAP_SCAN",
-                    addr=self._addr,
-                    length=self._length,
-                )
-            pos = arg.start = walk_end
-        if self._pid is not None:
-            self._check_alive()
+        self._check_started("collect")
+        out = DirtyRanges()
+        self._fill(out)
+        return out
+
+    def collect_into(self, out: DirtyRanges) -> DirtyRanges:
+        """Like ``collect()``, but into ``out``'s storage, replacing its ranges; returns ``out``.
+
+        ``out.array`` stays the same array object: it is written in place,
+        grown only when this harvest has more ranges than ``out`` held, and
+        shortened to the ranges found. Start with ``DirtyRanges()`` or any
+        earlier harvest.
+
+        Calling context: as ``collect()``; nothing may read ``out`` meanwhile.
+
+        Raises:
+            TypeError: ``out`` is not a DirtyRanges.
+            ValueError: the tracker is not started or stopped, or
+                ``out.array`` is exported (a memoryview or numpy array of it
+                is alive): release that first, nothing was harvested.
+            ProcessGoneError, NoMappingError, UnsupportedError, UffdError:
+                as ``collect()``; ``out`` then holds the ranges harvested
+                before the failure (they are write-protected again already).
+        """
+        if not isinstance(out, DirtyRanges):
+            raise TypeError(
+                f"DirtyTracker.collect_into: out must be a DirtyRanges, not {type(out).__name__}"
+            )
+        self._check_started("collect_into")
+        words = out._array
+        try:
+            # Resizing is refused while the array is exported: find out before
+            # the scan write-protects pages that could then not be stored.
+            words.append(0)
+        except BufferError:
+            raise ValueError(
+                "DirtyTracker.collect_into: out.array is exported (a memoryview or buffer of it "
+                "is alive), so it cannot be resized: release it first"
+            ) from None
+        words.pop()
+        self._fill(out)
         return out
 
     # -- internals -------------------------------------------------------
+
+    def _check_started(self, what: str) -> None:
+        if self._harvest is None:
+            raise ValueError(f"DirtyTracker.{what}: the tracker is {_STATES[self._state]}")
+
+    def _fill(self, out: DirtyRanges) -> None:
+        """Harvest into ``out``'s array: in place while it has room, then through the spill."""
+        h = self._harvest
+        h.pos, h.ranges, h.bytes = self._addr, 0, 0
+        words = out._array
+        cap = len(words) // 2
+        try:
+            while True:
+                with ffi.from_buffer("uint64_t[]", words, require_writable=True) as pairs:
+                    rc = lib.pyuffd_dirty_harvest(self._pagemap, h, pairs, cap)
+                if h.ranges > cap:
+                    del words[2 * cap :]  # an odd length (appended to by hand) stays aligned
+                    words.frombytes(ffi.buffer(self._spill, (h.ranges - cap) * _PAIR))
+                    cap = h.ranges
+                if rc == 1:
+                    break
+                if rc != 0:
+                    self._raise_scan(rc)
+        finally:
+            # Whatever happened, out holds exactly what was harvested.
+            del words[2 * h.ranges :]
+            out._bytes = h.bytes
+        if self._pid is not None:
+            self._check_alive()
 
     def _open_uffd(self) -> Userfaultfd:
         try:
@@ -422,16 +547,13 @@ class DirtyTracker:
         return self._pid is not None and self._pagemap >= 0 and not self._mm_alive()
 
     def _alloc(self) -> None:
-        self._vec = ffi.new("struct page_region[]", _VEC_LEN)
-        self._words = memoryview(ffi.buffer(self._vec)).cast("Q")
-        arg = ffi.new("struct pm_scan_arg *")
-        arg.flags = lib.PM_SCAN_WP_MATCHING | lib.PM_SCAN_CHECK_WPASYNC
-        arg.end = self._end
-        arg.vec = int(ffi.cast("uintptr_t", self._vec))
-        arg.vec_len = _VEC_LEN
-        arg.category_mask = lib.PAGE_IS_WRITTEN
-        arg.return_mask = lib.PAGE_IS_WRITTEN
-        self._arg = arg
+        # No more ranges than every other page of the range can be written.
+        spill = min(_SPILL_RANGES, self._length // PAGE_SIZE // 2 + 1)
+        self._spill = ffi.new("uint64_t[]", 2 * spill)
+        self._harvest = ffi.new(
+            "struct pyuffd_harvest *",
+            {"end": self._end, "spill": self._spill, "spill_cap": spill},
+        )
 
     def _probe(self) -> None:
         """Is there PAGEMAP_SCAN, and does the pagemap's process see our registration?
@@ -441,10 +563,11 @@ class DirtyTracker:
         write-protect, which fails when ``uffd`` came from another process
         than ``pid`` (UFFDIO_REGISTER acted on that other mm).
         """
+        region = ffi.new("struct page_region *")
         arg = ffi.new("struct pm_scan_arg *")
         arg.start = self._addr
         arg.end = self._addr + self._page_size
-        arg.vec = self._arg.vec
+        arg.vec = int(ffi.cast("uintptr_t", region))
         arg.vec_len = 1
         arg.category_mask = lib.PAGE_IS_WPALLOWED
         arg.return_mask = lib.PAGE_IS_WPALLOWED
@@ -467,6 +590,15 @@ class DirtyTracker:
         where = describe_range(self._addr, self._length)
         if self._pid is not None:
             self._check_alive()
+        if rc == lib.PYUFFD_HARVEST_STALLED:
+            raise UffdError(
+                _errno.EIO,
+                f"PAGEMAP_SCAN on {where} made no progress at {self._harvest.pos:#x}; please "
+                f"report this kernel ({os.uname().release})",
+                op="PAGEMAP_SCAN",
+                addr=self._addr,
+                length=self._length,
+            )
         if rc in (-_errno.ENOTTY, -_errno.EINVAL):
             raise UnsupportedError(
                 f"PAGEMAP_SCAN on {where} failed: [{_errno.errorcode[-rc]}] this kernel "
@@ -489,9 +621,7 @@ class DirtyTracker:
         check(rc, "PAGEMAP_SCAN", self._addr, self._length)
 
     def _release(self) -> None:
-        self._arg = None
-        self._words = memoryview(b"")
-        self._vec = None
+        self._harvest = self._spill = None
         fd, self._pagemap = self._pagemap, -1
         if fd >= 0:
             os.close(fd)
