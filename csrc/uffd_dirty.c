@@ -36,25 +36,31 @@ int pyuffd_dirty_harvest(int pagemap_fd, struct pyuffd_harvest *h, uint64_t *pai
 		.category_mask = PAGE_IS_WRITTEN,
 		.return_mask = PAGE_IS_WRITTEN,
 	};
-	uint64_t room = cap + h->spill_cap;
-	uint64_t n = h->ranges;
+	/* Locals, written back at the end: stores through pairs could alias *h. */
+	uint64_t room = cap + h->spill_cap, end = h->end;
+	uint64_t n = h->ranges, bytes = h->bytes, pos = h->pos;
 	uint64_t *last = n ? pair(h, pairs, cap, n - 1) : NULL;
+	int rc = 1;
 
-	while (h->pos < h->end) {
+	while (pos < end) {
 		/*
 		 * WP_MATCHING protects every page it reports, so a region the
 		 * kernel reports must be stored: never ask for more than fit.
 		 */
-		if (n >= room)
-			return 0;
-		arg.start = h->pos;
+		if (n >= room) {
+			rc = 0;
+			break;
+		}
+		arg.start = pos;
 		arg.vec_len = room - n < SCAN_VEC_LEN ? room - n : SCAN_VEC_LEN;
 		int got = ioctl(pagemap_fd, PAGEMAP_SCAN, &arg);
-		if (got < 0)
-			return -errno;
+		if (got < 0) {
+			rc = -errno;
+			break;
+		}
 		for (int i = 0; i < got; i++) {
 			uint64_t start = vec[i].start, len = vec[i].end - vec[i].start;
-			h->bytes += len;
+			bytes += len;
 			/*
 			 * A call that fills the vec stops before a page that does
 			 * not extend its last region, so ranges do not touch across
@@ -64,15 +70,19 @@ int pyuffd_dirty_harvest(int pagemap_fd, struct pyuffd_harvest *h, uint64_t *pai
 			if (last && last[0] + last[1] == start) {
 				last[1] += len;
 			} else {
-				last = pair(h, pairs, cap, n);
+				last = pair(h, pairs, cap, n++);
 				last[0] = start;
 				last[1] = len;
-				h->ranges = ++n;
 			}
 		}
-		if (arg.walk_end <= h->pos)
-			return PYUFFD_HARVEST_STALLED;
-		h->pos = arg.walk_end;
+		if (arg.walk_end <= pos) {
+			rc = PYUFFD_HARVEST_STALLED;
+			break;
+		}
+		pos = arg.walk_end;
 	}
-	return 1;
+	h->ranges = n;
+	h->bytes = bytes;
+	h->pos = pos;
+	return rc;
 }
