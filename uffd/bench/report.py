@@ -224,14 +224,37 @@ RATIOS: tuple[Ratio, ...] = (
         "lower",
         unit="µs",
     ),
+    # A harvest is one thread's ~1 ms of CPU: on a shared host the wall clock
+    # mostly measures who else ran, so the target is on CPU time (the same
+    # figure as the wall clock on an idle host); the wall-clock ratios stay beside it.
     Ratio(
-        "dirty: DirtyTracker / C harvest time",
+        "dirty: DirtyTracker / C harvest CPU time",
         "dirty",
         "python",
         "c-ref",
-        "harvest_ns",
+        "harvest_cpu_ns",
         "lower",
         1.5,
+    ),
+    Ratio(
+        "dirty: collect_into / C harvest CPU time",
+        "dirty",
+        "python-into",
+        "c-ref",
+        "harvest_cpu_ns",
+        "lower",
+        1.5,
+    ),
+    Ratio(
+        "dirty: DirtyTracker / C harvest time", "dirty", "python", "c-ref", "harvest_ns", "lower"
+    ),
+    Ratio(
+        "dirty: collect_into / C harvest time",
+        "dirty",
+        "python-into",
+        "c-ref",
+        "harvest_ns",
+        "lower",
     ),
 )
 

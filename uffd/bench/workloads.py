@@ -77,6 +77,7 @@ __all__ = [
 ]
 
 PAGE = mmap.PAGESIZE
+DIRTY_WARMUP = 3  # untimed harvest rounds, as HARVEST_WARMUP in ref_handler.c
 TOUCH_WORKLOADS = ("random", "sequential", "threads")
 _PYUFFD_HANDLERS = ("python", "native", "prefetch", "native-prefetch")
 HANDLERS = ("c-ref", "naive", *_PYUFFD_HANDLERS)
@@ -305,6 +306,7 @@ def run_dirty_reference(
         runs.append(
             {
                 "harvest_ns": harvest,
+                "harvest_cpu_ns": float(report["harvest_cpu_ns"][rep]),
                 "pages_found": float(report["pages_found"][rep]),
                 "ranges": float(report["ranges"][rep]),
                 "pages_per_s": pages * 1e9 / harvest,
@@ -313,15 +315,22 @@ def run_dirty_reference(
     return runs
 
 
-def run_dirty(pages: int, cpu: int, *, repeat: int, stride: int = 4) -> list[dict[str, float]]:
+def run_dirty(
+    pages: int, cpu: int, *, repeat: int, stride: int = 4, into: bool = False
+) -> list[dict[str, float]]:
     """``DirtyTracker.collect()`` over ``pages`` pages, every stride-th one written, per repeat.
 
     The same steps as the C loop: populate every page, start tracking,
     harvest once (all of them), then per repeat write every stride-th page
-    and time one ``collect()``; check what it found, and that a second
-    ``collect()`` finds nothing. ``pages_per_s`` is pages scanned per second.
+    and time one harvest; check that it found exactly those pages, and that
+    a second harvest finds nothing. The first ``DIRTY_WARMUP`` rounds, as
+    in C, are not timed: the allocator settles over the first few 1 MiB
+    results (the first harvests each fault in up to 512 fresh pages). With
+    ``into`` each harvest is ``collect_into`` one reused ``DirtyRanges``.
+    ``pages_per_s`` is pages scanned per second; ``harvest_cpu_ns`` is the
+    thread's CPU time, which other processes on a shared host do not inflate.
     """
-    from uffd.dirty import DirtyTracker
+    from uffd.dirty import DirtyRanges, DirtyTracker
 
     region = _anon(pages)
     runs = []
@@ -331,27 +340,39 @@ def run_dirty(pages: int, cpu: int, *, repeat: int, stride: int = 4) -> list[dic
         view = memoryview(memory).cast("B")
         # Populate with the pattern's first byte of each page (no userfaultfd yet).
         view[::PAGE] = bytes(_pattern(i) for i in range(pages))
-        want = (pages + stride - 1) // stride
         written = bytes(_pattern(i) for i in range(0, pages, stride))
+        # What the harvest must hold, word for word: one range per written
+        # page, or the whole region as one range when every page is written.
+        if stride == 1:
+            want = array("Q", (region.addr, length))
+        else:
+            starts = range(region.addr, region.addr + length, stride * PAGE)
+            want = array("Q", [word for start in starts for word in (start, PAGE)])
+        out = DirtyRanges()
         with DirtyTracker(region) as tracker, _pinned(cpu):
             tracker.collect()
-            for _ in range(repeat):
+            for rep in range(-DIRTY_WARMUP, repeat):
                 # WP_ASYNC: the kernel resolves these write faults itself, no handler needed.
                 view[:: PAGE * stride] = written
+                cpu0 = time.thread_time_ns()
                 t0 = time.perf_counter_ns()
-                ranges = tracker.collect()
+                ranges = tracker.collect_into(out) if into else tracker.collect()
                 elapsed = time.perf_counter_ns() - t0
-                found = sum(n for _, n in ranges) // PAGE
-                if found != want or (stride > 1 and len(ranges) != want):
+                cpu = time.thread_time_ns() - cpu0
+                if ranges.array != want:
                     raise RuntimeError(
-                        f"DirtyTracker found {found} pages in {len(ranges)} ranges, want {want}"
+                        f"DirtyTracker found {ranges.bytes // PAGE} pages in {len(ranges)} "
+                        f"ranges, want {len(written)} pages in {len(want) // 2}"
                     )
                 if tracker.collect():
                     raise RuntimeError("DirtyTracker reported pages again after a harvest")
+                if rep < 0:
+                    continue
                 runs.append(
                     {
                         "harvest_ns": float(elapsed),
-                        "pages_found": float(found),
+                        "harvest_cpu_ns": float(cpu),
+                        "pages_found": float(ranges.bytes // PAGE),
                         "ranges": float(len(ranges)),
                         "pages_per_s": pages * 1e9 / elapsed,
                     }
