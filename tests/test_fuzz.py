@@ -206,6 +206,81 @@ def test_fuzz_snapshot_reader(
     )
 
 
+FIELD_VALUES = st.one_of(
+    st.integers(0, (1 << 64) - 1),
+    st.sampled_from([0, 1, PS, 1 << 30, 1 << 32, (1 << 32) - 1, 1 << 62, (1 << 64) - 1]),
+    st.integers(-4, 4),
+)
+
+
+@budget(500)
+def test_fuzz_snapshot_reader_past_checksums(
+    examples: int, snapshot_blob: tuple[bytes, dict[str, bytes], Path]
+) -> None:
+    """Header, descriptor and chunk fields set to any value, then every checksum recomputed
+    (and sometimes a sparse tail up to 64 GiB): SnapshotError or a readable snapshot, peak RSS
+    growth under 256 MiB."""
+    import resource
+
+    from helpers.snapshot_forge import reseal
+
+    from uffd.pagestore.snapshot import Snapshot, SnapshotError
+
+    blob, _, directory = snapshot_blob
+    table_offset = struct.unpack_from("<Q", blob, 32)[0]
+    fields = [(16, "<I"), (20, "<I"), (24, "<I"), (32, "<Q"), (40, "<Q")]
+    for index in range(2):
+        at = table_offset + index * 304
+        fields += [(at + off, "<Q") for off in (256, 264, 272, 280, 288)]
+        fields += [(at + 296, "<I")]
+    fields += [(len(blob) - 32 + off, fmt) for off, fmt in ((0, "<Q"), (8, "<I"))]
+    counter = iter(range(1 << 30))
+    outcome = {"past_checksums": 0, "opened": 0, "refused": 0}
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def check(case: tuple[list[tuple[int, int]], int, bool]) -> None:
+        edits, sparse, seal = case
+        data = bytearray(blob)
+        for which, value in edits:
+            at, fmt = fields[which % len(fields)]
+            struct.pack_into(fmt, data, at, value % (1 << (8 * struct.calcsize(fmt))))
+        if seal:
+            reseal(data)
+        path = directory / f"c{next(counter) % 8}.snap"
+        with open(path, "wb") as f:
+            f.write(data)
+            f.truncate(len(data) + sparse)
+        try:
+            with Snapshot.open(path) as snap:
+                for info in snap.regions:
+                    assert len(snap.read(info.name, 0, min(info.length, 4 * snap.page_size))) == (
+                        min(info.length, 4 * snap.page_size)
+                    )
+                    snap.extents(info.name)
+                snap.verify()
+            outcome["opened"] += 1
+        except SnapshotError as err:
+            assert err.path == str(path)
+            outcome["refused"] += 1
+            if "do not match their checksum" in str(err):
+                return
+        outcome["past_checksums"] += 1
+
+    run(
+        examples,
+        st.tuples(
+            st.lists(st.tuples(st.integers(0, 63), FIELD_VALUES), min_size=1, max_size=4),
+            st.sampled_from([0, 0, PS, 1 << 30, 64 << 30]),
+            st.booleans(),
+        ),
+        check,
+    )
+    growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    print(f"\nsnapshot fuzz past checksums: {outcome}, peak RSS growth {growth >> 20} MiB")
+    assert outcome["past_checksums"] >= examples // 4
+    assert growth < 256 << 20
+
+
 # -- the Firecracker handshake parser --------------------------------------------------------------
 
 json_values = st.recursive(

@@ -668,3 +668,135 @@ def test_raw_memory_file_file_extents_notice_truncation(tmp_path: Path) -> None:
         assert raw.file_extents("mem", 0, 4 * PS)[0][2] == 0
         with pytest.raises(SnapshotError, match="truncated while open"):
             raw.file_extents("mem", 0, 8 * PS)
+
+
+# -- forged files: right checksums, hostile sizes ------------------------------------------------
+
+OPEN_IN_CHILD = """
+import json, resource, sys, time
+from uffd.pagestore.snapshot import Snapshot, SnapshotError
+start = time.monotonic()
+try:
+    with Snapshot.open(sys.argv[1]) as snap:
+        for info in snap.regions:
+            snap.read(info.name, 0, snap.page_size)
+        snap.verify()
+    error = None
+except SnapshotError as err:
+    error = str(err)
+print(json.dumps({"error": error, "seconds": time.monotonic() - start,
+                  "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+# A fresh interpreter with uffd imported peaks around 25 MiB; a reader that
+# allocated what the file claims would be at gigabytes.
+RSS_BOUND = 96 << 20
+
+
+def open_in_child(path: Path) -> dict[str, object]:
+    """Open, read a page of every region and verify ``path`` in a fresh interpreter."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", OPEN_IN_CHILD, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    result: dict[str, object] = json.loads(out.stdout)
+    return result
+
+
+def test_sparse_64_gib_table_claim_refused_from_the_header(tmp_path: Path) -> None:
+    """A 64 GiB sparse file whose table claims 64 GiB: SnapshotError at once, no MemoryError,
+    peak RSS under 96 MiB."""
+    from helpers.snapshot_forge import forge
+
+    path = tmp_path / "huge.snap"
+    forge(
+        path,
+        table=b"",
+        table_offset=64,
+        region_count=1,
+        file_size=64 << 30,
+        table_size=(64 << 30) - 64,
+    )
+    result = open_in_child(path)
+    assert "over the format's limit" in str(result["error"]), result
+    assert int(str(result["maxrss"])) < RSS_BOUND and float(str(result["seconds"])) < 5, result
+
+
+def test_bitmap_claim_larger_than_the_table_refused(tmp_path: Path) -> None:
+    """A sealed table whose region claims 2^62 bytes (a 128 TiB bitmap): SnapshotError before
+    any bitmap is read."""
+    from helpers.snapshot_forge import forge, region_entry
+
+    entry = region_entry(b"big", 1 << 62, 0, 64, 64 + REGION_DESC, 64 + REGION_DESC, 0)
+    path = tmp_path / "bitmap.snap"
+    forge(path, table=entry + bytes(64), table_offset=64, region_count=1, file_size=4096)
+    result = open_in_child(path)
+    assert "lies outside the region table" in str(result["error"]), result
+    assert int(str(result["maxrss"])) < RSS_BOUND, result
+
+
+def test_regions_sharing_one_bitmap_cannot_multiply_it(tmp_path: Path) -> None:
+    """200 sealed regions all pointing at one 1 MiB bitmap: refused once their bitmaps add up
+    to more than the table, so a file cannot make the reader hold 200 copies."""
+    from helpers.snapshot_forge import forge, region_entry
+
+    count, bitmap = 200, 1 << 20
+    length = bitmap * 8 * PS
+    table_offset = 64
+    bitmap_at = table_offset + count * REGION_DESC
+    table = b"".join(
+        region_entry(f"r{i}".encode(), length, 0, 64, bitmap_at, bitmap_at + bitmap, 0)
+        for i in range(count)
+    )
+    path = tmp_path / "shared.snap"
+    forge(
+        path,
+        table=table + bytes(bitmap),
+        table_offset=table_offset,
+        region_count=count,
+        file_size=table_offset + len(table) + bitmap,
+    )
+    result = open_in_child(path)
+    assert "need more than the region table" in str(result["error"]), result
+    assert int(str(result["maxrss"])) < RSS_BOUND, result
+
+
+def test_one_gib_chunk_is_verified_in_bounded_pieces(tmp_path: Path) -> None:
+    """A sealed table with one 1 GiB chunk (sparse data, a wrong digest): reading one page
+    fails the chunk's checksum with peak RSS under 96 MiB (the chunk is hashed in pieces)."""
+    from helpers.snapshot_forge import forge, region_entry
+
+    page, pages = 1 << 20, 1024
+    data_offset = 64
+    table_offset = data_offset + page * pages
+    words = pages // 64
+    entry = region_entry(
+        b"mem",
+        page * pages,
+        pages,
+        data_offset,
+        table_offset + REGION_DESC,
+        table_offset + REGION_DESC + 8 * words,
+        1,
+    )
+    chunk = struct.pack("<QII16s", data_offset, pages, 0, b"\x01" * 16)
+    table = entry + b"\xff" * (8 * words) + chunk
+    path = tmp_path / "chunk.snap"
+    forge(
+        path,
+        table=table,
+        table_offset=table_offset,
+        region_count=1,
+        file_size=table_offset + len(table),
+        page_size=page,
+        chunk_pages=pages,
+    )
+    result = open_in_child(path)
+    assert "chunk 0 fails its checksum" in str(result["error"]), result
+    assert int(str(result["maxrss"])) < RSS_BOUND, result

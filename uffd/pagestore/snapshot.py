@@ -72,6 +72,14 @@ MAX_PAGE_SIZE = 1 << 30
 MAX_CHUNK_PAGES = 1 << 24
 MAX_REGIONS = 65535
 MAX_NAME_BYTES = 255
+# The region table (descriptors, bitmaps, chunk tables) may hold at most this
+# much: 256 MiB of bitmap describe 8 TiB of 4 KiB pages. A reader holds the
+# bitmaps and their rank sums in memory, so this bounds what a file can make
+# it allocate, whatever sizes its (checksummed, but forgeable) table claims.
+MAX_TABLE_BYTES = 256 << 20
+# Files are hashed and verified in pieces of this size: memory use does not
+# grow with the size of a chunk or of the table.
+_IO_PIECE = 1 << 20
 
 _WORD_MASK = (1 << 64) - 1
 _REWRITE_HINT = "the file is damaged; re-create it with write_snapshot()"
@@ -651,10 +659,14 @@ class Snapshot(_ReadOnlyFile):
             raise self._error(
                 40, f"the region table ({table_size} bytes) is too small for {count} regions"
             )
-        table = _pread_exact(self._fd, table_size, table_offset)
-        if table is None:
-            raise self._error(table_offset, "the region table is cut short", _TRUNCATED_HINT)
-        digest = hashlib.blake2b(head[:_CHECKSUM_OFFSET] + table, digest_size=_DIGEST_SIZE)
+        if table_size > MAX_TABLE_BYTES:
+            raise self._error(
+                40,
+                f"the region table claims {table_size} bytes, over the format's limit of "
+                f"{MAX_TABLE_BYTES}",
+            )
+        digest = hashlib.blake2b(head[:_CHECKSUM_OFFSET], digest_size=_DIGEST_SIZE)
+        self._hash_file(digest, table_offset, table_size, "the region table")
         if digest.digest() != checksum:
             raise self._error(
                 table_offset, "the header and region table do not match their checksum"
@@ -663,29 +675,53 @@ class Snapshot(_ReadOnlyFile):
         self.chunk_pages = chunk_pages
         self.file_size = size
         self._table_offset = table_offset
-        self._table = table
+        self._table_size = table_size
+        # What the bitmaps and chunk tables may claim in all: each lies in the
+        # table, so together they cannot need more memory than the table holds.
+        self._table_budget = table_size - count * _REGION.size
+        descriptors = self._read_exact(table_offset, count * _REGION.size, "the region table")
         self._by_name: dict[str, _Region] = {}
         for index in range(count):
-            region = self._parse_region(index)
+            region = self._parse_region(index, descriptors)
             self._by_name[region.info.name] = region
         self.regions = [r.info for r in self._by_name.values()]
-        del self._table
 
-    def _in_table(self, field_offset: int, start: int, length: int, what: str) -> memoryview:
+    def _read_exact(self, offset: int, length: int, what: str) -> bytes:
+        data = _pread_exact(self._fd, length, offset)
+        if data is None:
+            raise self._error(offset, f"{what} is cut short", _TRUNCATED_HINT)
+        return data
+
+    def _hash_file(self, digest: hashlib.blake2b, offset: int, length: int, what: str) -> None:
+        """Feed ``length`` file bytes at ``offset`` to ``digest`` in bounded pieces."""
+        end = offset + length
+        while offset < end:
+            n = min(_IO_PIECE, end - offset)
+            digest.update(self._read_exact(offset, n, what))
+            offset += n
+
+    def _in_table(self, field_offset: int, start: int, length: int, what: str) -> bytes:
         lo = start - self._table_offset
-        if lo < 0 or lo + length > len(self._table):
+        if lo < 0 or lo + length > self._table_size:
             raise self._error(
                 field_offset,
                 f"{what} [{start}, +{length}) lies outside the region table "
-                f"[{self._table_offset}, +{len(self._table)})",
+                f"[{self._table_offset}, +{self._table_size})",
             )
-        return memoryview(self._table)[lo : lo + length]
+        if length > self._table_budget:
+            raise self._error(
+                field_offset,
+                f"{what} of {length} bytes and the regions before it need more than the "
+                f"region table's {self._table_size} bytes",
+            )
+        self._table_budget -= length
+        return self._read_exact(start, length, what)
 
-    def _parse_region(self, index: int) -> _Region:
+    def _parse_region(self, index: int, descriptors: bytes) -> _Region:
         ps, cp = self.page_size, self.chunk_pages
         at = self._table_offset + index * _REGION.size
         (name_len, raw_name, length, present, data_offset, bitmap_offset, chunk_offset,
-         nchunks, reserved) = _REGION.unpack_from(self._table, index * _REGION.size)  # fmt: skip
+         nchunks, reserved) = _REGION.unpack_from(descriptors, index * _REGION.size)  # fmt: skip
         try:
             if raw_name[name_len:].strip(b"\0"):
                 raise UnicodeError
@@ -759,34 +795,29 @@ class Snapshot(_ReadOnlyFile):
 
     def _read_ranks(self, region: _Region, first: int, last: int) -> bytes:
         """Stored pages of rank [first, last), verifying each chunk on first touch."""
-        ps, cp = self.page_size, self.chunk_pages
-        c0, c1 = first // cp, (last - 1) // cp
-        verified = region.verified
-        check = not all(verified[c0 : c1 + 1])
-        # An unverified chunk is read whole so that its checksum can be computed.
-        lo, hi = (
-            (c0 * cp, min((c1 + 1) * cp, region.info.present_pages)) if check else (first, last)
+        self._verify_ranks(region, first, last)
+        return self._read_exact(
+            region.data_offset + first * self.page_size,
+            (last - first) * self.page_size,
+            f"region {region.info.name!r}: page data",
         )
-        offset = region.data_offset + lo * ps
-        data = _pread_exact(self._fd, (hi - lo) * ps, offset)
-        if data is None:
-            raise self._error(
-                offset, f"region {region.info.name!r}: page data cut short", _TRUNCATED_HINT
-            )
-        if check:
-            view = memoryview(data)
-            for chunk in range(c0, c1 + 1):
-                if not verified[chunk]:
-                    start = (chunk * cp - lo) * ps
-                    self._verify_chunk(region, chunk, view[start : start + cp * ps])
-            if lo != first or hi != last:
-                data = data[(first - lo) * ps : (last - lo) * ps]
-        return data
 
-    def _verify_chunk(self, region: _Region, chunk: int, data: bytes | memoryview) -> None:
-        digest = hashlib.blake2b(data, digest_size=_DIGEST_SIZE).digest()
-        if digest != region.chunk_digests[chunk]:
-            offset = region.data_offset + chunk * self.chunk_pages * self.page_size
+    def _verify_ranks(self, region: _Region, first: int, last: int) -> None:
+        """Verify every chunk holding a stored page of rank [first, last) not verified yet."""
+        cp = self.chunk_pages
+        verified = region.verified
+        for chunk in range(first // cp, (last - 1) // cp + 1):
+            if not verified[chunk]:
+                self._verify_chunk(region, chunk)
+
+    def _verify_chunk(self, region: _Region, chunk: int) -> None:
+        """Checksum one chunk, read from the file in bounded pieces, and mark it verified."""
+        ps, cp = self.page_size, self.chunk_pages
+        pages = min(cp, region.info.present_pages - chunk * cp)
+        offset = region.data_offset + chunk * cp * ps
+        digest = hashlib.blake2b(digest_size=_DIGEST_SIZE)
+        self._hash_file(digest, offset, pages * ps, f"region {region.info.name!r}: page data")
+        if digest.digest() != region.chunk_digests[chunk]:
             raise self._error(
                 offset,
                 f"region {region.info.name!r}, chunk {chunk} fails its checksum",
@@ -892,7 +923,7 @@ class Snapshot(_ReadOnlyFile):
             rank = region.rank(page)
             c0, c1 = rank // cp, (rank + count - 1) // cp
             if not all(region.verified[c0 : c1 + 1]):
-                self._read_ranks(region, rank, rank + count)
+                self._verify_ranks(region, rank, rank + count)
             out.append((page * ps, count * ps, region.data_offset + rank * ps))
         return out
 
@@ -924,8 +955,7 @@ class Snapshot(_ReadOnlyFile):
             for chunk in range(len(region.chunk_digests)):
                 first = chunk * cp
                 last = min(first + cp, info.present_pages)
-                region.verified[chunk] = 0
-                self._read_ranks(region, first, last)
+                self._verify_chunk(region, chunk)
                 pages += last - first
         return pages
 
