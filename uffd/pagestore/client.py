@@ -36,9 +36,24 @@ from urllib.parse import urlsplit
 
 from uffd.pagestore import protocol as p
 
-__all__ = ["PageClient", "PeerGoneError", "RemoteError", "ThreadedPageClient", "parse_address"]
+__all__ = [
+    "MAX_ACCEPTED_FRAME",
+    "PageClient",
+    "PeerGoneError",
+    "RemoteError",
+    "ThreadedPageClient",
+    "parse_address",
+]
 
 _READ_CHUNK = 1 << 18
+# The largest max_frame a server may announce: what one frame may make a client
+# buffer. 16x the server's default; a server announcing more is refused.
+MAX_ACCEPTED_FRAME = 16 << 20
+# After the handshake only DATA frames are large (and they go straight into the
+# caller's buffer); a ZERO, END or ERROR frame longer than this is a violation.
+_MAX_CONTROL = 64 << 10
+# READs in flight per connection, whatever the server's HELLO offers.
+_MAX_WINDOW = 1024
 
 
 class PeerGoneError(ConnectionError):
@@ -106,6 +121,10 @@ class _HandshakeFrames:
         except p.ProtocolError as err:
             raise PeerGoneError(f"page server {self.label} sent garbage: {err}") from None
 
+    def violation(self, problem: str) -> PeerGoneError:
+        """The error for a server that broke the protocol (the connection is then dropped)."""
+        return PeerGoneError(f"page server {self.label} broke the protocol: {problem}")
+
     def pop(self) -> p.Frame:
         """The oldest pending frame; an ERROR frame raises RemoteError instead."""
         frame = self.pending.pop(0)
@@ -125,11 +144,21 @@ class _HandshakeFrames:
                 f"this client {p.VERSION}",
                 label,
             )
+        if hello.max_frame > MAX_ACCEPTED_FRAME:
+            raise self.violation(
+                f"HELLO announces frames of up to {hello.max_frame} bytes, over this client's "
+                f"limit of {MAX_ACCEPTED_FRAME} (start the server with a smaller max_frame)"
+            )
         self.decoder.max_payload = hello.max_frame
         out = b""
         if hello.auth_required:
             if token is None:
-                raise RemoteError(p.ErrorCode.AUTH_FAILED, "the server requires a token", label)
+                raise RemoteError(
+                    p.ErrorCode.AUTH_FAILED,
+                    "the server requires a token (pass token=, or --token-file / UFFD_TOKEN "
+                    "on the command line)",
+                    label,
+                )
             out += p.encode(p.Auth(p.auth_mac(token, hello.nonce)))
         return hello, out + p.encode(p.List())
 
@@ -179,7 +208,7 @@ class PageClient:
         self._label = f"{address[0]}:{address[1]}"
         self._pending: dict[int, _Pending] = {}
         self._ids_counter = itertools.count(1)
-        self._slots = asyncio.Semaphore(max(1, hello.max_pending))
+        self._slots = asyncio.Semaphore(max(1, min(hello.max_pending, _MAX_WINDOW)))
         self._gone: PeerGoneError | None = None
         self._closed = False
         self._reader_task = asyncio.create_task(self._read_loop())
@@ -242,6 +271,8 @@ class PageClient:
         except BaseException:
             writer.close()
             raise
+        # After the handshake only DATA frames may be large.
+        frames.decoder.max_control = _MAX_CONTROL
         client = cls(reader, writer, frames.decoder, hello, regions, address, request_timeout)
         client._feed(frames.pending)
         return client
@@ -302,9 +333,9 @@ class PageClient:
                 if isinstance(frame, p.Data):
                     pending.buffer[start : start + size] = frame.data
             elif isinstance(frame, p.End):
-                del self._pending[frame.request_id]
                 if frame.served > pending.length:
                     raise _Violation(f"END says {frame.served} bytes of {pending.length}")
+                del self._pending[frame.request_id]
                 if not pending.future.done():
                     pending.future.set_result(frame.served)
             elif isinstance(frame, p.Error):
@@ -437,7 +468,7 @@ class ThreadedPageClient:
         self._ids = {entry.name: index for index, entry in enumerate(regions.regions)}
         self._sock = sock
         self._max_payload = self.hello.max_frame
-        self._window = max(1, self.hello.max_pending)
+        self._window = max(1, min(self.hello.max_pending, _MAX_WINDOW))
         ps = self.page_size
         # max_frame bytes per READ: the server's default max_read, served whole.
         self._part_bytes = max(ps, self.hello.max_frame // ps * ps)
@@ -737,7 +768,7 @@ class ThreadedPageClient:
                 self._expire()
                 next_check = now + self._tick
             kind, flags, rid, length = p.parse_header(
-                self._recv_head(p.HEADER.size), self._max_payload
+                self._recv_head(p.HEADER.size), self._max_payload, max_control=_MAX_CONTROL
             )
             if kind is p.FrameType.DATA:
                 (offset,) = _OFFSET.unpack(self._recv_head(data_prefix))

@@ -35,6 +35,9 @@ __all__ = [
     "HEADER",
     "MAGIC",
     "MAX_FRAME",
+    "MAX_PAGE_SIZE",
+    "MIN_FRAME",
+    "MIN_PAGE_SIZE",
     "NONCE_SIZE",
     "VERSION",
     "Auth",
@@ -66,6 +69,10 @@ HEADER = struct.Struct(">HBBHHII")
 NONCE_SIZE = 32
 MAC_SIZE = 32
 MAX_FRAME = 1 << 20
+# The smallest max_frame a HELLO may announce: one 512-byte page and its offset.
+MIN_FRAME = 512 + 8
+MIN_PAGE_SIZE = 512
+MAX_PAGE_SIZE = 1 << 30
 AUTH_CONTEXT = b"pyuffd-auth-v1"
 FLAG_URGENT = 0x0001
 MAX_NAME_BYTES = 255
@@ -339,8 +346,15 @@ def data_header(request_id: int, offset: int, length: int) -> bytes:
 
 def _decode_regions(payload: memoryview, request_id: int) -> Regions:
     page_size, count = _REGIONS.unpack_from(payload)
+    if not MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE or page_size & (page_size - 1):
+        raise ProtocolError(
+            ErrorCode.BAD_FRAME,
+            f"REGIONS: page size {page_size} is not a power of two from {MIN_PAGE_SIZE} to "
+            f"{MAX_PAGE_SIZE}",
+        )
     pos = _REGIONS.size
     entries = []
+    names = set()
     for index in range(count):
         if pos >= len(payload):
             raise ProtocolError(ErrorCode.BAD_FRAME, f"REGIONS: entry {index} is missing")
@@ -354,6 +368,13 @@ def _decode_regions(payload: memoryview, request_id: int) -> Regions:
                 ErrorCode.BAD_FRAME, f"REGIONS: entry {index} name is not UTF-8"
             ) from None
         (length,) = _ENTRY.unpack_from(payload, pos + 1 + size)
+        if length % page_size or name in names:
+            raise ProtocolError(
+                ErrorCode.BAD_FRAME,
+                f"REGIONS: entry {index} ({name!r}) is a duplicate or its length {length} is "
+                f"not a multiple of the page size {page_size}",
+            )
+        names.add(name)
         entries.append(RegionEntry(name, length))
         pos += 1 + size + _ENTRY.size
     if pos != len(payload):
@@ -371,6 +392,12 @@ def decode_payload(kind: FrameType, flags: int, request_id: int, payload: memory
         lo, hi, auth, reserved, max_frame, max_pending, nonce = _HELLO.unpack(payload)
         if auth > 1 or reserved:
             raise ProtocolError(ErrorCode.BAD_FRAME, "HELLO: bad auth or reserved byte")
+        if lo > hi or max_frame < MIN_FRAME or not max_pending:
+            raise ProtocolError(
+                ErrorCode.BAD_FRAME,
+                f"HELLO: versions {lo}..{hi}, max_frame {max_frame} (at least {MIN_FRAME}) or "
+                f"max_pending {max_pending} (at least 1) make no sense",
+            )
         return Hello(nonce, bool(auth), max_frame, max_pending, lo, hi, request_id)
     if kind is FrameType.AUTH:
         return Auth(bytes(payload), request_id)
@@ -403,11 +430,13 @@ def parse_header(
     header: bytes | bytearray | memoryview,
     max_payload: int = MAX_FRAME,
     versions: tuple[int, ...] = (VERSION,),
+    max_control: int | None = None,
 ) -> tuple[FrameType, int, int, int]:
     """(type, flags, request id, payload length) of a 16-byte header, all checked.
 
     Checks the magic, the version, the type, the flags and the payload
-    length (against ``max_payload`` and the size of fixed-size frames), so a
+    length (against ``max_payload``, against ``max_control`` for every frame
+    but DATA when given, and against the size of fixed-size frames), so a
     receiver can refuse a frame before reading its payload.
 
     Raises:
@@ -429,10 +458,13 @@ def parse_header(
         raise ProtocolError(
             ErrorCode.BAD_FRAME, f"{ftype.name}: unknown flags {flags:#x} or reserved bits"
         )
-    if length > max_payload:
+    limit = max_payload
+    if max_control is not None and ftype is not FrameType.DATA:
+        limit = min(limit, max_control)
+    if length > limit:
         raise ProtocolError(
             ErrorCode.TOO_LARGE,
-            f"{ftype.name}: payload of {length} bytes is over the limit of {max_payload}",
+            f"{ftype.name}: payload of {length} bytes is over the limit of {limit}",
         )
     fixed = _FIXED_SIZE.get(ftype)
     if (fixed is not None and length != fixed) or length < _MIN_SIZE.get(ftype, 0):
@@ -445,7 +477,8 @@ def parse_header(
 class FrameDecoder:
     """Turns a byte stream into frames: ``feed(data) -> list[Frame]``.
 
-    ``max_payload`` caps the payload length; it is checked from the header,
+    ``max_payload`` caps the payload length (``max_control``, when set, that
+    of every frame but DATA: a client's ERROR or ZERO is small); it is checked from the header,
     before any payload is buffered, as are the magic, the version, the type,
     the flags and the size of fixed-size frames. It may be changed between
     feeds (a client raises it to the server's HELLO ``max_frame``).
@@ -460,8 +493,15 @@ class FrameDecoder:
             over ``max_payload``), VERSION (a version this side does not speak).
     """
 
-    def __init__(self, *, max_payload: int = MAX_FRAME, versions: tuple[int, ...] = (VERSION,)):
+    def __init__(
+        self,
+        *,
+        max_payload: int = MAX_FRAME,
+        versions: tuple[int, ...] = (VERSION,),
+        max_control: int | None = None,
+    ):
         self.max_payload = max_payload
+        self.max_control = max_control
         self.versions = versions
         self._buffer = bytearray()
         self._header: tuple[FrameType, int, int, int] | None = None
@@ -483,7 +523,9 @@ class FrameDecoder:
                 if self._header is None:
                     if len(self._buffer) < HEADER.size:
                         break
-                    self._header = parse_header(self._buffer, self.max_payload, self.versions)
+                    self._header = parse_header(
+                        self._buffer, self.max_payload, self.versions, self.max_control
+                    )
                     del self._buffer[: HEADER.size]
                 kind, flags, request_id, length = self._header
                 if len(self._buffer) < length:
