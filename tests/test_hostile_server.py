@@ -3,7 +3,7 @@
 Each case runs in a child process (tests/helpers/hostile_page_server.py): a fake
 server thread that misbehaves one way, and a ThreadedPageClient then a
 PageClient fetching one page from it. The child's RSS is sampled with psutil
-while it runs and its peak (ru_maxrss) reported at the end; both must stay
+while it runs and its peak (VmHWM) reported at the end; both must stay
 under ``RSS_BOUND`` whatever sizes the server claims (4 GiB frames, 2^62-byte
 zero ranges, 32 MiB of replies to requests nobody made).
 """

@@ -3,7 +3,7 @@
 ``python hostile_page_server.py CASE`` starts a fake server (a thread speaking
 raw bytes) that misbehaves as CASE says, connects a ThreadedPageClient and a
 PageClient to it in turn, fetches one page with each and prints one JSON line:
-``{"threaded": OUTCOME, "asyncio": OUTCOME, "maxrss": BYTES}`` where OUTCOME
+``{"threaded": OUTCOME, "asyncio": OUTCOME, "maxrss": BYTES}`` (VmHWM) where OUTCOME
 is ``{"type": exception class name or "ok", "message": ..., "seconds": ...}``.
 Run by tests/test_hostile_server.py, which also samples this process's RSS.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import resource
 import socket
 import struct
 import sys
@@ -169,13 +168,22 @@ async def run_asyncio(url: str) -> dict[str, object]:
     return outcome(start, data, None)
 
 
+def peak_rss() -> int:
+    """This process's peak RSS in bytes (VmHWM: ru_maxrss would include the forking parent's)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def main() -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     url = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
     server = threading.Thread(target=serve, args=(listener, CASES[sys.argv[1]]), daemon=True)
     server.start()
     result = {"threaded": run_threaded(url), "asyncio": asyncio.run(run_asyncio(url))}
-    result["maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["maxrss"] = peak_rss()
     print(json.dumps(result), flush=True)
 
 
