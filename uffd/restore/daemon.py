@@ -63,7 +63,13 @@ from uffd.restore.prefetch import MAX_CHUNK, WorkingSet, WorkingSetError, workin
 from uffd.restore.progress import progress_bars_available
 from uffd.restore.report import SessionReport
 from uffd.restore.session import RestoreOptions, Session
-from uffd.restore.sources import FileSource, RemoteSource, SourceError, open_flat_source
+from uffd.restore.sources import (
+    FileSource,
+    FlatSource,
+    RemoteSource,
+    SourceError,
+    open_flat_source,
+)
 
 __all__ = [
     "FileSource",
@@ -108,7 +114,7 @@ class HandlerDaemon:
     def __init__(
         self,
         socket_path: str | os.PathLike[str],
-        source: str | FileSource | RemoteSource,
+        source: str | FlatSource,
         *,
         token: bytes | None = None,
         allow_uids: Iterable[int] | None = None,

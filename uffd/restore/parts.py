@@ -8,7 +8,7 @@ import threading
 from uffd._handler import FaultHandler
 from uffd.restore.layout import GuestLayout
 from uffd.restore.progress import Progress
-from uffd.restore.sources import FileSource, RemoteSource
+from uffd.restore.sources import FlatSource
 
 __all__ = ["SessionParts"]
 
@@ -23,6 +23,6 @@ class SessionParts:
 
     handler: FaultHandler
     layout: GuestLayout
-    source: FileSource | RemoteSource
+    source: FlatSource
     progress: Progress
     ending: threading.Event

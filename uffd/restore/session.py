@@ -35,7 +35,7 @@ from uffd.restore.parts import SessionParts
 from uffd.restore.prefetch_thread import Prefetch
 from uffd.restore.progress import Progress
 from uffd.restore.report import SessionReport
-from uffd.restore.sources import FileSource, RemoteSource
+from uffd.restore.sources import FlatSource, RemoteSource
 
 __all__ = ["RestoreOptions", "Session"]
 
@@ -83,7 +83,7 @@ class Session:
         fd: int,
         mappings: Sequence[GuestRegionUffdMapping],
         cred: PeerCred,
-        source: FileSource | RemoteSource,
+        source: FlatSource,
         options: RestoreOptions,
         on_end: Callable[[Session], None],
     ) -> None:
@@ -101,7 +101,7 @@ class Session:
             cred.pid, cred.uid, len(mappings), self.layout.length, self.layout.page_size
         )
         self.progress = Progress(report, self.layout, label=source.label, fallback=options.fallback)
-        self.source: FileSource | RemoteSource | None = None
+        self.source: FlatSource | None = None
         self.handler: FaultHandler | None = None
         self._lock = threading.Lock()
         self._ending = threading.Event()

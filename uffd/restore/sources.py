@@ -19,9 +19,12 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
-__all__ = ["FileSource", "RemoteSource", "SourceError", "open_flat_source"]
+if TYPE_CHECKING:
+    from uffd.restore.redis_source import RedisSource
+
+__all__ = ["FileSource", "FlatSource", "RemoteSource", "SourceError", "open_flat_source"]
 
 log = logging.getLogger("uffd.restore.daemon")
 
@@ -279,15 +282,23 @@ class RemoteSource:
             client.close()
 
 
+FlatSource: TypeAlias = "FileSource | RemoteSource | RedisSource"
+
+
 def open_flat_source(
     spec: str, *, token: bytes | None = None, timeout: float = 10.0
-) -> FileSource | RemoteSource:
-    """A source from ``SNAPSHOT`` (a file path) or ``tcp://HOST:PORT`` (a page server).
+) -> FlatSource:
+    """A source from ``SNAPSHOT`` (a file path), ``tcp://HOST:PORT`` (a page server) or
+    ``redis[s]://HOST:PORT/NAME`` (a chunk store: :mod:`uffd.restore.redis_source`).
 
     Raises:
-        SourceError: the page server cannot be reached or refused us.
+        SourceError: the page server or store cannot be reached or refused us.
         OSError, ValueError: the file cannot be opened or is malformed.
     """
     if spec.startswith("tcp://"):
         return RemoteSource(spec, token=token, timeout=timeout)
+    if spec.startswith(("redis://", "rediss://")):
+        from uffd.restore.redis_source import RedisSource
+
+        return RedisSource(spec, timeout=timeout)
     return FileSource(spec)
