@@ -87,6 +87,8 @@ class RedisNode:
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", str(directory / "nodes.conf"),
                 "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
+                # Replicas sync at once, not after the default 5 s wait for more of them.
+                "--repl-diskless-sync-delay", "0",
             ]  # fmt: skip
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.wait_ready()
@@ -164,9 +166,9 @@ class RedisServers:
         while True:
             live = [n for n in self.nodes if n.proc.poll() is None]
             with contextlib.suppress(OSError):
-                if all(n.info("CLUSTER", "INFO").get("cluster_state") == "ok" for n in live) and all(
-                    len(self.masters(n)) == 3 for n in live
-                ):
+                if all(
+                    n.info("CLUSTER", "INFO").get("cluster_state") == "ok" for n in live
+                ) and all(len(self.masters(n)) == 3 for n in live):
                     return
             if time.monotonic() > give_up:
                 raise RuntimeError("the Redis cluster did not reach cluster_state:ok in time")
@@ -174,14 +176,21 @@ class RedisServers:
 
     def masters(self, via: RedisNode | None = None) -> list[int]:
         """Ports of the masters that own slots, as ``via`` (default: a live node) sees them."""
+        return sorted(self.slots(via))
+
+    def slots(self, via: RedisNode | None = None) -> dict[int, list[tuple[int, int]]]:
+        """Each live master's port -> its slot ranges ``(first, last)``, as ``via`` sees them."""
         node = via or next(n for n in self.nodes if n.proc.poll() is None)
         text = _ask(node.port, "CLUSTER", "NODES").decode(errors="replace")
-        out = []
+        out: dict[int, list[tuple[int, int]]] = {}
         for line in text.splitlines():
             fields = line.split()
             if len(fields) > 8 and "master" in fields[2] and "fail" not in fields[2]:
-                out.append(int(fields[1].split(":")[1].split("@")[0]))
-        return sorted(out)
+                port = int(fields[1].split(":")[1].split("@")[0])
+                out[port] = [
+                    (int(r.split("-")[0]), int(r.split("-")[-1])) for r in fields[8:] if r[0] != "["
+                ]
+        return out
 
     def node(self, port: int) -> RedisNode:
         """The node on ``port``."""

@@ -213,8 +213,7 @@ class Manifest:
             "page_size": self.page_size,
             "chunk_size": self.chunk_size,
             "regions": [
-                {"name": r.name, "length": r.length, "chunks": list(r.chunks)}
-                for r in self.regions
+                {"name": r.name, "length": r.length, "chunks": list(r.chunks)} for r in self.regions
             ],
         }
         return json.dumps(doc, separators=(",", ":")).encode()
@@ -245,7 +244,9 @@ class Manifest:
         except ManifestError:
             raise
         except (ValueError, TypeError, KeyError, AttributeError) as err:
-            raise ManifestError(f"{where}: malformed manifest ({type(err).__name__}: {err})") from err
+            raise ManifestError(
+                f"{where}: malformed manifest ({type(err).__name__}: {err})"
+            ) from err
 
 
 def cut(reader: PageSource, chunk_size: int) -> Iterator[tuple[int, str | None, bytes | None]]:

@@ -122,8 +122,7 @@ def parse_store_url(url: str) -> StoreURL:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("redis", "rediss") or not parts.hostname:
         raise ValueError(
-            f"{url!r} is not a Redis store URL: use redis://HOST:PORT[/PREFIX] "
-            "(rediss:// for TLS)"
+            f"{url!r} is not a Redis store URL: use redis://HOST:PORT[/PREFIX] (rediss:// for TLS)"
         )
     path = parts.path.strip("/")
     if path and "" in path.split("/"):
@@ -178,9 +177,7 @@ def _redis() -> Any:
     try:
         import redis
     except ImportError:
-        raise StoreError(
-            "a Redis store needs redis-py: pip install 'pyuffd[redis]'"
-        ) from None
+        raise StoreError("a Redis store needs redis-py: pip install 'pyuffd[redis]'") from None
     return redis
 
 

@@ -239,7 +239,9 @@ class RedisSource:
             for cid in mine:
                 self.cache.release(cid)
 
-    def _pipeline(self, ids: list[str], flights: dict[str, concurrent.futures.Future[bytes]]) -> None:
+    def _pipeline(
+        self, ids: list[str], flights: dict[str, concurrent.futures.Future[bytes]]
+    ) -> None:
         """Fetch ``ids`` in one pipeline of GETs, verify each, complete their flights."""
         try:
             with self._lock:

@@ -285,9 +285,7 @@ class RemoteSource:
 FlatSource: TypeAlias = "FileSource | RemoteSource | RedisSource"
 
 
-def open_flat_source(
-    spec: str, *, token: bytes | None = None, timeout: float = 10.0
-) -> FlatSource:
+def open_flat_source(spec: str, *, token: bytes | None = None, timeout: float = 10.0) -> FlatSource:
     """A source from ``SNAPSHOT`` (a file path), ``tcp://HOST:PORT`` (a page server) or
     ``redis[s]://HOST:PORT/NAME`` (a chunk store: :mod:`uffd.restore.redis_source`).
 
