@@ -14,7 +14,7 @@ help: ## List the targets
 $(STAMP): pyproject.toml setup.py csrc/*.c csrc/*.h csrc/build_native.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,progress,dev]'
+	$(PY) -m pip install -q -e '.[test,progress,dev,redis]'
 	touch $(STAMP)
 
 demo: $(STAMP) ## Lazy-restore a 256 MiB worker from a local page server and print the figures
