@@ -359,6 +359,33 @@ def test_concurrent_writer_loses_nothing(region_factory, tracker, into):
     assert late and set(late) <= set(collects[-1])
 
 
+def test_stop_from_another_thread_waits_for_the_harvest(region_factory, monkeypatch):
+    """stop() during a harvest in another thread lets it finish whole; the next one refuses."""
+    # One range per round trip to C: a harvest of 2048 ranges takes 2048
+    # scan calls, so the stop() lands in the middle of one.
+    monkeypatch.setattr(uffd.dirty, "_SPILL_RANGES", 1)
+    region = region_factory("anon", pages=4096)
+    every_other = range(0, 4096, 2)
+    t = DirtyTracker(region)
+    t.start()
+    write_pages(region, every_other, random.Random("stop"))
+    harvesting, stopped = threading.Event(), threading.Event()
+
+    def harvester() -> DirtyRanges:
+        harvesting.set()
+        got = t.collect()
+        assert stopped.wait(WAIT)
+        with pytest.raises(ValueError, match="stopped"):
+            t.collect()
+        return got
+
+    thread = run_in_thread(harvester)
+    assert harvesting.wait(WAIT)
+    t.stop()
+    stopped.set()
+    assert thread.finish() == merged(region.addr, every_other)
+
+
 # -- another process -------------------------------------------------------------------
 
 

@@ -32,6 +32,7 @@ import errno as _errno
 import mmap
 import operator
 import os
+import threading
 from array import array
 from collections.abc import Iterator, Sequence
 from types import TracebackType
@@ -209,9 +210,11 @@ class DirtyTracker:
     that process's userfaultfd (received over SCM_RIGHTS); the caller
     needs ptrace read access to it (same user, or CAP_SYS_PTRACE).
 
-    Calling context: ``start``, ``collect``, ``collect_into`` and ``stop``
-    from one thread at a time (they share a spill buffer); the memory may
-    be written from any thread or process meanwhile. A write that lands
+    Calling context: any thread. ``start``, ``collect``, ``collect_into``
+    and ``stop`` take turns (a lock): a ``stop()`` from another thread waits
+    for a harvest in progress, which returns its result, and later harvests
+    raise ValueError. The memory may be written from any thread or process
+    meanwhile. A write that lands
     between two harvests (``collect()`` or ``collect_into()``) is reported
     by exactly the next one. A write racing with a harvest is reported by a
     harvest that returns after the store, and the racing one may report its
@@ -239,6 +242,9 @@ class DirtyTracker:
     ) -> None:
         self._pagemap = -1
         self._owns_uffd = False
+        # Serializes start, harvests and stop: the C scan writes the spill and
+        # reads the pagemap fd without the GIL, so stop() must wait for it.
+        self._lock = threading.Lock()
         self._harvest: Any = None
         self._spill: Any = None
         self._state = "new"
@@ -299,6 +305,10 @@ class DirtyTracker:
             UffdError: UFFDIO_REGISTER failed (EBUSY: the range is registered
                 on another userfaultfd; EINVAL: not all of it is mapped).
         """
+        with self._lock:
+            self._start()
+
+    def _start(self) -> None:
         if self._state != "new":
             raise ValueError(f"DirtyTracker.start: the tracker is already {self._state}")
         registered = False
@@ -352,6 +362,10 @@ class DirtyTracker:
             UffdError: UFFDIO_UNREGISTER failed for another reason (the
                 tracker is stopped and its fds closed all the same).
         """
+        with self._lock:
+            self._stop()
+
+    def _stop(self) -> None:
         if self._state == "stopped":
             return
         started, self._state = self._state == "started", "stopped"
@@ -403,9 +417,10 @@ class DirtyTracker:
             UnsupportedError: the kernel has no PAGEMAP_SCAN (Linux < 6.7).
             UffdError: the scan failed otherwise.
         """
-        self._check_started("collect")
         out = DirtyRanges()
-        self._fill(out)
+        with self._lock:
+            self._check_started("collect")
+            self._fill(out)
         return out
 
     def collect_into(self, out: DirtyRanges) -> DirtyRanges:
@@ -431,7 +446,6 @@ class DirtyTracker:
             raise TypeError(
                 f"DirtyTracker.collect_into: out must be a DirtyRanges, not {type(out).__name__}"
             )
-        self._check_started("collect_into")
         words = out._array
         try:
             # Resizing is refused while the array is exported: find out before
@@ -443,7 +457,9 @@ class DirtyTracker:
                 "is alive), so it cannot be resized: release it first"
             ) from None
         words.pop()
-        self._fill(out)
+        with self._lock:
+            self._check_started("collect_into")
+            self._fill(out)
         return out
 
     # -- internals -------------------------------------------------------
