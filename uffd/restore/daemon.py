@@ -123,7 +123,7 @@ class HandlerDaemon:
         prefetch: bool = True,
         working_set: str | None = "auto",
         progress: bool | None = None,
-        inflight_bytes: int = 4 << 20,
+        inflight_bytes: int = 16 << 20,
         source_timeout: float = 10.0,
         handshake_timeout: float = 5.0,
         json_reports: bool = False,
@@ -384,6 +384,8 @@ class HandlerDaemon:
                 self._sessions.remove(session)
             self._refuse(who, err)
             return
+        if isinstance(self.source, RemoteSource):
+            self.source.warm()  # the next session's connections, now this one is served
         log.info(
             "serving %s: %d regions, %d MiB, page size %d",
             who,

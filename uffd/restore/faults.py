@@ -1,12 +1,15 @@
 """Serve a restored process's MISSING faults from its source: :class:`SourceOps`.
 
-A fault's page is fetched from the source. A file answers at once and the
-page is copied in (``Resolution.copy``); a page server answers later, so the
-fault is deferred (``Resolution.defer()``) and resolved by
-``FaultHandler.resolve`` when the reply arrives, which lets faults from
-several threads be fetched at once. A fault outside the handshake's regions,
-or any fault after the source failed, is refused: the FaultHandler resolves
-it by its fallback policy and reports it.
+A fault's page comes from the source. A file answers at once: the page is
+copied in from the file's read-only mapping (``Resolution.copy`` of a view:
+one UFFDIO_COPY from the page cache), and a page the snapshot stores as zero
+gets the zero page. A page server answers later: the page is received
+straight into a page buffer, the fault is deferred (``Resolution.defer()``)
+and resolved by ``FaultHandler.resolve`` when the reply arrives, which lets
+faults from several threads be fetched at once. Any other source (a chunk
+store) hands back a future of bytes, used the same way. A fault outside the
+handshake's regions, or any fault after the source failed, is refused: the
+FaultHandler resolves it by its fallback policy and reports it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from uffd._mapping import Fault
 from uffd._ops import UffdOps
 from uffd._resolution import Resolution
 from uffd.restore.parts import SessionParts
+from uffd.restore.sources import FileSource, FlatSource, RemoteSource, SourceError
 
 __all__ = ["SourceOps"]
 
@@ -34,7 +38,7 @@ class SourceOps(UffdOps):
         self.parts = parts
 
     def handle_missing(self, fault: Fault) -> Resolution:
-        """Fetch the faulting page: copied at once from a file, deferred from a page server."""
+        """The faulting page: from the file at once, or deferred to a page server's reply."""
         layout = self.parts.layout
         flat = layout.flat(fault.address)
         if flat is None:
@@ -42,34 +46,82 @@ class SourceOps(UffdOps):
         failed = self.parts.progress.fault(flat)
         if failed:
             return Resolution.refuse(failed)
-        future = self.parts.source.fetch(layout.source_offset(flat), layout.page_size)
-        if future.done():
-            return self._count(self._answer(future))
-        future.add_done_callback(lambda f: self._reply(fault, f))
+        source = self.parts.source
+        offset = layout.source_offset(flat)
+        if isinstance(source, FileSource):
+            return self._count(self._from_file(source, offset, layout.page_size))
+        if isinstance(source, RemoteSource):
+            return self._from_server(source, fault, offset, layout.page_size)
+        return self._from_future(source, fault, offset, layout.page_size)
+
+    def _from_file(self, source: FileSource, offset: int, size: int) -> Resolution:
+        """The page at ``offset`` of a file: a view of its mapping, or the zero page."""
+        try:
+            spans = source.spans(offset, size)
+        except SourceError as err:
+            return self._failed(err)
+        if all(where is None for _, _, where in spans):
+            return Resolution.zero()
+        if len(spans) == 1 and spans[0][2] is not None:
+            return Resolution.copy(source.view(spans[0][2], size))
+        # A huge page partly stored, partly zero: assembled.
+        try:
+            return Resolution.copy(source.read(offset, size))
+        except SourceError as err:
+            return self._failed(err)
+
+    def _from_server(
+        self, source: RemoteSource, fault: Fault, offset: int, size: int
+    ) -> Resolution:
+        """Receive the page into a buffer of its own on the urgent connection; defer the fault."""
+        page = memoryview(bytearray(size))
+        future = source.fetch_into(offset, page, urgent=True)
+        future.add_done_callback(lambda f: self._reply(source, fault, f, page))
         return Resolution.defer()
 
-    def _reply(self, fault: Fault, future: concurrent.futures.Future[bytes]) -> None:
-        """Resolve a deferred fault (on the page client's thread, or inline if it just finished).
+    def _reply(
+        self,
+        source: RemoteSource,
+        fault: Fault,
+        future: concurrent.futures.Future[int],
+        page: memoryview,
+    ) -> None:
+        """Resolve a deferred fault (on the page client's thread, or inline if it just finished)."""
+        if not self.parts.ending.is_set():
+            err = future.exception()
+            self._resolve(
+                fault, Resolution.copy(page) if err is None else self._failed(source.error(err))
+            )
 
-        ``resolve`` also takes an answer given before the dispatch thread has
-        seen the ``defer()``, so this never waits.
-        """
-        if self.parts.ending.is_set():
-            return
-        resolution = self._answer(future)
+    def _from_future(self, source: FlatSource, fault: Fault, offset: int, size: int) -> Resolution:
+        """A source that hands back a future of bytes: answered now if done, else deferred."""
+        future = source.fetch(offset, size)
+        if future.done():
+            return self._count(self._bytes(future))
+        future.add_done_callback(
+            lambda f: None if self.parts.ending.is_set() else self._resolve(fault, self._bytes(f))
+        )
+        return Resolution.defer()
+
+    def _bytes(self, future: concurrent.futures.Future[bytes]) -> Resolution:
+        """The page a completed read brought, or a refusal after recording the source's failure."""
+        err = future.exception()
+        return Resolution.copy(future.result()) if err is None else self._failed(err)
+
+    def _resolve(self, fault: Fault, resolution: Resolution) -> None:
+        """Answer a deferred fault; ``resolve`` also takes an answer given before the
+        dispatch thread has seen the ``defer()``, so this never waits. Late replies (the
+        session is ending) are dropped by the callers: ``stop()`` resolves those faults."""
         if self.parts.handler.resolve(fault, resolution):
             self._count(resolution)
 
-    def _answer(self, future: concurrent.futures.Future[bytes]) -> Resolution:
-        """The page a completed read brought, or a refusal after recording the source's failure."""
-        err = future.exception()
-        if err is None:
-            return Resolution.copy(future.result())
+    def _failed(self, err: BaseException) -> Resolution:
+        """Record the source's failure; the refusal that sends the fault to the fallback."""
         self.parts.progress.source_failed(err)
         return Resolution.refuse(str(err))
 
     def _count(self, resolution: Resolution) -> Resolution:
         """Count ``resolution`` as a served fault when it installs a page; return it."""
-        if resolution.kind == Resolution.COPY:
+        if resolution.kind in (Resolution.COPY, Resolution.ZERO):
             self.parts.progress.served(self.parts.layout.page_size, faulted=1)
         return resolution

@@ -1,8 +1,14 @@
 """Install a restored process's memory in the background, ahead of its faults: :class:`Prefetch`.
 
-Two passes on one thread per session, after the first fault is served (at
-most 50 ms later, so the process's first access does not queue behind
-megabytes of prefetch):
+Three passes on one thread per session, at a lower priority than the
+fault path (:mod:`uffd.restore.priority`):
+
+0. at once, the zero pages the snapshot knows of (a file source's holes and
+   unstored pages) get the zero page in bulk (UFFDIO_ZEROPAGE with
+   DONTWAKE): they never cross a wire nor cost a fault;
+
+then, after the first fault is served (at most 50 ms later, so the
+process's first access does not queue behind megabytes of prefetch):
 
 1. the recorded working set, when there is one (REAP-style: the pages a
    previous run faulted on), in bulk;
@@ -10,10 +16,14 @@ megabytes of prefetch):
    :class:`uffd.restore.progress.Progress`) that start at 64 KiB and double
    to 4 MiB while the stream runs on, restarting just after the latest fault.
 
-Reads are pipelined (several in flight to a page server); each run is one
-``FaultHandler.install`` (UFFDIO_COPY with DONTWAKE) per registered piece and
-one UFFDIO_WAKE. Installs are best effort: a page not installed is left to
-its fault. ioctl_userfaultfd(2).
+From a file, each run is copied from the file's read-only mapping (its page
+tables populated first with MADV_POPULATE_READ): one copy, page cache to the
+process. From a page server, runs are received straight into a page-aligned
+ring buffer (``inflight_bytes``, several reads in flight) and installed from
+there in order; from another source (a chunk store), as the bytes it hands
+back. Each install is one ``FaultHandler.install`` (UFFDIO_COPY
+with DONTWAKE) per registered piece and one UFFDIO_WAKE. Installs are best
+effort: a page not installed is left to its fault. ioctl_userfaultfd(2).
 """
 
 from __future__ import annotations
@@ -23,12 +33,17 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import errno
+import mmap
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
-from uffd._errors import NoMappingError, UffdError
+from uffd._constants import Ioctl
+from uffd._errors import MappingChangedError, NoMappingError, PageExistsError, UffdError
+from uffd._mapping import Mapping
 from uffd.restore.parts import SessionParts
-from uffd.restore.sources import SourceError
+from uffd.restore.priority import lower_thread_priority
+from uffd.restore.sources import FileSource, FlatSource, RemoteSource, SourceError
 
 __all__ = ["Prefetch"]
 
@@ -40,14 +55,115 @@ class _Stop(Exception):
     """Ends the prefetch thread quietly (session ending, source failed, process gone)."""
 
 
+class _Reads:
+    """Prefetch reads in flight, oldest first: ``inflight`` is ``(flat, future)``."""
+
+    def __init__(self) -> None:
+        self.inflight: collections.deque[tuple[int, concurrent.futures.Future[Any]]] = (
+            collections.deque()
+        )
+
+    def start(self, flat: int, offset: int, n: int) -> bool:
+        """Start reading ``n`` bytes at source ``offset`` for ``flat``; False when no room."""
+        raise NotImplementedError
+
+    def data(self) -> memoryview:
+        """The oldest read's bytes (its future is done)."""
+        raise NotImplementedError
+
+    def done(self) -> None:
+        """The oldest read is installed: forget it."""
+        self.inflight.popleft()
+
+    def drain(self, timeout: float) -> None:
+        """Wait for what is still in flight (each read ends by its own timeout)."""
+        for _, future in self.inflight:
+            with contextlib.suppress(Exception):
+                future.exception(timeout)
+
+
+class _RingReads(_Reads):
+    """Reads received from a page server straight into a page-aligned ring buffer.
+
+    Reads are allocated in order and installed in the same order, so the
+    space in use is one stretch, or two once it wraps round: the oldest
+    read's start to the newest one's end. The ring is unmapped when the last
+    view of it (the page client's too) is gone.
+    """
+
+    def __init__(self, source: RemoteSource, size: int) -> None:
+        super().__init__()
+        self.source = source
+        self.size = size
+        self._view = memoryview(mmap.mmap(-1, size))
+        self._used: collections.deque[tuple[int, int]] = collections.deque()
+
+    def _alloc(self, n: int) -> int | None:
+        used = self._used
+        if not used:
+            return 0 if n <= self.size else None
+        tail = used[0][0]
+        end = used[-1][0] + used[-1][1]
+        if used[-1][0] < tail:  # wrapped: the free space is [end, tail)
+            return end if end + n <= tail else None
+        if end + n <= self.size:
+            return end
+        return 0 if n <= tail else None
+
+    def start(self, flat: int, offset: int, n: int) -> bool:
+        at = self._alloc(n)
+        if at is None:
+            return False
+        future = self.source.fetch_into(offset, self._view[at : at + n], urgent=False)
+        self.inflight.append((flat, future))
+        self._used.append((at, n))
+        return True
+
+    def data(self) -> memoryview:
+        at, n = self._used[0]
+        return self._view[at : at + n]
+
+    def done(self) -> None:
+        super().done()
+        self._used.popleft()
+
+
+class _BytesReads(_Reads):
+    """Reads from a source that hands back bytes, up to ``budget`` bytes in flight."""
+
+    def __init__(self, source: FlatSource, budget: int) -> None:
+        super().__init__()
+        self.source = source
+        self.budget = budget
+        self._queued = 0
+        self._sizes: collections.deque[int] = collections.deque()
+
+    def start(self, flat: int, offset: int, n: int) -> bool:
+        if self.inflight and (self._queued + n > self.budget or not self.source.remote):
+            return False  # a file answers at once: one read at a time
+        future = self.source.fetch(offset, n, urgent=False)
+        self.inflight.append((flat, future))
+        self._sizes.append(n)
+        self._queued += n
+        return True
+
+    def data(self) -> memoryview:
+        return memoryview(self.inflight[0][1].result())
+
+    def done(self) -> None:
+        super().done()
+        self._queued -= self._sizes.popleft()
+
+
 @dataclasses.dataclass(frozen=True)
 class Prefetch:
     """The prefetch thread of one session: ``run()`` is its body.
 
-    ``working_set``: source ranges ``(offset, length)`` to install first;
+    ``working_set``: source ranges ``(offset, length)`` to install next;
     ``adaptive``: then run the adaptive chunks; ``inflight_bytes``: data
-    requested from a page server and not yet received; ``timeout``: seconds
-    a read may take. ``run()`` returns soon once the session is ending.
+    requested from a page server and not yet installed (the ring's size, at
+    least two of the largest runs); ``timeout``: seconds a read may take.
+    ``run()`` returns soon once the session is ending.
     """
 
     parts: SessionParts
@@ -57,13 +173,15 @@ class Prefetch:
     timeout: float
 
     def run(self) -> None:
-        """Install the working set, then the adaptive chunks, until done or the session ends.
+        """Install the zero pages, the working set, then the adaptive chunks; until done.
 
         Never raises: an unexpected error is added to the report and ends
         prefetch; a failed source is recorded by ``Progress.source_failed``.
         """
-        self.parts.progress.first_served.wait(_FIRST_FAULT_WAIT)
+        lower_thread_priority()  # faults first: this thread only uses what they leave
         try:
+            self._zero_pages()
+            self.parts.progress.first_served.wait(_FIRST_FAULT_WAIT)
             if self.working_set:
                 self._pipeline(iter(self._working_set_runs()), ws=True)
             if self.adaptive:
@@ -74,65 +192,128 @@ class Prefetch:
             self.parts.progress.error(f"prefetch stopped: {type(err).__name__}: {err}")
         self.parts.progress.prefetch_ended()
 
-    def _working_set_runs(self) -> list[tuple[int, int]]:
-        """The flat runs of the working set not present yet, all claimed before any is read."""
+    def _zero_pages(self) -> None:
+        """Give the zero page to every page a file source stores as zero, in bulk.
+
+        Raises:
+            _Stop: the session is ending, the process is gone.
+        """
+        source, layout = self.parts.source, self.parts.layout
+        if not isinstance(source, FileSource):
+            return  # the page server's protocol has no zero map to ask for
+        zeros = [run for o, n in source.zero_runs() for run in layout.flat_of_source(o, n)]
+        for flat, n in self._claimed(zeros):
+            self._check()
+            done = self._zero(flat, n)
+            self.parts.progress.served(done, zeroed=done // layout.page_size)
+
+    def _claimed(self, flat_runs: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The parts of the flat runs not present yet, all claimed before any is installed."""
         runs: list[tuple[int, int]] = []
-        for offset, length in self.working_set:
-            for flat, n in self.parts.layout.flat_of_source(offset, length):
-                runs.extend(self.parts.progress.claim(flat, n))
+        for flat, n in flat_runs:
+            runs.extend(self.parts.progress.claim(flat, n))
         return runs
+
+    def _working_set_runs(self) -> list[tuple[int, int]]:
+        flat_of_source = self.parts.layout.flat_of_source
+        return self._claimed(run for o, n in self.working_set for run in flat_of_source(o, n))
 
     def _chunks(self) -> Iterator[tuple[int, int]]:
         while (chunk := self.parts.progress.next_chunk()) is not None:
             yield chunk
 
+    def _check(self) -> None:
+        """Raises _Stop once the session is ending or the source has failed."""
+        if self.parts.ending.is_set() or self.parts.progress.failed:
+            raise _Stop
+
     def _pipeline(self, runs: Iterator[tuple[int, int]], *, ws: bool) -> None:
-        """Fetch runs (session flat ranges), several in flight; install each in order.
+        source = self.parts.source
+        if isinstance(source, FileSource):
+            self._from_file(source, runs, ws=ws)
+        else:
+            self._from_server(source, runs, ws=ws)
+
+    def _served(self, installed: int, *, ws: bool) -> None:
+        pages = installed // self.parts.layout.page_size
+        self.parts.progress.served(installed, prefetched=pages, ws=pages if ws else 0)
+
+    # -- from a file ---------------------------------------------------------------
+
+    def _from_file(self, source: FileSource, runs: Iterator[tuple[int, int]], *, ws: bool) -> None:
+        """Copy each run from the file's mapping; zero pages in it get the zero page.
 
         Raises:
             _Stop: the session is ending, the source failed, the process is gone.
         """
-        source = self.parts.source
-        remote = source.remote
-        inflight: collections.deque[tuple[int, int, concurrent.futures.Future[bytes]]] = (
-            collections.deque()
-        )
-        queued = 0
-        exhausted = False
-        while True:
-            # Keep the page server busy: up to ``inflight_bytes`` (and _MAX_INFLIGHT
-            # reads) in flight, so small chunks after a fault do not idle the link.
-            while (
-                not exhausted
-                and (not inflight or remote)
-                and queued < self.inflight_bytes
-                and len(inflight) < _MAX_INFLIGHT
-            ):
-                if self.parts.ending.is_set() or self.parts.progress.failed:
-                    raise _Stop
-                try:
-                    flat, n = next(runs)
-                except StopIteration:
-                    exhausted = True
-                    break
-                offset = self.parts.layout.source_offset(flat)
-                inflight.append((flat, n, source.fetch(offset, n, urgent=False)))
-                queued += n
-            if not inflight:
-                return
-            flat, n, future = inflight.popleft()
-            queued -= n
+        layout = self.parts.layout
+        for flat, n in runs:
+            self._check()
+            offset = layout.source_offset(flat)
             try:
-                data = self._wait(future)
+                spans = source.spans(offset, n)
             except SourceError as err:
                 self.parts.progress.source_failed(err)
                 raise _Stop from None
-            installed = self._install(flat, data)
-            pages = installed // self.parts.layout.page_size
-            self.parts.progress.served(installed, prefetched=pages, ws=pages if ws else 0)
+            installed = 0
+            for at, k, where in spans:
+                here = flat + at - offset
+                if where is None:
+                    installed += self._zero(here, k)
+                else:
+                    source.populate(where, k)
+                    installed += self._install(here, source.view(where, k))
+            self._served(installed, ws=ws)
 
-    def _wait(self, future: concurrent.futures.Future[bytes]) -> bytes:
-        """The bytes of a prefetch read, waiting at most ``timeout``.
+    # -- from a page server or a store ----------------------------------------------
+
+    def _from_server(
+        self, source: FlatSource, runs: Iterator[tuple[int, int]], *, ws: bool
+    ) -> None:
+        """Read runs ahead, several in flight; install each in order as it arrives.
+
+        A page server receives into the ring (``fetch_into``); another source
+        (a chunk store) hands back bytes.
+
+        Raises:
+            _Stop: the session is ending, the source failed, the process is gone.
+        """
+        layout = self.parts.layout
+        largest = max(self.parts.progress.max_chunk, layout.page_size)
+        reads: _Reads = (
+            _RingReads(source, max(self.inflight_bytes, 2 * largest))
+            if isinstance(source, RemoteSource)
+            else _BytesReads(source, self.inflight_bytes)
+        )
+        run: tuple[int, int] | None = None
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and len(reads.inflight) < _MAX_INFLIGHT:
+                    self._check()
+                    if run is None:
+                        run = next(runs, None)
+                        if run is None:
+                            exhausted = True
+                            break
+                    if not reads.start(run[0], layout.source_offset(run[0]), run[1]):
+                        break  # no room: install the oldest first
+                    run = None
+                if not reads.inflight:
+                    return
+                flat, future = reads.inflight[0]
+                try:
+                    self._wait(future)
+                except SourceError as err:
+                    self.parts.progress.source_failed(err)
+                    raise _Stop from None
+                self._served(self._install(flat, reads.data()), ws=ws)
+                reads.done()
+        finally:
+            reads.drain(self.timeout + 1)
+
+    def _wait(self, future: concurrent.futures.Future[Any]) -> None:
+        """Wait for a prefetch read, at most ``timeout``.
 
         Raises:
             _Stop: the session is ending.
@@ -141,7 +322,8 @@ class Prefetch:
         give_up = time.monotonic() + self.timeout
         while True:
             try:
-                return future.result(0.1)
+                future.result(0.1)
+                return
             except concurrent.futures.TimeoutError:
                 if self.parts.ending.is_set():
                     raise _Stop from None
@@ -150,9 +332,23 @@ class Prefetch:
             except SourceError:
                 raise
             except Exception as err:
+                source = self.parts.source
+                if isinstance(source, RemoteSource):
+                    raise source.error(err) from err
                 raise SourceError(f"{type(err).__name__}: {err}") from err
 
-    def _install(self, flat: int, data: bytes) -> int:
+    # -- installing ----------------------------------------------------------------
+
+    def _pieces(self, flat: int, length: int) -> Iterator[tuple[Mapping, int, int, int]]:
+        """``(mapping, offset in it, start in the run, length)`` of the run's registered parts."""
+        start = self.parts.layout.address(flat)
+        end = start + length
+        for m in self.parts.handler.mappings:
+            lo, hi = max(start, m.start), min(end, m.end)
+            if lo < hi:
+                yield m, lo - m.start, lo - start, hi - lo
+
+    def _install(self, flat: int, data: memoryview) -> int:
         """Install ``data`` at flat offset ``flat`` where it is still registered; bytes installed.
 
         ``FaultHandler.install`` skips pages already present and installs
@@ -167,26 +363,66 @@ class Prefetch:
             _Stop: the process or the handler is gone.
         """
         handler = self.parts.handler
-        start = self.parts.layout.address(flat)
-        end = start + len(data)
-        view = memoryview(data)
         installed = 0
-        for m in handler.mappings:
-            lo, hi = max(start, m.start), min(end, m.end)
-            if lo >= hi:
-                continue
-            try:
-                done = handler.install(m, lo - m.start, view[lo - start : hi - start])
-            except NoMappingError:
-                continue
-            except UffdError as err:
-                if err.errno in (errno.ESRCH, errno.EBADF):
-                    raise _Stop from None  # the process (or the handler) is gone
-                raise
-            except ValueError:
-                raise _Stop from None  # the handler stopped under us
-            if done:
-                with contextlib.suppress(UffdError, ValueError):
-                    handler.wake(m, lo - m.start, hi - lo)
-            installed += done
+        for m, at, start, n in self._pieces(flat, len(data)):
+            with self._guard():
+                done = handler.install(m, at, data[start : start + n])
+                if done:
+                    with contextlib.suppress(UffdError, ValueError):
+                        handler.wake(m, at, n)
+                installed += done
         return installed
+
+    def _zero(self, flat: int, length: int) -> int:
+        """Map the zero page over the run where it is registered and missing; bytes handled.
+
+        A zero page cannot bring back contents a balloon removed, so this
+        needs no care for pending events; pages already present are skipped.
+        hugetlb has no zero page: zeros are copied there.
+
+        Raises:
+            _Stop: the process or the handler is gone.
+        """
+        handler = self.parts.handler
+        done = 0
+        for m, at, start, n in self._pieces(flat, length):
+            if not m.ioctls & Ioctl.ZEROPAGE:
+                done += self._install(flat + start, memoryview(bytes(n)))
+                continue
+            addr, end = m.start + at, m.start + at + n
+            while addr < end:
+                try:
+                    got = handler.uffd.zeropage(addr, end - addr, wake=False)
+                except PageExistsError as err:
+                    got = err.done + m.page_size  # skip the page already there
+                except (MappingChangedError, NoMappingError):
+                    break  # the mappings are changing, or it went: left to faults
+                except UffdError as err:
+                    if err.errno in (errno.ESRCH, errno.EBADF):
+                        raise _Stop from None
+                    raise
+                except ValueError:
+                    raise _Stop from None  # the handler stopped under us
+                done += got
+                addr += got
+            with contextlib.suppress(UffdError, ValueError):
+                handler.wake(m, at, n)
+        return done
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        """Skip a piece gone from under us; stop when the process or handler is gone.
+
+        Raises:
+            _Stop: the process (ESRCH) or the handler (EBADF, ValueError) is gone.
+        """
+        try:
+            yield
+        except NoMappingError:
+            return
+        except UffdError as err:
+            if err.errno in (errno.ESRCH, errno.EBADF):
+                raise _Stop from None
+            raise
+        except ValueError:
+            raise _Stop from None

@@ -31,7 +31,8 @@ def progress_bars_available() -> bool:
 class Progress:
     """What one session has installed, what is left, and whether its source failed.
 
-    ``report`` is filled in as the session runs; ``first_served`` is set once
+    ``report`` is filled in as the session runs; ``max_chunk`` is the largest
+    run prefetch is handed (bytes); ``first_served`` is set once
     a fault has been served (prefetch waits for it, briefly). ``label`` and
     ``fallback`` name the source and the fallback policy in the failure
     message. Every method may be called from any thread.
@@ -46,11 +47,12 @@ class Progress:
         self._label = label
         self._fallback = fallback
         self._lock = threading.Lock()
+        self.max_chunk = max(MAX_CHUNK, layout.page_size)
         self._plan = AdaptivePrefetcher(
             layout.length,
             page_size=layout.page_size,
             min_chunk=max(MIN_CHUNK, layout.page_size),
-            max_chunk=max(MAX_CHUNK, layout.page_size),
+            max_chunk=self.max_chunk,
             boundaries=layout.starts,
         )
         self._page_size = layout.page_size
@@ -116,9 +118,11 @@ class Progress:
 
     # -- accounting ----------------------------------------------------------------
 
-    def served(self, nbytes: int, *, faulted: int = 0, prefetched: int = 0, ws: int = 0) -> None:
+    def served(
+        self, nbytes: int, *, faulted: int = 0, prefetched: int = 0, ws: int = 0, zeroed: int = 0
+    ) -> None:
         """Count ``nbytes`` installed: ``faulted`` pages by faults, ``prefetched`` by prefetch
-        (``ws`` of them from the working set)."""
+        (``ws`` of them from the working set), ``zeroed`` zero pages mapped in bulk."""
         if faulted:
             self.first_served.set()
         with self._lock:
@@ -127,6 +131,7 @@ class Progress:
             r.faulted += faulted
             r.prefetched += prefetched
             r.working_set += ws
+            r.zeroed += zeroed
             self._note_complete()
             if self._bar is not None:
                 # A fault that lost the race to a prefetch install still counts as a

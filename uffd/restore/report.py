@@ -12,7 +12,8 @@ __all__ = ["SessionReport"]
 class SessionReport:
     """What one session did; ``errors`` are the messages of what went wrong.
 
-    ``faulted``/``prefetched``/``working_set`` count pages, ``bytes`` the
+    ``faulted``/``prefetched``/``working_set`` count pages, ``zeroed`` the
+    pages the snapshot stores as zero (given the zero page in bulk), ``bytes`` the
     bytes installed; ``elapsed``, ``first_fault`` and ``complete`` are seconds
     from the handshake (``complete``: every page present or handed out to
     prefetch). Latency percentiles are the FaultHandler's, in microseconds.
@@ -26,6 +27,7 @@ class SessionReport:
     faulted: int = 0
     prefetched: int = 0
     working_set: int = 0
+    zeroed: int = 0
     bytes: int = 0
     elapsed: float = 0.0
     first_fault: float | None = None

@@ -51,7 +51,7 @@ class RestoreOptions:
     deadline: float = 2.0
     prefetch: bool = True
     working_set: tuple[tuple[int, int], ...] = ()
-    inflight_bytes: int = 4 << 20
+    inflight_bytes: int = 16 << 20
     source_timeout: float = 10.0
     progress: bool = False
 
@@ -154,15 +154,15 @@ class Session:
             self._close_resources()
             raise
         self._spawn(self._watch, "uffd-session-watch")
-        if options.prefetch or options.working_set:
-            prefetch = Prefetch(
-                parts,
-                working_set=options.working_set,
-                adaptive=options.prefetch,
-                inflight_bytes=options.inflight_bytes,
-                timeout=options.source_timeout,
-            )
-            self._spawn(prefetch.run, "uffd-prefetch")
+        # Always: the zero pages a file source knows of are mapped even without prefetch.
+        prefetch = Prefetch(
+            parts,
+            working_set=options.working_set,
+            adaptive=options.prefetch,
+            inflight_bytes=options.inflight_bytes,
+            timeout=options.source_timeout,
+        )
+        self._spawn(prefetch.run, "uffd-prefetch")
 
     @property
     def report(self) -> SessionReport:

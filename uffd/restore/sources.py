@@ -2,24 +2,33 @@
 
 A source's regions are laid end to end in order (``_FlatLayout``), so a
 restore addresses the image by one offset (for Firecracker's raw memory
-file, the file offset). :class:`FileSource` reads with pread on the calling
-thread (:func:`uffd.pagestore.snapshot.open_source`); :class:`RemoteSource` fetches
-from a page server (:class:`uffd.pagestore.client.ThreadedPageClient`) and hands back
-futures, so reads for faults of several threads are in flight at once.
-Both have ``fetch`` (a future), ``read`` (the bytes), ``session`` (what one
-restored process reads through), ``remote``, ``label``, ``page_size``,
-``length`` and ``close``.
+file, the file offset). :class:`FileSource` maps the file read-only
+(:func:`uffd.pagestore.snapshot.open_source` checks it and says where each
+page is) and hands out views of the mapping, so a page goes from the page
+cache into the restored process with one UFFDIO_COPY and no Python bytes
+object; it knows the snapshot's zero pages (``spans``). :class:`RemoteSource`
+fetches from a page server (:class:`uffd.pagestore.client.ThreadedPageClient`)
+and hands back futures, so reads for faults of several threads are in
+flight at once; ``fetch_into`` receives straight into the caller's buffer.
+Both have ``fetch`` (a future of bytes), ``read`` (the bytes), ``session``
+(what one restored process reads through), ``remote``, ``label``,
+``page_size``, ``length`` and ``close``.
 """
 
 from __future__ import annotations
 
 import bisect
 import concurrent.futures
+import contextlib
 import logging
+import mmap
+import os
 import threading
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
+
+from uffd.restore.priority import lower_thread_priority
 
 if TYPE_CHECKING:
     from uffd.restore.redis_source import RedisSource
@@ -28,6 +37,7 @@ __all__ = ["FileSource", "FlatSource", "RemoteSource", "SourceError", "open_flat
 
 log = logging.getLogger("uffd.restore.daemon")
 
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14; Python 3.13 names it
 _KEEPALIVE = 10.0  # seconds idle: well inside the page server's default 30 s timeout
 
 
@@ -72,7 +82,15 @@ class _FlatLayout:
 
 
 class FileSource:
-    """A snapshot or raw memory file as a flat image; reads are synchronous (pread).
+    """A snapshot or raw memory file as a flat image, mapped read-only.
+
+    ``spans`` says where each page of a range is: a run of the file (checked
+    against its checksums first, for a snapshot) or a zero page the snapshot
+    does not store. ``view`` is that run of the file as a memoryview of the
+    mapping: install it with UFFDIO_COPY (the kernel copies from the page
+    cache; a file truncated under us makes the copy fail with EFAULT, never
+    a SIGBUS here). Never read a view from Python. ``read``/``fetch`` give
+    bytes, for callers that want them.
 
     Thread-safe: one open file serves every session and thread.
 
@@ -88,9 +106,80 @@ class FileSource:
         self.path = path
         self.label = path
         self._reader = open_source(path)
-        self.page_size = self._reader.page_size
-        self._layout = _FlatLayout([(r.name, r.length) for r in self._reader.regions])
-        self.length = self._layout.length
+        try:
+            self.page_size = self._reader.page_size
+            self._layout = _FlatLayout([(r.name, r.length) for r in self._reader.regions])
+            self.length = self._layout.length
+            size = os.fstat(self._reader.fileno()).st_size
+            self._map = (
+                mmap.mmap(self._reader.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ)
+                if size
+                else None
+            )
+        except BaseException:
+            self._reader.close()
+            raise
+        self._view = memoryview(self._map) if self._map is not None else memoryview(b"")
+        self._zeros_lock = threading.Lock()
+        self._zeros: list[tuple[int, int]] | None = None
+
+    def spans(self, offset: int, length: int) -> list[tuple[int, int, int | None]]:
+        """``(offset, length, file offset)`` runs covering the flat range; None: zero pages.
+
+        Raises:
+            SourceError: a chunk failed its checksum or the file was truncated.
+            ValueError: the range passes the end of the image.
+        """
+        out: list[tuple[int, int, int | None]] = []
+        at = offset
+        try:
+            for name, inside, n in self._layout.pieces(offset, length):
+                for off, k, where in self._reader.file_extents(name, inside, n):
+                    out.append((at + off - inside, k, where))
+                at += n
+        except OSError as err:
+            raise SourceError(f"{self.path}: {err}") from err
+        except ValueError as err:
+            if type(err) is ValueError:
+                raise
+            raise SourceError(f"{self.path}: {err}") from err  # a SnapshotError
+        return out
+
+    def zero_runs(self) -> list[tuple[int, int]]:
+        """The flat runs ``(offset, length)`` the snapshot stores as zero pages (holes).
+
+        Found once (a walk of the snapshot's bitmaps, or SEEK_HOLE over a raw
+        file) and kept: every session of the daemon asks.
+        """
+        with self._zeros_lock:
+            if self._zeros is None:
+                out: list[tuple[int, int]] = []
+                at = 0
+                for region in self._reader.regions:
+                    for off, n, present in self._reader.extents(region.name):
+                        if not present:
+                            out.append((at + off, n))
+                    at += region.length
+                self._zeros = out
+            return self._zeros
+
+    def populate(self, file_offset: int, length: int) -> None:
+        """Map the page-cache pages of the file range into the mapping in one call.
+
+        MADV_POPULATE_READ (Linux 5.14): a copy from the mapping then takes
+        no page fault per page. Best effort: an older kernel, or a failed read
+        (the copy reports it), is no error here.
+        """
+        if self._map is None:
+            return
+        start = file_offset - file_offset % mmap.PAGESIZE
+        end = min(file_offset + length, len(self._map))
+        with contextlib.suppress(OSError, ValueError):
+            self._map.madvise(_MADV_POPULATE_READ, start, end - start)
+
+    def view(self, file_offset: int, length: int) -> memoryview:
+        """The file's bytes [file_offset, +length) as a view of the read-only mapping."""
+        return self._view[file_offset : file_offset + length]
 
     def read(self, offset: int, length: int) -> bytes:
         """The bytes of the flat range (absent pages are zeros).
@@ -120,7 +209,13 @@ class FileSource:
         return self
 
     def close(self) -> None:
-        """Close the file (idempotent)."""
+        """Close the file and its mapping (idempotent; views must be released first)."""
+        self._view.release()
+        if self._map is not None:
+            # A view still held somewhere (a late Resolution) keeps the mapping until
+            # it goes; the file itself closes now.
+            with contextlib.suppress(BufferError):
+                self._map.close()
         self._reader.close()
 
 
@@ -129,7 +224,8 @@ class RemoteSource:
 
     Faults and prefetch use two connections (``session()`` opens both), so a
     faulting thread's one-page read never queues behind megabytes of prefetch
-    data already in flight on the same TCP stream. ``fetch`` returns a
+    data already in flight on the same TCP stream; the prefetch connection's
+    reader thread runs at a lower priority (:mod:`uffd.restore.priority`). ``fetch`` returns a
     future; ``read`` waits for it (at most ``timeout``). ``session()`` hands
     out a spare set of connections prepared in the background (``warm()``),
     so a new session's first fault does not wait for TCP, HELLO and LIST.
@@ -156,7 +252,7 @@ class RemoteSource:
         self._clients = [self._connect()]
         if bulk:
             try:
-                self._clients.append(self._connect())
+                self._clients.append(self._connect_bulk())
             except BaseException:
                 self.close()
                 raise
@@ -174,6 +270,29 @@ class RemoteSource:
         except Exception as err:
             raise SourceError(f"page server {self.url}: {err}") from err
 
+    def _connect_bulk(self) -> Any:
+        """The prefetch connection, made from a thread of lower priority (its reader inherits it).
+
+        Raises:
+            SourceError: the page server cannot be reached or refused us.
+        """
+        result: list[Any] = []
+        failed: list[BaseException] = []
+
+        def connect() -> None:
+            lower_thread_priority()
+            try:
+                result.append(self._connect())
+            except BaseException as err:
+                failed.append(err)
+
+        thread = threading.Thread(target=connect, name="uffd-bulk-connect", daemon=True)
+        thread.start()
+        thread.join()
+        if failed:
+            raise failed[0]
+        return result[0]
+
     @property
     def idle(self) -> bool:
         """True after 10 s without a read (well before the server drops an idle client)."""
@@ -182,14 +301,15 @@ class RemoteSource:
     def session(self) -> RemoteSource:
         """Connections for one session, faults and prefetch apart: the spare when it is fresh.
 
-        Starts preparing the next spare. The caller owns and closes the result.
+        The caller owns and closes the result, and calls ``warm()`` once the
+        session is served (starting the thread that prepares the next spare
+        costs a thread switch the first fault should not wait for).
 
         Raises:
             SourceError: no spare was ready and the server cannot be reached.
         """
         with self._lock:
             spare, self._spare = self._spare, None
-        self.warm()
         if spare is not None and not spare.idle:
             return spare
         if spare is not None:
@@ -218,38 +338,69 @@ class RemoteSource:
         if spare is not None:
             spare.close()
 
-    def fetch(
-        self, offset: int, length: int, *, urgent: bool = True
-    ) -> concurrent.futures.Future[bytes]:
-        """Start reading the flat range; the future gets the bytes or a SourceError.
+    def fetch_into(
+        self, offset: int, view: memoryview, *, urgent: bool = True
+    ) -> concurrent.futures.Future[int]:
+        """Start receiving the flat range [offset, +len(view)) straight into ``view``.
 
-        ``urgent`` reads (faults) go on the first connection, the others
-        (prefetch) on the second.
+        The future gets the byte count, or the client's error (see
+        :meth:`fetch` for SourceError). ``urgent`` reads (faults) go on the
+        first connection, the others (prefetch) on the second. ``view``
+        belongs to the client until the future is done.
         """
         client = self._clients[0 if urgent else -1]
         self.last_used = time.monotonic()
-        pieces = self._layout.pieces(offset, length)
-        futures = [client.fetch(n, o, k, urgent=urgent) for n, o, k in pieces]
-        out: concurrent.futures.Future[bytes] = concurrent.futures.Future()
+        pieces = self._layout.pieces(offset, len(view))
+        if len(pieces) == 1:
+            name, inside, _ = pieces[0]
+            future: concurrent.futures.Future[int] = client.fetch_into(
+                name, inside, view, urgent=urgent
+            )
+            return future
+        futures = []
+        at = 0
+        for name, inside, n in pieces:
+            futures.append(client.fetch_into(name, inside, view[at : at + n], urgent=urgent))
+            at += n
+        out: concurrent.futures.Future[int] = concurrent.futures.Future()
         left = [len(futures)]
         lock = threading.Lock()
 
-        def done(_: concurrent.futures.Future[bytes]) -> None:
+        def done(f: concurrent.futures.Future[int]) -> None:
             with lock:
                 left[0] -= 1
-                if left[0] or out.done():
-                    return
-            try:
-                data = b"".join(f.result() for f in futures)
-            except BaseException as err:
-                out.set_exception(
-                    SourceError(f"page server {self.url}: {type(err).__name__}: {err}")
-                )
-            else:
-                out.set_result(data)
+                last = not left[0]
+            err = f.exception()
+            if err is not None and not out.done():
+                with contextlib.suppress(concurrent.futures.InvalidStateError):
+                    out.set_exception(err)
+            elif last and not out.done():
+                out.set_result(len(view))
 
         for f in futures:
             f.add_done_callback(done)
+        return out
+
+    def error(self, err: BaseException) -> SourceError:
+        """``err`` (a failed read) as the SourceError naming this page server."""
+        return SourceError(f"page server {self.url}: {type(err).__name__}: {err}")
+
+    def fetch(
+        self, offset: int, length: int, *, urgent: bool = True
+    ) -> concurrent.futures.Future[bytes]:
+        """Start reading the flat range; the future gets the bytes or a SourceError."""
+        buf = bytearray(length)
+        inner = self.fetch_into(offset, memoryview(buf), urgent=urgent)
+        out: concurrent.futures.Future[bytes] = concurrent.futures.Future()
+
+        def done(f: concurrent.futures.Future[int]) -> None:
+            err = f.exception()
+            if err is not None:
+                out.set_exception(self.error(err))
+            else:
+                out.set_result(bytes(buf))
+
+        inner.add_done_callback(done)
         return out
 
     def read(self, offset: int, length: int) -> bytes:
