@@ -284,3 +284,41 @@ def test_snapshot_verify_shows_progress(tmp_path: Path) -> None:
     assert plain.returncode == 0, plain.stderr
     assert "warning: --progress: tqdm is not installed" in plain.stderr
     assert "verified 16 of 16 pages" in plain.stderr
+
+
+# -- probe --require ---------------------------------------------------------------
+
+NO_UFFD = str(Path(__file__).resolve().parent / "helpers" / "no_userfaultfd.py")
+
+
+def test_probe_require_passes_when_the_host_has_the_features() -> None:
+    """``probe --require`` with features this host offers exits 0; the JSON says nothing unmet."""
+    import uffd
+
+    have = [f.name or "" for f in uffd.Feature if f in uffd.probe().available]
+    if not have:
+        pytest.skip("this host offers no userfaultfd feature to require")
+    out = run("probe", "--json", "--require", ",".join(n.lower() for n in have[:3]))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["unmet"] is None
+
+
+def test_probe_require_fails_with_the_reason_where_userfaultfd_is_blocked() -> None:
+    """Under a seccomp filter like Docker's, ``probe --require MOVE`` exits 1 saying why."""
+    out = subprocess.run(
+        [sys.executable, NO_UFFD, UFFD, "probe", "--require", "MOVE"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("uffd probe: no way to open a userfaultfd works")
+    assert "seccomp filter is active" in line and "EPERM" in line
+
+
+def test_probe_require_rejects_an_unknown_feature_name() -> None:
+    """An unknown feature name is a usage error (exit 2) that lists the known names."""
+    out = run("probe", "--require", "MOVE,NOPE")
+    assert out.returncode == 2
+    assert "unknown userfaultfd feature 'NOPE'" in out.stderr and "WP_ASYNC" in out.stderr

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ from uffd._constants import Feature, Ioctl
 from uffd._native import ffi, lib
 from uffd._userfaultfd import explain_open_error
 
-__all__ = ["Capabilities", "OpenPath", "probe"]
+__all__ = ["Capabilities", "OpenPath", "parse_features", "probe", "unmet"]
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,14 @@ def _why_it_works(via: str, flags: int) -> str:
 def _try_open(opener: Any, flags: int, via: str) -> tuple[OpenPath, int, int]:
     fd = opener(flags)
     if fd < 0:
-        return OpenPath(False, -fd, explain_open_error(via, -fd)), 0, 0
+        reason = explain_open_error(via, -fd)
+        if -fd in (errno.EPERM, errno.EACCES) and _seccomp_filtered():
+            reason = (
+                "a seccomp filter is active on this process and may block userfaultfd, as "
+                "Docker's default profile does (allow the syscall in the profile, or pass "
+                f"--device /dev/userfaultfd); otherwise: {reason}"
+            )
+        return OpenPath(False, -fd, reason), 0, 0
     try:
         features = ffi.new("uint64_t *")
         ioctls = ffi.new("uint64_t *")
@@ -117,6 +126,15 @@ def _try_open(opener: Any, flags: int, via: str) -> tuple[OpenPath, int, int]:
         return OpenPath(True, None, _why_it_works(via, flags)), features[0], ioctls[0]
     finally:
         os.close(fd)
+
+
+def _seccomp_filtered() -> bool:
+    """Whether a seccomp filter applies to this process (``Seccomp: 2`` in /proc/self/status)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return False
+    return any(line.split() == ["Seccomp:", "2"] for line in status.splitlines())
 
 
 def _read_int(path: str) -> int | None:
@@ -170,8 +188,70 @@ def probe() -> Capabilities:
     )
 
 
-def main(as_json: bool = False) -> int:
-    """Print the probe (``--json``: as JSON); exit status 0 if some open path works, else 1."""
+def parse_features(text: str) -> Feature:
+    """``"MOVE,wp_async"`` -> ``Feature.MOVE | Feature.WP_ASYNC`` (case and the prefix optional).
+
+    Names are the kernel's without ``UFFD_FEATURE_``; that prefix is accepted too.
+
+    Raises:
+        ValueError: an unknown name (the message lists the known ones).
+    """
+    wanted = Feature(0)
+    for raw in text.split(","):
+        name = raw.strip().upper().removeprefix("UFFD_FEATURE_")
+        if not name:
+            continue
+        try:
+            wanted |= Feature[name]
+        except KeyError:
+            known = ", ".join(f.name or "" for f in Feature)
+            raise ValueError(
+                f"unknown userfaultfd feature {raw.strip()!r}; known: {known}"
+            ) from None
+    return wanted
+
+
+def unmet(caps: Capabilities, features: Feature = Feature(0)) -> str | None:
+    """Why this host cannot run code that needs ``features``; None when it can.
+
+    The reason names what is missing: every way of opening a userfaultfd
+    failing (with each path's cause), or the features the kernel lacks.
+    """
+    paths = (
+        ("syscall", caps.syscall),
+        ("/dev/userfaultfd", caps.device),
+        ("user_mode_only", caps.user_mode_only),
+    )
+    if not any(p.works for _, p in paths):
+        codes = ", ".join(
+            f"{name} {errno.errorcode.get(p.errno or 0, p.errno)}" for name, p in paths
+        )
+        return (
+            f"no way to open a userfaultfd works for uid {caps.uid} ({codes}): "
+            f"{caps.syscall.reason}"
+        )
+    absent = [f.name or hex(f) for f in Feature if f & features and f not in caps.available]
+    if absent:
+        return (
+            f"needs UFFD_FEATURE_{', UFFD_FEATURE_'.join(absent)}: "
+            f"not available on Linux {caps.kernel}"
+        )
+    return None
+
+
+def main(as_json: bool = False, require: Feature | None = None) -> int:
+    """Print the probe (``--json``: as JSON); exit status 0 if the host can run userfaultfd.
+
+    With ``require``, also 1 when any of those features is missing; the
+    reason goes to stderr (and to the JSON's ``unmet``), for shell CI.
+    """
     caps = probe()
-    print(json.dumps(caps.as_dict(), indent=2) if as_json else caps)
-    return 0 if caps.syscall.works or caps.device.works or caps.user_mode_only.works else 1
+    why = unmet(caps, require or Feature(0))
+    if as_json:
+        print(json.dumps({**caps.as_dict(), "unmet": why}, indent=2))
+    else:
+        print(caps)
+    if why is not None:
+        print(f"uffd probe: {why}", file=sys.stderr)
+        return 1
+    return 0

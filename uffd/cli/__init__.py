@@ -16,13 +16,23 @@ import sys
 from collections.abc import Sequence
 
 from uffd import _build
+from uffd._constants import Feature
 from uffd.cli import bench, handler, serve, snapshot
+from uffd.probe import parse_features
 
 
 def _probe(args: argparse.Namespace) -> int:
     from uffd.probe import main
 
-    return main(as_json=args.json)
+    return main(as_json=args.json, require=args.require)
+
+
+def _features(text: str) -> Feature:
+    """argparse type of ``--require``: a comma-separated list of feature names."""
+    try:
+        return parse_features(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     probe = sub.add_parser("probe", help="show what this host's kernel and permissions allow")
     probe.add_argument("--json", action="store_true", help="print as JSON")
+    probe.add_argument(
+        "--require",
+        type=_features,
+        metavar="FEATURE,...",
+        help="exit 1, saying why, unless userfaultfd opens and offers these features "
+        "(e.g. MOVE,WP_ASYNC; names as in the report): a gate for shell CI",
+    )
     probe.set_defaults(func=_probe)
     serve.add_parser(sub)
     snapshot.add_parser(sub)
