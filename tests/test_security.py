@@ -94,6 +94,17 @@ class Raw:
             pass
         return frame
 
+    def drained_to_eof(self) -> bool:
+        """Read (and drop) everything until the server's close: True if it did close."""
+        try:
+            while self.sock.recv(1 << 20):
+                pass
+        except ConnectionResetError:
+            pass
+        except TimeoutError:
+            return False
+        return True
+
     def close(self) -> None:
         self.sock.close()
 
@@ -140,7 +151,7 @@ def test_token_checked_on_all_interfaces(snap: object) -> None:
     from uffd.pagestore.client import RemoteError, ThreadedPageClient
     from uffd.pagestore.server import ServerThread
 
-    with ServerThread(snap, host="0.0.0.0", token=TOKEN) as server:  # type: ignore[arg-type]
+    with ServerThread(snap, host="0.0.0.0", token=TOKEN, insecure_plaintext=True) as server:  # type: ignore[arg-type]
         url = f"tcp://127.0.0.1:{server.address[1]}"
         for token in (None, b"wrong", TOKEN + b"x"):
             with pytest.raises(RemoteError) as info:
@@ -159,9 +170,12 @@ def test_token_checked_on_all_interfaces(snap: object) -> None:
 # -- hostile clients while a healthy one restores ------------------------------------------------
 
 
-def test_hostile_clients_do_not_disturb_a_restore(snap: object) -> None:
+@pytest.mark.parametrize("max_frame", [64 << 10, p.MAX_FRAME], ids=["64KiB", "default-sendfile"])
+def test_hostile_clients_do_not_disturb_a_restore(snap: object, max_frame: int) -> None:
     """Slow loris, huge lengths, wrong tokens, out-of-range reads, garbage and request floods,
-    all at once: each gets its error, and a healthy client verifies every page throughout."""
+    all at once: each gets its error, a healthy client verifies every page throughout, and the
+    flooder that never reads is dropped after the send timeout (with 64 KiB frames and with the
+    default 1 MiB ones, where replies go out by sendfile)."""
     from uffd.pagestore.client import ThreadedPageClient
     from uffd.pagestore.server import ServerThread
 
@@ -171,8 +185,9 @@ def test_hostile_clients_do_not_disturb_a_restore(snap: object) -> None:
         token=TOKEN,
         handshake_timeout=1.0,
         idle_timeout=5.0,
+        send_timeout=1.0,
         max_pending=8,
-        max_frame=64 << 10,
+        max_frame=max_frame,
     ) as server:
         addr = server.address
         stop = threading.Event()
@@ -231,6 +246,9 @@ def test_hostile_clients_do_not_disturb_a_restore(snap: object) -> None:
             seen["loris"] = loris.error_then_close().code
             time.sleep(0.5)
             wait_until(lambda: healthy["rounds"] >= 3, WAIT, "three healthy restores")
+            # The flooder stopped reading: dropped once a reply waited 1 s for it.
+            wait_until(lambda: server.stats.stalled >= 1, WAIT, "the flooder dropped")
+            seen["flood_closed"] = flood.drained_to_eof()
         finally:
             stop.set()
             worker.join(WAIT)
@@ -244,6 +262,7 @@ def test_hostile_clients_do_not_disturb_a_restore(snap: object) -> None:
     assert seen["wrong_token"] == p.ErrorCode.AUTH_FAILED
     assert seen["garbage"] in (p.ErrorCode.AUTH_FAILED, p.ErrorCode.BAD_FRAME)
     assert seen["loris"] == p.ErrorCode.TIMEOUT
+    assert seen["flood_closed"] is True
     assert seen["beyond"] == {
         1: p.ErrorCode.OUT_OF_RANGE,
         2: p.ErrorCode.OUT_OF_RANGE,

@@ -422,14 +422,17 @@ def test_wrong_or_missing_token_refused(snap: Snapshot) -> None:
 
 
 def test_non_loopback_needs_token(snap: Snapshot) -> None:
-    """Binding 0.0.0.0 without a token is refused; with one it serves (after AUTH)."""
+    """Binding 0.0.0.0 without a token is refused, and with one but without TLS unless
+    plaintext is chosen explicitly; then it serves (after AUTH)."""
     with pytest.raises(ValueError, match="without a token"):
         PageServer(snap, host="0.0.0.0")
     with pytest.raises(ValueError, match="without a token"):
         PageServer(snap, host="example.org")
     with pytest.raises(ValueError, match="empty"):
         PageServer(snap, token=b"")
-    with ServerThread(snap, host="0.0.0.0", token=b"k") as srv:
+    with pytest.raises(ValueError, match=r"without TLS.*--insecure-plaintext"):
+        PageServer(snap, host="0.0.0.0", token=b"k")
+    with ServerThread(snap, host="0.0.0.0", token=b"k", insecure_plaintext=True) as srv:
         host, port = srv.address
         assert host == "0.0.0.0"
         with pytest.raises(RemoteError):

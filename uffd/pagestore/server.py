@@ -1,4 +1,4 @@
-"""An asyncio page server: serves a snapshot's pages over TCP (see docs/protocol.md).
+"""An asyncio page server: serves a snapshot's pages over TCP or TLS (see docs/protocol.md).
 
 Each client gets a HELLO, authenticates with AUTH when the server has a
 token, then sends LIST and pipelined READ requests. Requests wait in a
@@ -7,12 +7,22 @@ of prefetch; a long request is served one piece at a time (a frame, or up
 to 1 MiB of frames when sent from the file) and put back in the queue
 between pieces, so an urgent request never waits for more than one piece.
 Small pieces (an urgent page) are read from the page cache and written on
-the event loop; large pieces (prefetch) are sent by a pool thread straight
-from the file with ``sendfile(2)`` once their chunks are verified, so page
-bytes are never copied through Python. The event loop keeps
-accepting and answering meanwhile. Zero runs go out as ZERO frames (no bytes).
-The transport's write buffer is bounded to nothing queued (high-water mark 0),
-so an urgent reply never waits behind buffered prefetch bytes.
+the event loop; a cold urgent read goes to a pool of its own, never behind
+prefetch. Large pieces are sent from the file with ``sendfile(2)`` by a pool
+thread on a non-blocking socket: the thread sends what the socket takes and
+returns, and the event loop waits (bounded by ``send_timeout``) for the
+socket to drain, so a client that stops reading holds no thread. Zero runs
+go out as ZERO frames (no bytes). The transport's write buffer is bounded to
+nothing queued (high-water mark 0), so an urgent reply never waits behind
+buffered prefetch bytes. Every chunk of a snapshot is verified once before
+the server listens, so no read pays for checksumming a whole chunk.
+
+What one peer can hold is bounded: ``max_clients`` connections (when full,
+the oldest connection still in its handshake makes room; when the process is
+out of fds, accept backs off, evicts the same way and recovers), one pool job
+per client at a time, ``max_pending`` queued requests, the handshake, frame,
+send and idle timeouts (every wait on a peer has one), and the log: records
+of a kind beyond 10 per 10 s are counted, not written.
 
 A broken client (a malformed or oversized frame, a wrong token, a handshake
 that does not finish within ``handshake_timeout``: slow loris) gets an ERROR
@@ -20,8 +30,7 @@ frame and is disconnected; the others are not affected. A bad request (an
 unknown region, a range outside it) gets an ERROR for that request id only.
 
 :class:`ServerThread` runs a server on its own event-loop thread for tests
-and synchronous programs; :func:`add_cli` adds ``serve`` and
-``snapshot info`` to ``python -m uffd``.
+and synchronous programs.
 
 This module is pure Python: no userfaultfd and no compiled extension needed.
 """
@@ -32,18 +41,25 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import errno
 import ipaddress
 import itertools
+import logging
 import os
-import select
+import resource
 import socket
+import ssl
 import threading
 from typing import Any
 
 from uffd.pagestore import protocol as p
-from uffd.pagestore.snapshot import PageSource
+from uffd.pagestore._ratelog import RateLimitedLog
+from uffd.pagestore._sendplan import SendPlan
+from uffd.pagestore.snapshot import PageSource, SnapshotError
 
-__all__ = ["PageServer", "ServerStats", "ServerThread", "format_url"]
+__all__ = ["PageServer", "ServerStats", "ServerThread", "default_max_clients", "format_url"]
+
+log = logging.getLogger("uffd.pagestore.server")
 
 _READ_CHUNK = 1 << 16
 _LINGER = 0.5
@@ -55,6 +71,15 @@ _INLINE_MAX = 64 << 10
 # frame holds less): one thread hop per 1 MiB READ rather than one per frame.
 # An urgent READ waits for at most one turn.
 _BULK_PIECE = 1 << 20
+# A connection in its handshake is safe from eviction (to make room for a new
+# one) for this long: an honest client's handshake is one round trip.
+_HANDSHAKE_GRACE = 0.1
+# accept() out of fds or memory: wait this long first, doubling up to the max.
+_ACCEPT_BACKOFF = (0.005, 0.1)
+_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# fds kept for everything but clients (the snapshot, the loop, logging, a dup per
+# bulk sender) when the default max_clients is derived from RLIMIT_NOFILE.
+_FD_RESERVE = 32
 
 
 def _is_loopback(host: str) -> bool:
@@ -71,13 +96,30 @@ def format_url(host: str, port: int) -> str:
     return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
 
 
+def default_max_clients() -> int:
+    """The default cap on connections: half the fds left under RLIMIT_NOFILE, 8 to 1024.
+
+    A client costs one fd, and a second (a dup) while a bulk piece is sent.
+    """
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return 1024
+    return max(8, min(1024, (soft - _FD_RESERVE) // 2))
+
+
 @dataclasses.dataclass
 class ServerStats:
     """Counters of a PageServer; updated on its event loop, readable from any thread.
 
     ``clients``: connections accepted; ``active``: connected now; ``requests``:
     READ frames received; ``bytes``: page bytes sent in DATA frames;
-    ``zero_bytes``: bytes sent as ZERO ranges; ``errors``: ERROR frames sent.
+    ``zero_bytes``: bytes sent as ZERO ranges; ``errors``: ERROR frames sent;
+    ``auth_failures``: clients refused for a wrong or missing token;
+    ``evicted``: connections dropped in their handshake to make room (the
+    ``max_clients`` cap or fds running out); ``accept_errors``: accept()
+    failures for want of fds or memory (each one backed off and retried);
+    ``stalled``: clients dropped because they stopped reading (send timeout);
+    ``tls_failures``: TLS handshakes that failed.
     """
 
     clients: int = 0
@@ -86,42 +128,15 @@ class ServerStats:
     bytes: int = 0
     zero_bytes: int = 0
     errors: int = 0
+    auth_failures: int = 0
+    evicted: int = 0
+    accept_errors: int = 0
+    stalled: int = 0
+    tls_failures: int = 0
 
 
 class _SendFailed(Exception):
     """Writing to the client's socket failed or stalled: the connection is finished."""
-
-
-def _send_bytes(sock: socket.socket, data: bytes, flags: int, stall: float) -> None:
-    """Send all of ``data`` on the non-blocking ``sock``, waiting at most ``stall`` per wait."""
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[sock.send(view, flags) :]
-        except BlockingIOError:
-            _wait_writable(sock, stall)
-
-
-def _wait_writable(sock: socket.socket, stall: float) -> None:
-    poller = select.poll()
-    poller.register(sock, select.POLLOUT)
-    if not poller.poll(stall * 1000):
-        raise _SendFailed(f"the client read nothing for {stall} s")
-
-
-def _send_file(sock: socket.socket, fd: int, offset: int, count: int, stall: float) -> None:
-    """sendfile(2) ``count`` bytes of ``fd`` at ``offset`` to the non-blocking ``sock``."""
-    out = sock.fileno()
-    while count:
-        try:
-            sent = os.sendfile(out, fd, offset, count)
-        except BlockingIOError:
-            _wait_writable(sock, stall)
-            continue
-        if not sent:
-            raise _SendFailed("the file ended before the range sent (truncated while open?)")
-        offset += sent
-        count -= sent
 
 
 class _Disconnect(Exception):
@@ -145,55 +160,85 @@ class _Request:
 class _Client:
     """One connection: handshake, a frame reader and a worker serving its queue.
 
-    Runs on the server's event loop; the worker hands file reads to the
-    server's thread pool.
+    Runs on the server's event loop; the worker hands file reads and
+    non-blocking sendfile turns to the server's thread pools, one at a time.
     """
 
     def __init__(
-        self, server: PageServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        server: PageServer,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer: str,
     ) -> None:
         self.server = server
         self.reader = reader
         self.writer = writer
+        self.peer = peer
         self.decoder = p.FrameDecoder(max_payload=server.max_frame)
         self.queue: asyncio.PriorityQueue[tuple[int, int, _Request]] = asyncio.PriorityQueue()
         self.pending = 0
         self.seq = itertools.count()
         self.frames: list[p.Frame] = []
         self.loop = asyncio.get_running_loop()
-        self.last_activity = self.loop.time()
+        self.started = self.last_activity = self.loop.time()
         self.partial_since: float | None = None
         self.write_lock = asyncio.Lock()
+        self.authenticated = False
+        self.requests = self.bytes = self.zero_bytes = self.errors = 0
+        self.reason = "closed by the client"
         # Nothing waits in the transport's buffer: drain() returns only once it
         # is empty, so an urgent reply is never queued behind prefetch bytes,
         # and a pool thread may write to the socket directly.
         writer.transport.set_write_buffer_limits(high=0)
-        # The pool thread's own handle on the socket: a dup, so that a
-        # connection closed under it never leaves it writing to a reused fd.
+        # The pool thread's own handle on the socket, made at the first bulk
+        # piece: a dup, so that a connection closed under it never leaves it
+        # writing to a reused fd. None until then, or when fds ran out.
         self.raw: socket.socket | None = None
-        self.sending: asyncio.Future[tuple[int, int]] | None = None
-        if server.sendfile_ok:
-            sock = writer.get_extra_info("socket")
-            if sock is not None:
-                self.raw = socket.socket(fileno=os.dup(sock.fileno()))
+        self.sending: asyncio.Future[bool] | None = None
 
-    async def send(self, *frames: p.Frame) -> None:
-        """Write ``frames`` in one go and wait for the buffer to drain (backpressure)."""
+    def count(self, frames: tuple[p.Frame, ...] | list[p.Frame]) -> None:
+        """Add ``frames`` to the server's and this connection's counters."""
         stats = self.server.stats
         for frame in frames:
             if isinstance(frame, p.Error):
                 stats.errors += 1
+                self.errors += 1
             elif isinstance(frame, p.Data):
                 stats.bytes += len(frame.data)
+                self.bytes += len(frame.data)
             elif isinstance(frame, p.Zero):
                 stats.zero_bytes += frame.length
+                self.zero_bytes += frame.length
+
+    async def send(self, *frames: p.Frame) -> None:
+        """Write ``frames`` in one go and wait (at most ``send_timeout``) for them to drain."""
+        self.count(frames)
         async with self.write_lock:
             self.writer.write(b"".join(p.encode(f) for f in frames))
-            await self.writer.drain()
+            await self.drain()
         self.last_activity = self.loop.time()
 
+    async def drain(self) -> None:
+        """``writer.drain()`` bounded by the send timeout: a peer that stops reading is dropped.
+
+        Raises:
+            _SendFailed: nothing drained for ``send_timeout`` seconds.
+        """
+        timeout = self.server.send_timeout
+        try:
+            await asyncio.wait_for(self.writer.drain(), timeout)
+        except asyncio.TimeoutError:
+            self.server.stats.stalled += 1
+            raise _SendFailed(f"the client read nothing for {timeout} s") from None
+
     async def next_frame(self, deadline: float | None) -> p.Frame:
-        """The next frame; ``deadline`` (loop time) bounds the wait, else the idle timeout."""
+        """The next frame; ``deadline`` (loop time) bounds the wait, else the idle timeout.
+
+        Idle means nothing received and nothing sent for ``idle_timeout``:
+        requests still pending do not keep a connection alive by themselves
+        (a client that stopped reading is caught by the send timeout).
+        """
         server = self.server
         while not self.frames:
             now = self.loop.time()
@@ -208,13 +253,15 @@ class _Client:
             try:
                 data = await asyncio.wait_for(self.reader.read(_READ_CHUNK), timeout)
             except asyncio.TimeoutError:
-                if deadline is None and (self.pending or self._recently_active()):
+                if deadline is None and self._recently_active():
                     continue
                 raise _Disconnect(
                     p.ErrorCode.TIMEOUT,
                     "handshake not completed in time"
                     if self.decoder.buffered == 0 and deadline is not None
-                    else "timed out waiting for a complete frame",
+                    else "timed out waiting for a complete frame"
+                    if self.decoder.buffered
+                    else f"idle for {server.idle_timeout} s",
                 ) from None
             if not data:
                 raise _Disconnect()
@@ -250,11 +297,14 @@ class _Client:
                 first = await self.next_frame(deadline)
                 if server.token is not None:
                     if not isinstance(first, p.Auth):
+                        self.auth_failed("sent no AUTH")
                         raise _Disconnect(
                             p.ErrorCode.AUTH_FAILED, "this server requires AUTH first"
                         )
                     if not p.check_auth(server.token, nonce, first.mac):
+                        self.auth_failed("wrong token")
                         raise _Disconnect(p.ErrorCode.AUTH_FAILED, "wrong token")
+                self.authenticated = True
                 worker = asyncio.create_task(self.work())
                 worker.add_done_callback(self._worker_done)
                 if not isinstance(first, p.Auth):
@@ -263,29 +313,37 @@ class _Client:
                     await self.handle(await self.next_frame(None))
             except _Disconnect as stop:
                 if stop.code is not None:
+                    self.reason = f"{p.ErrorCode(stop.code).name}: {stop.message}"
                     await self.send(p.Error(stop.code, stop.message))
                     await self.linger()
-        except (ConnectionError, OSError):
-            pass
+        except _SendFailed as err:
+            self.reason = str(err)
+        except (ConnectionError, OSError) as err:
+            self.reason = f"connection error: {err}"
         finally:
             if worker is not None:
                 worker.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await worker
-            self.writer.close()
+            if self.sending is not None:
+                # Non-blocking turns end quickly; the dup outlives the pool thread's use.
+                await asyncio.wait([self.sending])
+            self.writer.transport.abort()
             if self.raw is not None:
-                # Order: stop a pool thread still sending (shutdown makes its
-                # sendfile fail at once), wait for it, then close the dup.
-                with contextlib.suppress(OSError):
-                    self.raw.shutdown(socket.SHUT_RDWR)
-                if self.sending is not None:
-                    await asyncio.wait([self.sending])
                 self.raw.close()
 
+    def auth_failed(self, why: str) -> None:
+        """Count and log (rate-limited) a refused authentication."""
+        self.server.stats.auth_failures += 1
+        self.server.ratelog.log(
+            "auth", logging.WARNING, "client %s: authentication failed (%s)", self.peer, why
+        )
+
     def _worker_done(self, worker: asyncio.Task[None]) -> None:
-        # A worker that died (the peer vanished mid-write) must not leave the
-        # reader queueing requests nobody serves: drop the connection.
+        # A worker that died (the peer vanished mid-write, or stopped reading)
+        # must not leave the reader queueing requests nobody serves: drop the connection.
         if not worker.cancelled() and worker.exception() is not None:
+            self.reason = str(worker.exception()) or type(worker.exception()).__name__
             self.writer.transport.abort()
 
     async def linger(self) -> None:
@@ -304,6 +362,7 @@ class _Client:
         server = self.server
         if isinstance(frame, p.Read):
             server.stats.requests += 1
+            self.requests += 1
             error = server.check_read(frame)
             if error is not None:
                 await self.send(p.Error(error[0], error[1], frame.request_id))
@@ -340,16 +399,18 @@ class _Client:
             start = request.offset + request.served
             length = min(request.end - start, server.frame_bytes)
             rid = request.request_id
-            if self.raw is not None and length > _INLINE_MAX:
+            if length > _INLINE_MAX and self.bulk_socket() is not None:
                 bulk = min(request.end - start, max(server.frame_bytes, _BULK_PIECE))
                 await self.send_piece(priority, seq, request, start, bulk)
                 continue
             try:
-                # Page-cache hits are answered here; only reads that would block use a thread.
+                # Page-cache hits are answered here; only reads that would block use a
+                # thread, from the urgent pool for a faulting page, so never behind prefetch.
                 frames = server.read_piece_cached(rid, request.region, start, length)
                 if frames is None:
+                    pool = server.urgent_executor if priority == 0 else server.executor
                     frames = await self.loop.run_in_executor(
-                        server.executor, server.read_piece, rid, request.region, start, length
+                        pool, server.read_piece, rid, request.region, start, length
                     )
             except Exception as err:
                 self.pending -= 1
@@ -367,109 +428,146 @@ class _Client:
             # do not either: yield so that other clients and this client's reader get a turn.
             await asyncio.sleep(0)
 
+    def bulk_socket(self) -> socket.socket | None:
+        """The dup of the socket for sendfile, made once; None without sendfile or fds."""
+        if self.raw is None and self.server.sendfile_ok:
+            sock = self.writer.get_extra_info("socket")
+            if sock is None:
+                return None
+            try:
+                fd = os.dup(sock.fileno())
+            except OSError as err:
+                # Out of fds: this piece goes through the event loop instead.
+                self.server.ratelog.log(
+                    "dup", logging.WARNING, "no fd for sendfile to %s: %s", self.peer, err
+                )
+                return None
+            self.raw = socket.socket(fileno=fd)
+            self.raw.setblocking(False)
+        return self.raw
+
     async def send_piece(
         self, priority: int, seq: int, request: _Request, start: int, length: int
     ) -> None:
-        """Send one large piece from a pool thread: verify, then sendfile (see send_file)."""
+        """Send one large piece with sendfile from pool threads, never blocking on the peer.
+
+        The chunks the piece covers are verified before the first byte goes
+        out, so a bad chunk is a request-level ERROR. Then each pool turn sends
+        what the socket takes and returns; between turns the event loop waits
+        for the socket to drain, at most ``send_timeout``.
+
+        Raises:
+            _SendFailed: the socket broke or the client stopped reading.
+        """
         server = self.server
         rid = request.request_id
+        source: Any = server.source
         last = start + length >= request.end
-        served = request.served + length
         async with self.write_lock:
-            await self.writer.drain()
-            # Kept until run() ends: a cancelled worker must not let the dup be
-            # closed under a pool thread still sending.
-            self.sending = self.loop.run_in_executor(
-                server.executor,
-                self.send_file,
-                rid,
-                request.region,
-                start,
-                length,
-            )
+            await self.drain()
             try:
-                sent, zeros = await asyncio.shield(self.sending)
-            except _SendFailed:
-                raise
+                runs = await self.loop.run_in_executor(
+                    server.executor, source.file_extents, request.region, start, length
+                )
             except Exception as err:
                 # Nothing was sent: the chunks are verified before the first byte goes out.
                 self.pending -= 1
+                self.count([p.Error(p.ErrorCode.INTERNAL, str(err), rid)])
                 self.writer.write(p.encode(p.Error(p.ErrorCode.INTERNAL, str(err), rid)))
-                server.stats.errors += 1
                 return
-            server.stats.bytes += sent
-            server.stats.zero_bytes += zeros
-            request.served = served
+            sock = self.raw
+            assert sock is not None
+            plan = SendPlan(rid, runs, server.frame_bytes, source.fileno())
+            while True:
+                # Kept until run() ends: a cancelled worker must not let the dup be
+                # closed under a pool thread still sending.
+                self.sending = self.loop.run_in_executor(server.executor, plan.advance, sock)
+                try:
+                    done = await asyncio.shield(self.sending)
+                except OSError as err:
+                    raise _SendFailed(f"sending to the client failed: {err}") from err
+                if done:
+                    break
+                await self.writable(sock)
+            server.stats.bytes += plan.sent
+            server.stats.zero_bytes += plan.zeros
+            self.bytes += plan.sent
+            self.zero_bytes += plan.zeros
+            request.served += length
             if last:
                 # Counted before END goes out: a client that saw END sees the stats.
                 self.pending -= 1
-                self.writer.write(p.encode(p.End(served, rid)))
+                self.writer.write(p.encode(p.End(request.served, rid)))
             else:
                 self.queue.put_nowait((priority, seq, request))
         self.last_activity = self.loop.time()
 
-    def send_file(self, rid: int, name: str, offset: int, length: int) -> tuple[int, int]:
-        """The DATA and ZERO frames of one piece; returns (page bytes, zero bytes) sent.
-
-        A present run longer than a frame holds goes out as several DATA frames.
-
-        Runs in the thread pool while the event loop holds this client's
-        write lock with the transport's buffer empty, so nothing else writes
-        to the socket. Every chunk is verified (``file_extents``) before the
-        first byte is sent, so an error then is a request-level ERROR.
+    async def writable(self, sock: socket.socket) -> None:
+        """Wait until ``sock`` can take more, at most ``send_timeout`` seconds.
 
         Raises:
-            _SendFailed: the socket broke or the client stopped reading.
-            Exception: from ``file_extents`` (nothing sent).
+            _SendFailed: it did not drain in time (the client stopped reading).
         """
-        server = self.server
-        source: Any = server.source
-        runs = source.file_extents(name, offset, length)
-        fd = source.fileno()
-        sock = self.raw
-        assert sock is not None
-        stall = server.idle_timeout
-        sent = zeros = 0
-        small: list[bytes] = []
+        ready: asyncio.Future[None] = self.loop.create_future()
+        fd = sock.fileno()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        self.loop.add_writer(fd, wake)
         try:
-            for run_offset, run_length, file_offset in runs:
-                if file_offset is None:
-                    small.append(p.encode(p.Zero(run_offset, run_length, rid)))
-                    zeros += run_length
-                    continue
-                for at in range(0, run_length, server.frame_bytes):
-                    n = min(server.frame_bytes, run_length - at)
-                    small.append(p.data_header(rid, run_offset + at, n))
-                    _send_bytes(sock, b"".join(small), socket.MSG_MORE, stall)
-                    small.clear()
-                    _send_file(sock, fd, file_offset + at, n, stall)
-                    sent += n
-            if small:
-                _send_bytes(sock, b"".join(small), 0, stall)
-        except OSError as err:
-            raise _SendFailed(f"sending to the client failed: {err}") from err
-        return sent, zeros
+            await asyncio.wait_for(ready, self.server.send_timeout)
+        except asyncio.TimeoutError:
+            self.server.stats.stalled += 1
+            raise _SendFailed(f"the client read nothing for {self.server.send_timeout} s") from None
+        finally:
+            self.loop.remove_writer(fd)
+
+    def summary(self) -> str:
+        """One line for the log: who, how long, what was served, why it ended."""
+        return (
+            f"client {self.peer}: {self.loop.time() - self.started:.1f} s, "
+            f"{self.requests} requests, {self.bytes} bytes of data, {self.zero_bytes} bytes "
+            f"as zero ranges, {self.errors} errors; {self.reason}"
+        )
 
 
 class PageServer:
-    """Serves the pages of ``source`` (a Snapshot or RawMemoryFile) over TCP.
+    """Serves the pages of ``source`` (a Snapshot or RawMemoryFile) over TCP or TLS.
 
-    ``token``: when set, clients must prove they know it (HMAC of a nonce);
-    binding to anything but a loopback address requires one. ``max_frame``:
-    the largest payload accepted or sent; ``max_read``: the most served for one
-    READ (more is served short: END says how much); ``max_pending``: queued
-    requests per client (more get ERROR BUSY); ``idle_timeout``: seconds
-    without frames or pending work before a client is dropped;
-    ``handshake_timeout``: seconds for a client's first frame (its AUTH), and
-    for any frame once started.
+    ``token``: when set, clients must prove they know it (HMAC of a nonce).
+    ``ssl``: a server-side ``ssl.SSLContext`` (certificate and key loaded;
+    ``verify_mode = CERT_REQUIRED`` with a CA for mutual TLS): every
+    connection is TLS and page data is encrypted and authenticated on the
+    wire; sendfile is then not used (the bytes must pass through the TLS
+    library). Binding to anything but a loopback address requires TLS, or
+    ``insecure_plaintext=True`` (logged as a warning: page data then travels
+    in clear and can be altered on the path), and a token or client
+    certificates.
+
+    ``max_frame``: the largest payload accepted or sent; ``max_read``: the
+    most served for one READ (more is served short: END says how much);
+    ``max_pending``: queued requests per client (more get ERROR BUSY);
+    ``max_clients``: connections at once (default :func:`default_max_clients`;
+    when full, the oldest connection still in its handshake is dropped for the
+    new one, and if none is, new ones wait in the listen backlog);
+    ``idle_timeout``: seconds without a frame received or sent before a client
+    is dropped; ``handshake_timeout``: seconds for a client's first frame (its
+    AUTH) and TLS handshake, and for any frame once started; ``send_timeout``:
+    seconds a reply may wait for the client to read before it is dropped;
+    ``verify``: checksum every chunk of the snapshot in :meth:`start`, before
+    listening (failing chunks are logged and answered with ERROR INTERNAL).
 
     Calling context: ``start``/``close``/``serve_forever`` on one event loop;
-    ``source`` is read from a thread pool, so it must be thread-safe (Snapshot
+    ``source`` is read from thread pools, so it must be thread-safe (Snapshot
     and RawMemoryFile are). The server does not close ``source``.
 
     Raises:
-        ValueError: a non-loopback ``host`` without a token, an empty token,
-            or a ``max_frame`` too small for one page.
+        ValueError: a non-loopback ``host`` without TLS (and without
+            ``insecure_plaintext``) or without a token or client certificates,
+            an empty token, a ``max_frame`` too small for one page, or a limit
+            below 1.
     """
 
     def __init__(
@@ -482,36 +580,50 @@ class PageServer:
         max_frame: int = p.MAX_FRAME,
         max_read: int = p.MAX_FRAME,
         max_pending: int = 64,
+        max_clients: int | None = None,
         idle_timeout: float = 30.0,
         handshake_timeout: float = 5.0,
+        send_timeout: float = 10.0,
         workers: int | None = None,
+        ssl: ssl.SSLContext | None = None,
+        insecure_plaintext: bool = False,
+        verify: bool = True,
     ) -> None:
         if token is not None and not token:
-            raise ValueError("token is empty; pass None for no authentication or a real secret")
-        if token is None and not _is_loopback(host):
             raise ValueError(
-                f"binding to {host!r} without a token would serve memory contents to anyone "
-                "who can reach it; pass token=... (or bind to 127.0.0.1)"
+                "token is empty; pass None for no authentication or a real secret "
+                "(uffd serve: a non-empty --token-file or UFFD_TOKEN)"
             )
+        if not _is_loopback(host):
+            _check_exposure(host, token, ssl, insecure_plaintext)
         page_size = source.page_size
         if max_frame < page_size + 8:
             raise ValueError(f"max_frame {max_frame} cannot carry one {page_size}-byte page")
         if not 1 <= max_pending <= 0xFFFFFFFF:
             raise ValueError(f"max_pending {max_pending} must be at least 1")
+        if max_clients is not None and max_clients < 1:
+            raise ValueError(f"max_clients {max_clients} must be at least 1")
         self.source = source
         self.host = host
         self.port = port
         self.token = token
+        self.ssl = ssl
+        self.insecure_plaintext = insecure_plaintext
+        self.verify = verify
         self.max_frame = max_frame
         self.max_read = max(page_size, max_read // page_size * page_size)
         self.frame_bytes = (max_frame - 8) // page_size * page_size
         self.max_pending = max_pending
+        self.max_clients = default_max_clients() if max_clients is None else max_clients
         self.idle_timeout = idle_timeout
         self.handshake_timeout = handshake_timeout
+        self.send_timeout = send_timeout
         self.names = [r.name for r in source.regions]
         # Sources that can say where their (verified) bytes are in a file are
-        # sent with sendfile(2); others go through read().
-        self.sendfile_ok = hasattr(source, "file_extents") and hasattr(source, "fileno")
+        # sent with sendfile(2); others go through read(). TLS must see the bytes.
+        self.sendfile_ok = (
+            ssl is None and hasattr(source, "file_extents") and hasattr(source, "fileno")
+        )
         self._lengths = [r.length for r in source.regions]
         self._regions_frame = p.Regions(
             page_size, tuple(p.RegionEntry(r.name, r.length) for r in source.regions)
@@ -519,19 +631,29 @@ class PageServer:
         if len(p.encode(self._regions_frame)) - p.HEADER.size > max_frame:
             raise ValueError(f"the region list does not fit in max_frame {max_frame}")
         self.stats = ServerStats()
+        self.ratelog = RateLimitedLog(log)
         self.executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="uffd-page-read"
         )
-        self._server: asyncio.Server | None = None
+        # Cold reads of faulting pages: never queued behind prefetch in the pool above.
+        self.urgent_executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="uffd-page-urgent"
+        )
+        self._listener: socket.socket | None = None
+        self._acceptor: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
+        # Every connection's task -> its _Client once the transport is up (None
+        # before), and -> the loop time it was accepted.
+        self._clients: dict[asyncio.Task[None], _Client | None] = {}
+        self._accepted: dict[asyncio.Task[None], float] = {}
+        self._room = asyncio.Event()
 
     @property
     def address(self) -> tuple[str, int]:
         """(host, port) the server listens on; only after :meth:`start`."""
-        if self._server is None or not self._server.sockets:
+        if self._listener is None:
             raise ValueError("the server is not started")
-        host, port = self._server.sockets[0].getsockname()[:2]
+        host, port = self._listener.getsockname()[:2]
         return host, port
 
     @property
@@ -596,55 +718,242 @@ class PageServer:
         return frames
 
     async def start(self) -> None:
-        """Bind and start accepting clients.
+        """Verify the snapshot (if ``verify``), bind and start accepting clients.
 
         Raises:
+            socket.gaierror: the host name cannot be resolved.
             OSError: the address cannot be bound.
         """
-        self._server = await asyncio.start_server(self._accept, self.host, self.port)
+        loop = asyncio.get_running_loop()
+        if self.verify and hasattr(self.source, "verify"):
+            await loop.run_in_executor(self.executor, self._verify)
+        if self.ssl is None and not _is_loopback(self.host):
+            log.warning(
+                "serving %s on %s WITHOUT TLS (insecure plaintext): anyone on the path can "
+                "read the memory and change what the restored processes get",
+                self.source.path,
+                self.host,
+            )
+        self._listener = _bind(self.host, self.port)
+        self._acceptor = loop.create_task(self._accept_loop(self._listener))
 
-    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # A plain callback that spawns our own task: asyncio would log the
-        # cancellation of a handler task it created itself when close() drops clients.
-        task = asyncio.get_running_loop().create_task(self._serve_client(reader, writer))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _verify(self) -> None:
+        failures: list[SnapshotError] = []
+        source: Any = self.source
+        pages = source.verify(failures)
+        log.info("verified %d stored pages of %s", pages, self.source.path)
+        for err in failures:
+            log.error("%s (reads of it get ERROR INTERNAL)", err)
 
-    async def _serve_client(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        self._writers.add(writer)
-        self.stats.clients += 1
-        self.stats.active += 1
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        """Accept clients up to ``max_clients``, surviving fd exhaustion (see the class)."""
+        loop = asyncio.get_running_loop()
+        backoff = _ACCEPT_BACKOFF[0]
+        while True:
+            while self.stats.active >= self.max_clients and not self._evict_one("full"):
+                # Wait for a client to leave, or for the oldest handshake to outlive its grace.
+                self._room.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._room.wait(), self._grace_left())
+            try:
+                sock, addr = await loop.sock_accept(listener)
+            except OSError as err:
+                if err.errno not in _OUT_OF_RESOURCES:
+                    if err.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                        continue
+                    raise
+                self.stats.accept_errors += 1
+                self.ratelog.log(
+                    "accept",
+                    logging.WARNING,
+                    "accept failed (%s); %d clients connected, backing off %.3f s",
+                    os.strerror(err.errno or 0),
+                    self.stats.active,
+                    backoff,
+                )
+                # Room now rather than when some handshake times out.
+                self._evict_one("out of fds")
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _ACCEPT_BACKOFF[1])
+                continue
+            backoff = _ACCEPT_BACKOFF[0]
+            # Counted from accept, not from when the task first runs: the cap must
+            # hold even when accept() keeps succeeding without yielding.
+            self.stats.clients += 1
+            self.stats.active += 1
+            task = loop.create_task(self._serve_client(sock, addr))
+            self._tasks.add(task)
+            self._clients[task] = None
+            self._accepted[task] = loop.time()
+            task.add_done_callback(self._client_done)
+            await asyncio.sleep(0)
+
+    def _oldest_handshake(self) -> tuple[float, asyncio.Task[None]] | None:
+        """(start time, task) of the oldest connection still in its handshake, if any."""
+        oldest: tuple[float, asyncio.Task[None]] | None = None
+        for task, client in self._clients.items():
+            started = self._accepted[task]
+            if (client is None or not client.authenticated) and (
+                oldest is None or started < oldest[0]
+            ):
+                oldest = (started, task)
+        return oldest
+
+    def _grace_left(self) -> float:
+        """Seconds until the oldest handshake may be evicted (the handshake timeout if none)."""
+        oldest = self._oldest_handshake()
+        if oldest is None:
+            return self.handshake_timeout
+        grace = min(_HANDSHAKE_GRACE, self.handshake_timeout)
+        return max(0.001, oldest[0] + grace - asyncio.get_running_loop().time())
+
+    def _evict_one(self, why: str) -> bool:
+        """Drop the oldest connection in its handshake if it had its grace; False if none did.
+
+        The grace (0.1 s) lets an honest client finish its handshake (one round
+        trip) however fast a flood connects behind it.
+        """
+        oldest = self._oldest_handshake()
+        now = asyncio.get_running_loop().time()
+        if oldest is None or now - oldest[0] < min(_HANDSHAKE_GRACE, self.handshake_timeout):
+            return False
+        task = oldest[1]
+        client = self._clients.pop(task)
+        del self._accepted[task]
+        self.stats.evicted += 1
+        peer = "a connecting client" if client is None else client.peer
+        self.ratelog.log("evict", logging.WARNING, "dropped %s in its handshake (%s)", peer, why)
+        if client is not None:
+            client.reason = f"dropped in its handshake ({why})"
+            client.writer.transport.abort()
+        task.cancel()
+        return True
+
+    def _client_done(self, task: asyncio.Task[None]) -> None:
+        self.stats.active -= 1
+        self._tasks.discard(task)
+        self._clients.pop(task, None)
+        self._accepted.pop(task, None)
+        self._room.set()
+
+    async def _serve_client(self, sock: socket.socket, addr: Any) -> None:
+        """One connection from accept to close; every path closes what it opened."""
+        peer = format_url(str(addr[0]), int(addr[1]))[6:] if addr else "?"
+        writer: asyncio.StreamWriter | None = None
         try:
-            await _Client(self, reader, writer).run()
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.ratelog.log("connect", logging.INFO, "client %s connected", peer)
+            loop = asyncio.get_running_loop()
+            reader = asyncio.StreamReader(limit=_READ_CHUNK)
+            protocol = asyncio.StreamReaderProtocol(reader)
+            try:
+                transport, _ = await asyncio.wait_for(
+                    loop.connect_accepted_socket(
+                        lambda: protocol,
+                        sock,
+                        ssl=self.ssl,
+                        ssl_handshake_timeout=self.handshake_timeout if self.ssl else None,
+                    ),
+                    self.handshake_timeout,
+                )
+            except (ssl.SSLError, asyncio.TimeoutError, ConnectionError, OSError) as err:
+                if self.ssl is not None:
+                    self.stats.tls_failures += 1
+                    self.ratelog.log(
+                        "tls",
+                        logging.WARNING,
+                        "client %s: TLS handshake failed: %s",
+                        peer,
+                        err or type(err).__name__,
+                    )
+                return
+            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+            client = _Client(self, reader, writer, peer)
+            task = asyncio.current_task()
+            if task in self._clients:
+                self._clients[task] = client
+            try:
+                await client.run()
+            finally:
+                self.ratelog.log("summary", logging.INFO, "%s", client.summary())
+        except asyncio.CancelledError:
+            pass
+        except Exception as err:  # one client's bug must not become a traceback per connection
+            self.ratelog.log("client-error", logging.ERROR, "client %s failed: %r", peer, err)
         finally:
-            self.stats.active -= 1
-            self._writers.discard(writer)
+            if writer is not None:
+                writer.transport.abort()
+            else:
+                sock.close()
 
     async def serve_forever(self) -> None:
         """Start (if needed) and serve until cancelled, then close."""
-        if self._server is None:
+        if self._listener is None:
             await self.start()
-        assert self._server is not None
         try:
-            await self._server.serve_forever()
+            await asyncio.Event().wait()
         finally:
             await self.close()
 
     async def close(self) -> None:
         """Stop accepting, drop every client at once and wait for them. Idempotent."""
-        if self._server is not None:
-            self._server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
+        if self._acceptor is not None:
+            self._acceptor.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._acceptor
+            self._acceptor = None
+        if self._listener is not None:
+            self._listener.close()
+        for client in list(self._clients.values()):
+            if client is not None:
+                client.writer.transport.abort()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
         self.executor.shutdown(wait=False)
+        self.urgent_executor.shutdown(wait=False)
+
+
+def _check_exposure(
+    host: str, token: bytes | None, context: ssl.SSLContext | None, insecure_plaintext: bool
+) -> None:
+    """Refuse a non-loopback bind that would serve memory unencrypted or to anyone."""
+    mutual = context is not None and context.verify_mode == ssl.CERT_REQUIRED
+    if token is None and not mutual:
+        raise ValueError(
+            f"binding to {host!r} without a token or client certificates would serve memory "
+            "contents to anyone who can reach it; set a token (token=...; uffd serve: "
+            "--token-file F or UFFD_TOKEN) or require client certificates, or bind to 127.0.0.1"
+        )
+    if context is None and not insecure_plaintext:
+        raise ValueError(
+            f"binding to {host!r} without TLS would send memory contents in clear, open to "
+            "change on the path; pass ssl=<server SSLContext> (uffd serve: --tls-cert and "
+            "--tls-key), or insecure_plaintext=True (--insecure-plaintext) to accept that"
+        )
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A non-blocking listening socket on the first address ``host`` resolves to.
+
+    Raises:
+        socket.gaierror: ``host`` cannot be resolved.
+        OSError: binding or listening failed.
+    """
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(socket.SOMAXCONN)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class ServerThread:

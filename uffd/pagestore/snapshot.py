@@ -941,11 +941,17 @@ class Snapshot(_ReadOnlyFile):
             )
         return region.bit(offset // self.page_size)
 
-    def verify(self) -> int:
+    def verify(self, failures: list[SnapshotError] | None = None) -> int:
         """Checksum every chunk of every region; return the number of pages verified.
 
+        With ``failures`` (a list), every chunk is checked and each one that
+        fails is appended to it instead of raised; reads of those chunks then
+        raise SnapshotError as usual (a page server starts anyway and answers
+        them with a request-level error).
+
         Raises:
-            SnapshotError: the first chunk that fails (names region, chunk and offset).
+            SnapshotError: the first chunk that fails (names region, chunk and
+                offset), unless ``failures`` is given.
             ValueError: the snapshot is closed.
         """
         pages = 0
@@ -953,10 +959,14 @@ class Snapshot(_ReadOnlyFile):
         for info in self.regions:
             region = self._get(info.name)
             for chunk in range(len(region.chunk_digests)):
-                first = chunk * cp
-                last = min(first + cp, info.present_pages)
-                self._verify_chunk(region, chunk)
-                pages += last - first
+                try:
+                    self._verify_chunk(region, chunk)
+                except SnapshotError as err:
+                    if failures is None:
+                        raise
+                    failures.append(err)
+                    continue
+                pages += min(cp, info.present_pages - chunk * cp)
         return pages
 
 
