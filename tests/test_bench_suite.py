@@ -178,3 +178,21 @@ def test_cli_rejects_an_unknown_workload(capsys: pytest.CaptureFixture[str]) -> 
         build_parser().parse_args(["bench", "--workloads", "nosuch"])
     assert exc.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_fanout_compares_the_stores_with_the_page_server(results: dict[str, Any]) -> None:
+    """fanout restores at once from uffd serve, a single Redis and the cluster (every page
+    checked by the workers), with ratios to the page server of the same run."""
+    fan = results["fanout"]
+    if "skipped" in fan:
+        pytest.skip(fan["skipped"])
+    stores = ("serve", "redis", "redis-nocache", "cluster", "cluster-nocache")
+    assert {(r["source"], r["count"]) for r in fan["runs"]} == {(s, 2) for s in stores}
+    assert all(r["gbps"] > 0 and r["fault_us_p50"] <= r["fault_us_p99"] for r in fan["runs"])
+    by = {r["source"]: r for r in fan["runs"]}
+    # The host cache: two restores through one daemon fetch each chunk about once between them.
+    assert (
+        by["redis"]["fetched_mb_per_restore"] < 0.75 * by["redis-nocache"]["fetched_mb_per_restore"]
+    )
+    assert {r["source"] for r in fan["ratios"]} == set(stores[1:])
+    assert 0 <= fan["dedup"]["512k"]["second_reused"] <= 1

@@ -57,7 +57,22 @@ class FanoutConfig:
     chunk_sizes: tuple[int, ...] = (256 << 10, 512 << 10, 1 << 20)
     pace_us: int = 1000
     worker_mb: int = 200  # the live worker snapshotted twice for the dedup figure
+    gap: float = 3.0  # seconds between its two snapshots
+    failover: bool = True
     timeout: float = 240.0
+
+    @classmethod
+    def quick(cls) -> FanoutConfig:
+        """Tiny sizes for a smoke run (``uffd bench --quick``, the tests): seconds."""
+        return cls(
+            size=4 << 20,
+            counts=(2,),
+            chunk_sizes=(),
+            worker_mb=8,
+            gap=0.2,
+            failover=False,  # tests/test_redis_store.py kills a master mid-restore already
+            timeout=60,
+        )
 
 
 def _percentile(ordered: Sequence[float], q: float) -> float:
@@ -249,9 +264,9 @@ def _kill_busiest_master(servers: RedisServers, url: str) -> Callable[[], None]:
     return lambda: servers.node(victim).kill()
 
 
-def _live_worker_snapshots(directory: str, megabytes: int) -> tuple[str, str, float]:
-    """Two snapshots of a live Python worker's writable memory, 3 s apart; and the file-write
-    seconds of the first (the push baseline)."""
+def _live_worker_snapshots(directory: str, megabytes: int, gap: float) -> tuple[str, str, float]:
+    """Two snapshots of a live Python worker's writable memory, ``gap`` seconds apart; and the
+    file-write seconds of the first (the push baseline)."""
     from uffd.pagestore.snapshot import write_snapshot
 
     code = (
@@ -274,7 +289,7 @@ def _live_worker_snapshots(directory: str, megabytes: int) -> tuple[str, str, fl
         write_s = 0.0
         for n in range(2):
             if n:
-                time.sleep(3.0)
+                time.sleep(gap)
             regions = _read_process_memory(proc.pid)
             path = os.path.join(directory, f"worker{n}.snap")
             t0 = time.monotonic()
@@ -361,7 +376,8 @@ def run_fanout(config: FanoutConfig, progress: Progress) -> dict[str, Any]:
                     run["chunk_size"] = size
                     out["runs"].append(run)
             out["dedup"] = _dedup(tmp, cluster, config, progress)
-            out["failover"] = _failover(cluster, urls["cluster"], config, progress)
+            if config.failover:
+                out["failover"] = _failover(cluster, urls["cluster"], config, progress)
         finally:
             for thing in reversed(started):
                 thing.close()
@@ -395,10 +411,10 @@ def _one(
 def _dedup(
     tmp: str, cluster: RedisServers, config: FanoutConfig, progress: Progress
 ) -> dict[str, Any]:
-    """Push two snapshots of a live worker 3 s apart: throughput and what the second reuses."""
-    first, second, write_s = _live_worker_snapshots(tmp, config.worker_mb)
-    out: dict[str, Any] = {"file_write_s": write_s}
-    for size in config.chunk_sizes:
+    """Push two snapshots of a live worker ``gap`` apart: throughput and what the second reuses."""
+    first, second, write_s = _live_worker_snapshots(tmp, config.worker_mb, config.gap)
+    out: dict[str, Any] = {"file_write_s": write_s, "gap_s": config.gap}
+    for size in config.chunk_sizes or (512 << 10,):
         base = f"{cluster.url}/dedup-{size >> 10}k"
         one = _push(first, f"{base}/one", size)
         two = _push(second, f"{base}/two", size)
@@ -448,7 +464,6 @@ def _failover(
         "killed_s": killed["wall_s"],
         "ratio": killed["wall_s"] / plain["wall_s"],
         "killed_fault_us_p99": killed["fault_us_p99"],
-        "killed_fetched_mb": killed["fetched_mb_per_restore"],
     }
     progress(
         f"  failover: a master killed at 50 %: the restore took {out['ratio']:.2f}x "
@@ -507,7 +522,7 @@ def main() -> None:
     args = parser.parse_args()
     config = FanoutConfig()
     if args.quick:
-        config = FanoutConfig(size=16 << 20, counts=(1, 2), chunk_sizes=(512 << 10,), worker_mb=20)
+        config = FanoutConfig.quick()
 
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

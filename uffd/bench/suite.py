@@ -26,7 +26,10 @@ Workloads, handlers and placements:
   and the bulk UFFDIO_COPY limit measured in the same run (unpinned);
 - ``dirty``: one DirtyTracker harvest over 1 GiB, every 4th page written
   (``collect()``, and ``collect_into()`` reusing one result), against the C
-  PAGEMAP_SCAN loop (pinned to the first CPU).
+  PAGEMAP_SCAN loop (pinned to the first CPU);
+- ``fanout``: 1, 4, 16 restores at once of one 256 MiB image from ``uffd
+  serve``, a single Redis and a 3+3 Redis Cluster (:mod:`uffd.bench.fanout`;
+  its figures go to ``results["fanout"]``, ratios to the page server).
 
 Targets are reported as ratios with PASS/MISS, never asserted.
 """
@@ -45,13 +48,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from uffd.bench import fanout, report, restore_daemon, workloads
 from uffd.bench import placement as _placement
-from uffd.bench import report, restore_daemon, workloads
 from uffd.bench.reference import default_build_dir
 
 __all__ = ["ALL_WORKLOADS", "DEFAULT_OUT", "Config", "quick_config", "run_suite", "write_outputs"]
 
-ALL_WORKLOADS = ("random", "sequential", "threads", "restore", "restore-daemon", "dirty")
+ALL_WORKLOADS = (
+    "random",
+    "sequential",
+    "threads",
+    "restore",
+    "restore-daemon",
+    "dirty",
+    "fanout",
+)
 _TOUCH_HANDLERS = {
     "random": ("c-ref", "naive", "python", "native"),
     "sequential": ("c-ref", "naive", "python", "native", "prefetch", "native-prefetch"),
@@ -83,6 +94,7 @@ class Config:
     restore_chunk: int = 4 << 20
     restore_window: int = 4
     restore_pace_us: int = 1000
+    fanout: fanout.FanoutConfig = dataclasses.field(default_factory=fanout.FanoutConfig)
     quick: bool = False
 
 
@@ -95,6 +107,7 @@ def quick_config(**overrides: Any) -> Config:
         "dirty_repeat": 2,
         "repeat": 2,
         "restore_chunk": 1 << 20,
+        "fanout": fanout.FanoutConfig.quick(),
         "quick": True,
     }
     settings.update(overrides)
@@ -337,6 +350,18 @@ def _restore_daemon_workload(config: Config, col: _Collector, build_dir: Path) -
             thing.close()
 
 
+def _fanout_workload(config: Config, progress: Progress) -> dict[str, Any]:
+    """The fan-out figures (:mod:`uffd.bench.fanout`), or ``{"error": ...}`` if it failed."""
+    try:
+        figures = fanout.run_fanout(config.fanout, progress)
+    except Exception as err:
+        progress(f"  fanout: ERROR {type(err).__name__}: {err}")
+        return {"error": f"{type(err).__name__}: {err}"}
+    for line in fanout.summary_lines(figures):
+        progress(f"  {line}")
+    return figures
+
+
 def _dirty_workload(
     config: Config, placements: dict[str, Any], col: _Collector, build_dir: Path
 ) -> None:
@@ -412,6 +437,7 @@ def run_suite(
     host = _host()
     placements = _placements()
     col = _Collector(progress)
+    extra: dict[str, Any] = {}
     for workload in ALL_WORKLOADS:
         if workload not in config.workloads:
             continue
@@ -422,6 +448,8 @@ def run_suite(
             _restore_workload(config, col, build_dir)
         elif workload == "restore-daemon":
             _restore_daemon_workload(config, col, build_dir)
+        elif workload == "fanout":
+            extra["fanout"] = _fanout_workload(config, progress)
         else:
             _dirty_workload(config, placements, col, build_dir)
     host["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -435,7 +463,9 @@ def run_suite(
     }
     results["config"]["workloads"] = list(config.workloads)
     results["ratios"] = report.compute_ratios(results)
+    results.update(extra)
     results["errors"] = sum(1 for e in results["results"] if e["error"])
+    results["errors"] += sum(1 for doc in extra.values() if "error" in doc)
     results["runtime_s"] = time.monotonic() - t0
     return results
 
