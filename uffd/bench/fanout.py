@@ -41,6 +41,7 @@ import psutil
 from uffd.bench import fanout_worker
 from uffd.bench.redis_servers import MISSING, RedisServers
 from uffd.bench.restore_daemon import HandlerDaemonProcess
+from uffd.bench.workloads import serve_process
 
 __all__ = ["FanoutConfig", "run_fanout", "summary_lines"]
 
@@ -83,18 +84,7 @@ class _PageServer:
     """``python -m uffd serve FILE`` in a child process; ``url`` once it listens."""
 
     def __init__(self, path: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uffd", "serve", path],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line.startswith("listening on "):
-            self.close()
-            raise RuntimeError(f"the page server did not start: {line.strip()!r}")
-        self.url = line.split()[-1]
+        self.proc, self.url = serve_process(path)
 
     def sent(self) -> int:
         """Bytes the server has sent so far: its page data goes out by sendfile(2), which

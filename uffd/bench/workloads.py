@@ -74,6 +74,7 @@ __all__ = [
     "run_limit",
     "run_restore",
     "run_touch",
+    "serve_process",
 ]
 
 PAGE = mmap.PAGESIZE
@@ -386,6 +387,27 @@ def run_dirty(
 # -- lazy restore over loopback ------------------------------------------------------
 
 
+def serve_process(path: str) -> tuple[subprocess.Popen[str], str]:
+    """``python -m uffd serve PATH`` in a child process, and its URL once it listens.
+
+    Raises:
+        RuntimeError: it did not say it is listening (its stderr is in the message).
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uffd", "serve", path],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("listening on "):
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+        raise RuntimeError(f"the page server did not start: {(line + err).strip()}")
+    return proc, line.split()[-1]
+
+
 class RestoreServer:
     """A raw memory file of ``pages`` pattern pages, served by a page server on loopback.
 
@@ -426,19 +448,8 @@ class RestoreServer:
             self._source = RawMemoryFile(self.path)
             self._thread = ServerThread(self._source)
             return str(self._thread.url)
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "uffd", "serve", self.path],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert self._proc.stdout is not None
-        line = self._proc.stdout.readline()
-        if not line.startswith("listening on "):
-            self._proc.kill()
-            _, err = self._proc.communicate(timeout=10)
-            raise RuntimeError(f"the page server did not start: {(line + err).strip()}")
-        return line.split()[-1]
+        self._proc, url = serve_process(self.path)
+        return url
 
     @property
     def pid(self) -> int:
