@@ -7,28 +7,37 @@ checks the restored memory page by page against the source.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
 import logging
 import os
+import re
+import resource
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from uffd.pagestore.snapshot import write_snapshot
 from uffd.restore.daemon import FileSource, HandlerDaemon
 from uffd.restore.firecracker import GuestRegionUffdMapping, HandshakeError
 from uffd.restore.layout import GuestLayout
-from uffd.restore.prefetch import WorkingSet
+from uffd.restore.prefetch import WorkingSet, WorkingSetError
 from uffd.restore.session import _kind
 from uffd.restore.sources import _FlatLayout
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
 
 from _helpers import (  # noqa: E402
     DIGEST,
@@ -46,6 +55,7 @@ from _helpers import (  # noqa: E402
     spawn_restore,
     wrong_pages,
 )
+from rel_common import pattern as helper_pattern  # noqa: E402
 
 WAIT = 30.0
 SIZE = 2 << 20
@@ -336,7 +346,14 @@ def test_cli_once_exits_0_after_a_clean_session(short_tmp: str, snapshot: str) -
             proc.wait(WAIT)
     assert proc.returncode == 0, err
     line = out.decode().strip()
-    assert line.startswith("uffd handler: pid ") and "pages faulted" in line and "MB/s" in line
+    # The summary counts every page once, in one system of units, "1 region".
+    counts = re.search(
+        r"in 1 region, (\d+) pages: (\d+) faulted, (\d+) prefetched, (\d+) zero;", line
+    )
+    assert line.startswith("uffd handler: pid ") and counts, line
+    total, faulted, prefetched, zero = map(int, counts.groups())
+    assert total == SIZE // PAGE == faulted + prefetched + zero
+    assert "2 MiB at " in line and "MiB/s" in line and " MB" not in line
     assert "first fault" in line and "errors" not in line
     assert os.path.exists(snapshot + ".ws.json")
 
@@ -357,3 +374,229 @@ def test_a_live_socket_is_not_stolen_a_stale_one_is_replaced(short_tmp: str, sna
         assert oct(os.stat(sock).st_mode & 0o777) == "0o600"
     finally:
         daemon.close()
+
+
+HELPERS = Path(__file__).resolve().parent / "helpers"
+
+
+def _limited_nofile(limit: int) -> Callable[[], None]:
+    """preexec_fn: the child starts with at most ``limit`` fds (RLIMIT_NOFILE)."""
+
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    return apply
+
+
+def test_an_fd_flood_is_survived(short_tmp: str, snapshot: str) -> None:
+    """Out of fds (RLIMIT_NOFILE 48): accept() fails with EMFILE, the daemon stays up and logs
+    a bounded amount, a session in progress is not touched, and an honest peer is served
+    within 30 s once the flood stops."""
+    sock = os.path.join(short_tmp, "h.sock")
+    log_path = os.path.join(short_tmp, "daemon.log")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uffd",
+            "handler",
+            "--socket",
+            sock,
+            "--source",
+            snapshot,
+            "--json",
+            "--no-progress",
+            "--no-working-set",
+            "--fallback",
+            "zero",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=open(log_path, "wb"),  # noqa: SIM115
+        preexec_fn=_limited_nofile(48),
+    )
+    flood: list[socket.socket] = []
+    try:
+        assert proc.stdout is not None
+        lines = _Lines(proc.stdout)
+        assert (lines.readline(WAIT) or "").startswith("listening on")
+        digests = os.path.join(short_tmp, "held")
+        held = spawn_restore(sock, SIZE, "--pause-after", "8", digests=digests, stdin=True)
+        assert held.stdout is not None
+        assert json.loads(_Lines(held.stdout).readline(WAIT) or "{}") == {"paused": 8}
+        for _ in range(300):  # silent peers: far more than the daemon has fds for
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError, ConnectionRefusedError):
+                s.connect(sock)
+            flood.append(s)
+        time.sleep(2.0)
+        daemon = psutil.Process(proc.pid)
+        assert proc.poll() is None and daemon.num_fds() <= 48
+        for s in flood:
+            s.close()
+        flood.clear()
+        held.stdin.write(b"go\n")  # type: ignore[union-attr]
+        held.stdin.flush()  # type: ignore[union-attr]
+        assert finish_worker(held, timeout=WAIT)["sigbus"] == 0
+        assert not wrong_pages(digests, snapshot, SIZE)
+        result, got = restore(sock, short_tmp)  # an honest peer after the flood
+        assert not bad_pages(got, digests_of_source(snapshot, SIZE)) and result["sigbus"] == 0
+        log_text = Path(log_path).read_text()
+        assert "accept() failed" in log_text and "EMFILE" in log_text
+        assert len(log_text) < 20_000, "the log grew with the flood"
+    finally:
+        for s in flood:
+            s.close()
+        proc.terminate()
+        proc.communicate(timeout=WAIT)
+    assert proc.returncode == 0
+
+
+def test_a_range_left_out_of_the_handshake_is_refused_not_woken_forever(
+    short_tmp: str,
+) -> None:
+    """Faults in a range the peer registered but did not list take the fallback (zeros here),
+    are counted in the report, and do not spin: the peer reads them in well under a second."""
+    npages = 64
+    path = os.path.join(short_tmp, "mem.raw")
+    Path(path).write_bytes(helper_pattern(npages, PAGE))
+    sock = os.path.join(short_tmp, "h.sock")
+    with DaemonThread(sock, path, working_set=None, fallback="zero") as daemon:
+        proc = subprocess.run(
+            [sys.executable, str(HELPERS / "daemon_extra_range_peer.py"), sock, str(npages)],
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+            check=False,
+        )
+        (report,) = daemon.reports(1)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["listed_ok"] and result["extra_first_bytes"] == [0]
+    assert result["extra_s"] < 5.0
+    assert report["refused"] == npages and report["pid"] == result["pid"]
+
+
+def test_deep_json_is_refused_with_the_field_and_the_daemon_goes_on(
+    short_tmp: str, snapshot: str
+) -> None:
+    """A handshake nested 100,000 deep is refused (field "json") before parsing: no
+    RecursionError, no traceback; the daemon then serves an honest peer."""
+    sock = os.path.join(short_tmp, "h.sock")
+    daemon = HandlerDaemon(sock, snapshot, working_set=None, progress=False).start()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(sock)
+            s.sendall(b"[" * 100_000)
+            s.shutdown(socket.SHUT_WR)
+            (refusal,) = daemon.wait_refused(1, timeout=WAIT)
+        assert re.search(r"handshake: json: nested \d+ levels deep; at most 16", refusal)
+        _, got = restore(sock, short_tmp)
+        assert not bad_pages(got, digests_of_source(snapshot, SIZE))
+    finally:
+        daemon.close()
+
+
+def test_working_set_problems_are_start_up_errors(short_tmp: str, snapshot: str) -> None:
+    """--working-set in a missing directory, or a file claiming a billion pages, stops
+    `uffd handler` at start-up with exit 1 naming the flag and path; the claim is refused
+    without building it (RSS stays bounded)."""
+    run = [
+        sys.executable,
+        "-m",
+        "uffd",
+        "handler",
+        "--socket",
+        os.path.join(short_tmp, "h.sock"),
+        "--source",
+        snapshot,
+    ]
+    out = subprocess.run(
+        [*run, "--working-set", "/nonexistent/dir/ws.json"],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+    )
+    assert out.returncode == 1
+    assert "--working-set /nonexistent/dir/ws.json: the directory /nonexistent/dir" in out.stderr
+    huge = os.path.join(short_tmp, "huge.ws.json")
+    Path(huge).write_text(
+        json.dumps(
+            {"format": "pyuffd-working-set", "version": 1, "page_size": PAGE, "runs": [[0, 10**9]]}
+        )
+    )
+    before = psutil.Process().memory_info().rss
+    with pytest.raises(WorkingSetError, match="inside the 512 pages"):
+        WorkingSet.load(huge, page_size=PAGE, length=SIZE)
+    with pytest.raises(WorkingSetError, match="inside the 16777216 pages"):
+        WorkingSet.load(huge)
+    assert psutil.Process().memory_info().rss - before < 64 << 20
+    out = subprocess.run(
+        [*run, "--working-set", huge], capture_output=True, text=True, timeout=WAIT, check=False
+    )
+    assert out.returncode == 1 and f"--working-set {huge}" in out.stderr and "bad run" in out.stderr
+
+
+def test_the_socket_is_bound_with_its_mode_and_no_umask(
+    short_tmp: str, snapshot: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The socket appears with 0600 (0666 with --allow-uid of another user) and the
+    process-wide umask is never touched while binding (other threads create files)."""
+    calls: list[int] = []
+    real_umask = os.umask
+    monkeypatch.setattr(os, "umask", lambda mask: calls.append(mask) or real_umask(mask))
+    for allow, mode in ((None, 0o600), ([os.geteuid(), 4242], 0o666)):
+        sock = os.path.join(short_tmp, "h.sock")
+        daemon = HandlerDaemon(sock, snapshot, working_set=None, progress=False, allow_uids=allow)
+        try:
+            assert stat.S_IMODE(os.lstat(sock).st_mode) == mode
+            assert sorted(os.listdir(short_tmp)) == sorted(["h.sock", "w.snap"])
+        finally:
+            daemon.close()
+    assert calls == []
+
+
+def test_cli_names_the_socket_path_in_its_errors(short_tmp: str, snapshot: str) -> None:
+    """--socket on a regular file, or in a missing directory, exits 1 naming the path;
+    --progress without tqdm warns that there will be no bars."""
+    regular = os.path.join(short_tmp, "plain")
+    Path(regular).write_text("x")
+    run = [sys.executable, "-m", "uffd", "handler", "--source", snapshot, "--no-working-set"]
+    out = subprocess.run(
+        [*run, "--socket", regular], capture_output=True, text=True, timeout=WAIT, check=False
+    )
+    assert out.returncode == 1 and f"--socket {regular}: the path exists and is not a socket" in (
+        out.stderr
+    )
+    assert "Address already in use" not in out.stderr
+    missing = os.path.join(short_tmp, "nodir", "h.sock")
+    out = subprocess.run(
+        [*run, "--socket", missing], capture_output=True, text=True, timeout=WAIT, check=False
+    )
+    assert out.returncode == 1
+    assert f"--socket {missing}: the directory {os.path.dirname(missing)} does not exist" in (
+        out.stderr
+    )
+    no_tqdm = (
+        "import sys; sys.modules['tqdm'] = None; from uffd.cli import main; "
+        "sys.exit(main(sys.argv[1:]))"
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            no_tqdm,
+            "handler",
+            "--source",
+            snapshot,
+            "--socket",
+            missing,
+            "--progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+    )
+    assert out.returncode == 1 and "--progress needs tqdm, which is not installed" in out.stderr

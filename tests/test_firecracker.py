@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 import uffd
@@ -22,6 +23,7 @@ from uffd.restore.firecracker import (
     HandshakeError,
     encode_mappings,
     parse_mappings,
+    peer_pidfd,
     recv_handshake,
     send_handshake,
     userfaultfd_from_fd,
@@ -405,7 +407,9 @@ def test_daemon_refuses_a_uid_not_allowed(short_tmp: str, memory_file: str) -> N
             while text.count("is not allowed") < 2 and time.monotonic() < deadline:
                 text = daemon.log()
         assert text.count("is not allowed") == 2
-        assert f"refused pid {os.getpid()} (uid {os.geteuid()})" in text
+        # The log names the peer process (psutil), not only its pid.
+        name = psutil.Process().name()
+        assert f"refused pid {os.getpid()} ({name}, uid {os.geteuid()})" in text
         assert daemon.proc.poll() is None
 
 
@@ -429,3 +433,35 @@ def test_cli_help_and_usage_errors(short_tmp: str) -> None:
         timeout=WAIT,
     )
     assert out.returncode == 1 and "page server tcp://127.0.0.1:1" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"[" * 100_000, b"[" * 17 + b"]" * 17, b'[{"a":' * 20 + b"1" + b"}]" * 20],
+    ids=["unfinished-100k", "closed-17", "objects-40"],
+)
+def test_deep_json_is_refused_before_parsing(data: bytes) -> None:
+    """JSON nested past MAX_DEPTH is a HandshakeError on "json", never a RecursionError."""
+    with pytest.raises(HandshakeError, match=r"nested \d+ levels deep") as caught:
+        parse_mappings(data)
+    assert caught.value.field == "json"
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    """Brackets inside strings (escaped quotes too) are not nesting: the mapping parses."""
+    data = b'[{"base_host_virt_addr":4096,"size":4096,"offset":0,"x":"[[[[\\"[[[[[[[[[[[[[[[["}]'
+    assert parse_mappings(data) == [GuestRegionUffdMapping(4096, 4096, 0, PS)]
+
+
+def test_peer_pidfd_names_the_connecting_process() -> None:
+    """SO_PEERPIDFD gives a pidfd of the peer (Linux 6.5+), immune to pid reuse; -1 without."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        pidfd = peer_pidfd(a)
+        if pidfd < 0:
+            pytest.skip("this kernel has no SO_PEERPIDFD (Linux 6.5)")
+        try:
+            info = Path(f"/proc/self/fdinfo/{pidfd}").read_text()
+        finally:
+            os.close(pidfd)
+    assert f"Pid:\t{os.getpid()}" in info

@@ -11,6 +11,7 @@ import sys
 from uffd.cli._token import UsageError, read_token
 from uffd.cli._types import seconds
 from uffd.restore.daemon import HandlerDaemon, SourceError, log
+from uffd.restore.progress import progress_bars_available
 
 
 def _cmd_handler(args: argparse.Namespace) -> int:
@@ -29,6 +30,12 @@ def _cmd_handler(args: argparse.Namespace) -> int:
     except UsageError as err:
         print(f"uffd handler: {err}", file=sys.stderr)
         return 2
+    if args.progress and not progress_bars_available():
+        print(
+            "uffd handler: warning: --progress needs tqdm, which is not installed "
+            "(pip install 'pyuffd[progress]'); no progress bars",
+            file=sys.stderr,
+        )
     working_set: str | None = "auto"
     if args.no_working_set:
         working_set = None
@@ -48,7 +55,11 @@ def _cmd_handler(args: argparse.Namespace) -> int:
             json_reports=args.json,
         )
     except (SourceError, OSError, ValueError) as err:
-        print(f"uffd handler: {err}", file=sys.stderr)
+        # Our own OSErrors carry the whole message (flag and path) as strerror.
+        message = str(err)
+        if isinstance(err, OSError) and err.filename is None and err.strerror:
+            message = err.strerror
+        print(f"uffd handler: {message}", file=sys.stderr)
         return 1
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: daemon.shutdown())

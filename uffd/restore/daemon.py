@@ -51,17 +51,29 @@ import errno
 import json
 import logging
 import os
+import queue
 import select
 import socket
 import stat
 import sys
+import tempfile
 import threading
+import time
 from collections.abc import Iterable
 
-from uffd.restore.firecracker import HandshakeError, peer_credentials, recv_handshake
+import psutil
+
+from uffd.restore.firecracker import (
+    GuestRegionUffdMapping,
+    HandshakeError,
+    PeerCred,
+    peer_credentials,
+    peer_pidfd,
+    recv_handshake,
+)
 from uffd.restore.prefetch import MAX_CHUNK, WorkingSet, WorkingSetError, working_set_path
 from uffd.restore.progress import progress_bars_available
-from uffd.restore.report import SessionReport
+from uffd.restore.report import SessionReport, human_size, plural
 from uffd.restore.session import RestoreOptions, Session
 from uffd.restore.sources import (
     FileSource,
@@ -81,6 +93,16 @@ __all__ = [
 ]
 
 log = logging.getLogger("uffd.restore.daemon")
+
+MAX_HANDSHAKES = 4
+"""Handshakes read at once (threads); more connections wait in a queue."""
+
+MAX_QUEUED = 64
+"""Connections waiting for a handshake thread; beyond this they are closed (and counted)."""
+
+_SUN_PATH_MAX = 107  # bytes in sockaddr_un.sun_path, without the terminating NUL
+_BACKOFF = (0.05, 1.0)  # seconds: first and longest wait after a failed accept()
+_LOG_EVERY = 10.0  # seconds: a repeated accept() failure is logged at most this often
 
 
 class HandlerDaemon:
@@ -144,8 +166,9 @@ class HandlerDaemon:
         )
         try:
             self.working_set_file = self._working_set_file(working_set)
-            recorded = self._load_working_set()
+            recorded = self._load_working_set(explicit=working_set not in ("auto", None))
             self._sock = self._listen()
+            self._sock.setblocking(False)
         except BaseException:
             if self._owns_source:
                 self.source.close()
@@ -168,6 +191,10 @@ class HandlerDaemon:
         self.refused: list[str] = []
         self._recorded_lock = threading.Lock()
         self._recorded = recorded
+        self.dropped = 0
+        self._pending: queue.Queue[socket.socket | None] = queue.Queue(MAX_QUEUED)
+        self._failures = 0
+        self._last_logged = -_LOG_EVERY
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._stopping = False
         self._closed = False
@@ -180,23 +207,45 @@ class HandlerDaemon:
             return None if self.source.remote else working_set_path(self.source.label)
         return working_set
 
-    def _load_working_set(self) -> WorkingSet:
-        """The pages earlier runs faulted on (none if there is no usable file): installed
-        first by every session, and what this run's faults are added to."""
+    def _load_working_set(self, explicit: bool) -> WorkingSet:
+        """The pages earlier runs faulted on (none if there is no file yet): installed first
+        by every session, and what this run's faults are added to.
+
+        Checked here, at start-up, not after the first session: a working set
+        named with ``--working-set`` must be readable and valid and its
+        directory writable. The default one (next to the snapshot) is
+        ignored when malformed (this run records a new one) and not recorded
+        when its directory is read-only, with a warning.
+
+        Raises:
+            WorkingSetError: an explicit working set that cannot be used; the
+                message names the flag, the path and the problem.
+        """
         recorded = WorkingSet(self.source.page_size, self.source.length)
-        if self.working_set_file is None:
+        path = self.working_set_file
+        if path is None:
             return recorded
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
+            problem = "does not exist" if not os.path.isdir(directory) else "is not writable"
+            if explicit:
+                raise WorkingSetError(
+                    f"--working-set {path}: the directory {directory} {problem}; create it, "
+                    "or pick another path (or --no-working-set)"
+                )
+            log.warning("not recording a working set: %s %s", directory, problem)
+            self.working_set_file = None
         try:
-            ws = WorkingSet.load(
-                self.working_set_file, page_size=self.source.page_size, length=self.source.length
-            )
+            ws = WorkingSet.load(path, page_size=self.source.page_size, length=self.source.length)
         except FileNotFoundError:
-            log.info("no working set at %s yet: this run records one", self.working_set_file)
+            log.info("no working set at %s yet: this run records one", path)
             return recorded
-        except WorkingSetError as err:
+        except (WorkingSetError, OSError) as err:
+            if explicit:
+                raise WorkingSetError(f"--working-set {path}: {err}") from None
             log.warning("ignoring the working set: %s", err)
             return recorded
-        log.info("working set: %d pages from %s", len(ws), self.working_set_file)
+        log.info("working set: %d pages from %s", len(ws), path)
         recorded.update(ws.pages())
         return recorded
 
@@ -204,57 +253,149 @@ class HandlerDaemon:
         """Bind and listen; a stale socket file is replaced, a live one is not.
 
         The socket is owner-only (0600) unless ``allow_uids`` names other
-        users, who must be able to connect; SO_PEERCRED then decides.
+        users, who must be able to connect (0666); SO_PEERCRED then decides.
+        It is bound in a private directory next to ``socket_path``, given its
+        mode there and renamed into place, so it never appears with another
+        mode and the process-wide umask is left alone (other threads may be
+        creating files).
+
+        Raises:
+            OSError: the path is taken by a live socket or by something that is
+                not a socket, or its directory cannot be written; the message
+                names the path.
         """
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        path = self.socket_path
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(
+                errno.ENOENT, f"--socket {path}: the directory {directory} does not exist"
+            )
+        if os.path.lexists(path) and not _is_socket(path):
+            raise FileExistsError(
+                errno.EEXIST,
+                f"--socket {path}: the path exists and is not a socket; remove it or pick "
+                "another path",
+            )
+        if _is_socket(path) and _listening(path):
+            raise OSError(
+                errno.EADDRINUSE,
+                f"--socket {path}: another process is serving it; stop it or pick another path",
+            )
+        if len(os.fsencode(path)) > _SUN_PATH_MAX:
+            raise OSError(
+                errno.ENAMETOOLONG,
+                f"--socket {path}: longer than {_SUN_PATH_MAX} bytes, the limit of a Unix "
+                "socket path; pick a shorter one",
+            )
         try:
-            if _is_socket(self.socket_path):
-                if _listening(self.socket_path):
-                    raise OSError(
-                        errno.EADDRINUSE,
-                        f"another process is serving {self.socket_path}; stop it or pick "
-                        "another --socket",
-                    )
-                os.unlink(self.socket_path)
+            private = tempfile.mkdtemp(prefix=".uffd-handler-", dir=directory)
+        except OSError as err:
+            raise OSError(
+                err.errno, f"--socket {path}: cannot create it in {directory}: {err.strerror}"
+            ) from None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        dir_fd = os.open(private, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            # Bound through the directory's fd: the name stays short whatever the path.
+            sock.bind(f"/proc/self/fd/{dir_fd}/s")
             others = self.allow_uids - {os.geteuid(), 0}
-            old = os.umask(0o111 if others else 0o177)
-            try:
-                sock.bind(self.socket_path)
-            finally:
-                os.umask(old)
-            sock.listen(16)
+            os.chmod("s", 0o666 if others else 0o600, dir_fd=dir_fd)
+            os.replace("s", path, src_dir_fd=dir_fd)
+            sock.listen(128)
+        except OSError as err:
+            sock.close()
+            raise OSError(err.errno, f"--socket {path}: {err.strerror}") from None
         except BaseException:
             sock.close()
             raise
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink("s", dir_fd=dir_fd)
+            os.close(dir_fd)
+            os.rmdir(private)
         return sock
 
     # -- serving -------------------------------------------------------------------
 
     def serve_forever(self) -> None:
-        """Accept connections until ``shutdown()``; each handshake runs on its own thread."""
+        """Accept connections until ``shutdown()``; handshakes run on ``MAX_HANDSHAKES`` threads.
+
+        Nothing a peer does ends it: a failed ``accept()`` (EMFILE when the
+        process is out of fds, ENFILE, ENOMEM...) is logged (at most every
+        10 s, with how many failed) and retried after a back-off that grows
+        from 50 ms to 1 s; connections beyond ``MAX_QUEUED`` waiting for a
+        handshake thread are closed and counted (``dropped``).
+        """
         if isinstance(self.source, RemoteSource):
             self.source.warm()  # the first session's connections, ready before it comes
+        workers = [
+            threading.Thread(target=self._handshakes, name="uffd-handshake", daemon=True)
+            for _ in range(MAX_HANDSHAKES)
+        ]
+        for worker in workers:
+            worker.start()
         poller = select.poll()
         poller.register(self._sock.fileno(), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
+        backoff = 0.0
         try:
             while not self._stopping:
-                for fd, _ in poller.poll():
+                for fd, _ in poller.poll(backoff * 1000 if backoff else None):
                     if fd == self._wake_r:
                         with contextlib.suppress(BlockingIOError):
                             os.read(self._wake_r, 64)
-                        continue
-                    try:
-                        conn, _ = self._sock.accept()
-                    except OSError as err:
-                        if err.errno in (errno.EINTR, errno.ECONNABORTED, errno.EAGAIN):
-                            continue
-                        raise
-                    threading.Thread(
-                        target=self._handshake, args=(conn,), name="uffd-handshake", daemon=True
-                    ).start()
+                if self._stopping:
+                    break
+                backoff = self._accept(backoff)
         finally:
+            for _ in workers:
+                self._pending.put(None)
             self._end_sessions()
+
+    def _accept(self, backoff: float) -> float:
+        """Accept what is waiting; the back-off (seconds) before the next try, 0 for none."""
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return 0.0
+            except OSError as err:
+                if err.errno == errno.ECONNABORTED:
+                    continue
+                self._accept_failed(err)
+                return min(_BACKOFF[1], max(_BACKOFF[0], backoff * 2))
+            try:
+                self._pending.put_nowait(conn)
+            except queue.Full:
+                conn.close()
+                with self._cond:
+                    self.dropped += 1
+                self._accept_failed(None)
+
+    def _accept_failed(self, err: OSError | None) -> None:
+        """Log a failed accept (or a dropped connection), at most every ``_LOG_EVERY`` s."""
+        now = time.monotonic()
+        self._failures += 1
+        if now - self._last_logged < _LOG_EVERY:
+            return
+        what = (
+            f"accept() failed: {err.strerror} ({errno.errorcode.get(err.errno or 0, err.errno)})"
+            if err is not None
+            else f"more than {MAX_QUEUED} connections wait for a handshake; closing new ones"
+        )
+        log.warning(
+            "%s; %d times since the last report; backing off and carrying on "
+            "(sessions are not affected)",
+            what,
+            self._failures,
+        )
+        self._failures = 0
+        self._last_logged = now
+
+    def _handshakes(self) -> None:
+        """A handshake thread: read queued connections' handshakes until ``None``."""
+        while (conn := self._pending.get()) is not None:
+            self._handshake(conn)
 
     def start(self) -> HandlerDaemon:
         """Run ``serve_forever`` on a background thread (the socket already listens)."""
@@ -344,34 +485,57 @@ class HandlerDaemon:
             self._cond.notify_all()
 
     def _handshake(self, conn: socket.socket) -> None:
+        """Read one connection's handshake and start its session, or refuse it.
+
+        Never raises: whatever a peer sends, a refusal is recorded (and the
+        fds it sent closed); the daemon and other sessions go on.
+        """
         who = "a connection"
-        with conn:
-            try:
-                fd, mappings, cred = recv_handshake(conn, timeout=self.handshake_timeout)
-            except (HandshakeError, OSError) as err:
-                with contextlib.suppress(OSError):
-                    cred = peer_credentials(conn)
-                    who = f"pid {cred.pid} (uid {cred.uid})"
-                self._refuse(who, err)
-                return
-        who = f"pid {cred.pid} (uid {cred.uid})"
+        pidfd = -1
+        try:
+            with conn:
+                try:
+                    who = _describe(peer_credentials(conn))
+                    fd, mappings, cred = recv_handshake(conn, timeout=self.handshake_timeout)
+                except (HandshakeError, OSError) as err:
+                    self._refuse(who, err)
+                    return
+                # The process as of its connect(): immune to the pid being reused.
+                pidfd = peer_pidfd(conn)
+            self._serve(fd, mappings, cred, pidfd, who)
+        except Exception as err:  # a bug must not take a handshake thread with it
+            if pidfd >= 0:
+                os.close(pidfd)
+            self._refuse(who, RuntimeError(f"{type(err).__name__}: {err}"))
+
+    def _serve(
+        self,
+        fd: int,
+        mappings: list[GuestRegionUffdMapping],
+        cred: PeerCred,
+        pidfd: int,
+        who: str,
+    ) -> None:
+        """Start the session of an accepted handshake (owns ``fd`` and ``pidfd``), or refuse it."""
+        refusal: Exception | None = None
         if cred.uid not in self.allow_uids:
-            os.close(fd)
             allowed = ", ".join(str(u) for u in sorted(self.allow_uids))
-            self._refuse(
-                who,
-                HandshakeError(
-                    "peer",
-                    f"uid {cred.uid} is not allowed (allowed uids: {allowed}; see --allow-uid)",
-                ),
+            refusal = HandshakeError(
+                "peer",
+                f"uid {cred.uid} is not allowed (allowed uids: {allowed}; see --allow-uid)",
             )
-            return
-        if self._stopping:
+        elif self._stopping:
+            refusal = RuntimeError("the daemon is shutting down")
+        if refusal is not None:
             os.close(fd)
-            self._refuse(who, RuntimeError("the daemon is shutting down"))
+            if pidfd >= 0:
+                os.close(pidfd)
+            self._refuse(who, refusal)
             return
         try:
-            session = Session(fd, mappings, cred, self.source, self.options, self._session_ended)
+            session = Session(
+                fd, mappings, cred, self.source, self.options, self._session_ended, pidfd=pidfd
+            )
         except Exception as err:
             self._refuse(who, err)
             return
@@ -387,11 +551,11 @@ class HandlerDaemon:
         if isinstance(self.source, RemoteSource):
             self.source.warm()  # the next session's connections, now this one is served
         log.info(
-            "serving %s: %d regions, %d MiB, page size %d",
+            "serving %s: %s, %s, page size %s",
             who,
-            len(mappings),
-            session.layout.length >> 20,
-            session.layout.page_size,
+            plural(len(mappings), "region"),
+            human_size(session.layout.length),
+            human_size(session.layout.page_size),
         )
 
     def _session_ended(self, session: Session) -> None:
@@ -417,6 +581,15 @@ class HandlerDaemon:
         with self._cond:
             self.reports.append(report)
             self._cond.notify_all()
+
+
+def _describe(cred: PeerCred) -> str:
+    """``pid 123 (firecracker, uid 0)``: the peer as the logs name it (psutil for the name)."""
+    try:
+        name = psutil.Process(cred.pid).name()
+    except (psutil.Error, OSError):
+        name = "exited"
+    return f"pid {cred.pid} ({name}, uid {cred.uid})"
 
 
 def _is_socket(path: str) -> bool:

@@ -42,6 +42,9 @@ class SourceOps(UffdOps):
         layout = self.parts.layout
         flat = layout.flat(fault.address)
         if flat is None:
+            # Registered by the peer but not in its handshake: refused (the fallback
+            # answers it), counted; never woken to fault again and again.
+            self.parts.progress.refused()
             return Resolution.refuse(f"{fault.address:#x} is in no region of the handshake")
         failed = self.parts.progress.fault(flat)
         if failed:

@@ -39,6 +39,7 @@ import itertools
 import json
 import mmap
 import os
+import re
 import socket
 import struct
 import time
@@ -57,6 +58,7 @@ __all__ = [
     "encode_mappings",
     "parse_mappings",
     "peer_credentials",
+    "peer_pidfd",
     "recv_handshake",
     "send_handshake",
     "userfaultfd_from_fd",
@@ -64,6 +66,13 @@ __all__ = [
 
 MAX_MAPPINGS = 4096
 """More regions than this in one handshake is refused (Firecracker sends a handful)."""
+
+MAX_DEPTH = 16
+"""JSON nested deeper than this is refused before it is parsed (Firecracker's is 2 deep)."""
+
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"?')
+_NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
+_BRACKET_STEP = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
 
 _U64 = 1 << 64
 _UCRED = struct.Struct("=iII")
@@ -166,12 +175,30 @@ def _page_size(obj: dict[str, Any], path: str, default: int) -> int:
     return size
 
 
+def _check_depth(data: bytes) -> None:
+    """Refuse JSON nested deeper than MAX_DEPTH, counting brackets outside strings.
+
+    Done before any parse: Python's json recurses per level, so a deep
+    document (even an unfinished one) would raise RecursionError.
+
+    Raises:
+        HandshakeError: ``field`` "json".
+    """
+    steps = _STRING.sub(b"", data).translate(_BRACKET_STEP, _NOT_BRACKETS)
+    depth = max(itertools.accumulate(b - 1 for b in steps), default=0)
+    if depth > MAX_DEPTH:
+        raise HandshakeError(
+            "json", f"nested {depth} levels deep; at most {MAX_DEPTH} accepted (Firecracker: 2)"
+        )
+
+
 def parse_mappings(
     data: bytes, *, default_page_size: int = mmap.PAGESIZE
 ) -> list[GuestRegionUffdMapping]:
     """Parse and check the handshake's JSON; returns the mappings in the order sent.
 
-    Checks: UTF-8 JSON; a non-empty array of at most MAX_MAPPINGS objects;
+    Checks: UTF-8 JSON nested at most MAX_DEPTH levels; a non-empty array of at
+    most MAX_MAPPINGS objects;
     ``base_host_virt_addr``, ``size``, ``offset`` present; every number an
     integer in 0..2**64-1; ``page_size`` (or ``page_size_kib``, in bytes; both
     equal if both sent; ``default_page_size`` if neither) a power of two of
@@ -182,6 +209,7 @@ def parse_mappings(
     Raises:
         HandshakeError: the first problem found; ``field`` names it.
     """
+    _check_depth(data)
     try:
         doc = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as err:
@@ -283,6 +311,22 @@ def peer_credentials(sock: socket.socket) -> PeerCred:
     return PeerCred(*_UCRED.unpack(raw))
 
 
+_SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5; Python 3.13 names it
+
+
+def peer_pidfd(sock: socket.socket) -> int:
+    """A pidfd of the connected Unix socket's peer process (SO_PEERPIDFD), or -1.
+
+    The pidfd names the process as of its ``connect()``, so a pid reused
+    since cannot be mistaken for it (unlike ``pidfd_open`` of the SO_PEERCRED
+    pid). -1 where the kernel lacks it (before 6.5); the caller owns the fd.
+    """
+    try:
+        return int(sock.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD))
+    except OSError:
+        return -1
+
+
 def _complete(data: bytes) -> bool:
     """True if ``data`` is one whole JSON value (possibly invalid in content)."""
     try:
@@ -340,6 +384,7 @@ def recv_handshake(
             if not data:
                 break
             buf += data
+            _check_depth(bytes(buf))
             if _complete(bytes(buf)):
                 break
         if len(buf) > max_bytes:

@@ -33,6 +33,8 @@ from collections.abc import Iterable
 
 __all__ = [
     "MAX_CHUNK",
+    "MAX_WORKING_SET_FILE",
+    "MAX_WORKING_SET_PAGES",
     "MIN_CHUNK",
     "AdaptivePrefetcher",
     "WorkingSet",
@@ -48,6 +50,12 @@ MAX_CHUNK = 4 << 20
 
 _FORMAT = "pyuffd-working-set"
 _VERSION = 1
+
+MAX_WORKING_SET_PAGES = 1 << 24
+"""The most pages a working set may claim when nothing else bounds it (64 GiB of 4 KiB pages)."""
+
+MAX_WORKING_SET_FILE = 64 << 20
+"""A working-set file larger than this is refused unread (one run takes ~20 bytes)."""
 
 
 class AdaptivePrefetcher:
@@ -268,17 +276,28 @@ class WorkingSet:
     ) -> WorkingSet:
         """Read a working set; ``page_size``/``length``, when given, must match the file's.
 
+        What it may claim is bounded before anything is built: the file's
+        size (MAX_WORKING_SET_FILE), every run inside the memory (``length``,
+        else the file's own length, else MAX_WORKING_SET_PAGES pages), and
+        the pages of all runs together at most the pages of that memory.
+
         Raises:
             FileNotFoundError: no such file.
-            WorkingSetError: malformed, of another format version, or recorded
-                for another page size or snapshot length.
+            WorkingSetError: malformed, too large, of another format version,
+                claiming pages past the memory, or recorded for another page
+                size or snapshot length.
         """
         path = os.fspath(path)
         with open(path, "rb") as f:
-            raw = f.read()
+            raw = f.read(MAX_WORKING_SET_FILE + 1)
+        if len(raw) > MAX_WORKING_SET_FILE:
+            raise WorkingSetError(
+                f"{path}: larger than {MAX_WORKING_SET_FILE >> 20} MiB, not a working set "
+                "this daemon wrote; delete it to record anew"
+            )
         try:
             doc = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
             raise WorkingSetError(f"{path}: not JSON ({err}); delete it to record anew") from None
         if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
             raise WorkingSetError(f"{path}: not a {_FORMAT} file; delete it to record anew")
@@ -289,8 +308,8 @@ class WorkingSet:
         file_page, file_length, runs = doc.get("page_size"), doc.get("length"), doc.get("runs")
         if type(file_page) is not int or file_page <= 0 or not isinstance(runs, list):
             raise WorkingSetError(f"{path}: page_size or runs missing or malformed")
-        if file_length is not None and type(file_length) is not int:
-            raise WorkingSetError(f"{path}: length {file_length!r} is not an integer")
+        if file_length is not None and (type(file_length) is not int or file_length < 0):
+            raise WorkingSetError(f"{path}: length {file_length!r} is not a byte count")
         if page_size is not None and file_page != page_size:
             raise WorkingSetError(
                 f"{path}: recorded with {file_page}-byte pages, the source has {page_size}; "
@@ -301,17 +320,29 @@ class WorkingSet:
                 f"{path}: recorded for {file_length} bytes of memory, the source has {length}; "
                 "delete it to record anew"
             )
-        ws = cls(file_page, file_length)
-        limit = None if file_length is None else file_length // file_page
+        bound = length if length is not None else file_length
+        limit = bound // file_page if bound is not None else MAX_WORKING_SET_PAGES
+        total = 0
         for run in runs:
             if (
                 not isinstance(run, list)
                 or len(run) != 2
                 or not all(type(x) is int and x >= 0 for x in run)
-                or (limit is not None and run[0] + run[1] > limit)
+                or run[0] + run[1] > limit
             ):
-                raise WorkingSetError(f"{path}: bad run {run!r}; delete it to record anew")
-            ws._pages.update(range(run[0], run[0] + run[1]))
+                raise WorkingSetError(
+                    f"{path}: bad run {run!r} (runs are [first page, pages] inside the "
+                    f"{limit} pages of the memory); delete it to record anew"
+                )
+            total += run[1]
+            if total > limit:
+                raise WorkingSetError(
+                    f"{path}: its runs claim more than the {limit} pages of the memory; "
+                    "delete it to record anew"
+                )
+        ws = cls(file_page, file_length if file_length is not None else length)
+        for first, count in runs:
+            ws._pages.update(range(first, first + count))
         return ws
 
     def save(self, path: str | os.PathLike[str]) -> None:

@@ -394,7 +394,9 @@ class Prefetch:
                 try:
                     got = handler.uffd.zeropage(addr, end - addr, wake=False)
                 except PageExistsError as err:
-                    got = err.done + m.page_size  # skip the page already there
+                    done += err.done
+                    addr += err.done + m.page_size  # skip the page already there
+                    continue
                 except (MappingChangedError, NoMappingError):
                     break  # the mappings are changing, or it went: left to faults
                 except UffdError as err:

@@ -25,7 +25,10 @@ log = logging.getLogger("uffd.restore.daemon")
 
 def progress_bars_available() -> bool:
     """True when tqdm is installed (``Progress.show_bar`` then draws one)."""
-    return importlib.util.find_spec("tqdm") is not None
+    try:
+        return importlib.util.find_spec("tqdm") is not None
+    except (ImportError, ValueError):  # blocked (sys.modules["tqdm"] = None) or broken
+        return False
 
 
 class Progress:
@@ -121,14 +124,14 @@ class Progress:
     def served(
         self, nbytes: int, *, faulted: int = 0, prefetched: int = 0, ws: int = 0, zeroed: int = 0
     ) -> None:
-        """Count ``nbytes`` installed: ``faulted`` pages by faults, ``prefetched`` by prefetch
-        (``ws`` of them from the working set), ``zeroed`` zero pages mapped in bulk."""
+        """Count ``nbytes`` installed: ``faulted`` faults served, ``prefetched`` pages by
+        prefetch (``ws`` of them from the working set), ``zeroed`` zero pages mapped in bulk."""
         if faulted:
             self.first_served.set()
         with self._lock:
             r = self.report
             r.bytes += nbytes
-            r.faulted += faulted
+            r.faults += faulted
             r.prefetched += prefetched
             r.working_set += ws
             r.zeroed += zeroed
@@ -164,8 +167,22 @@ class Progress:
         if log_it:
             log.error("pid %d: %s", self.report.pid, message)
 
+    def refused(self) -> None:
+        """Count a fault refused because it is in no region of the handshake."""
+        with self._lock:
+            self.report.refused += 1
+
     def finish(self) -> None:
-        """Record the session's length and close the bar (the session has ended)."""
+        """Record the session's length, the pages faults installed, close the bar (ended).
+
+        Prefetch and the zero pass count exactly what they installed; a fault
+        whose page prefetch installed first is a fault served but not a page
+        installed, so the pages faults installed are what is left, at most.
+        """
+        r = self.report
+        with self._lock:
+            r.faulted = max(0, min(r.faults, r.pages - r.prefetched - r.zeroed))
+            r.bytes = (r.faulted + r.prefetched + r.zeroed) * r.page_size
         self.report.elapsed = time.monotonic() - self.t0
         if self._bar is not None:
             self._bar.close()

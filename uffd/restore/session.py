@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import select
 import threading
@@ -22,6 +23,7 @@ from collections.abc import Callable, Sequence
 
 from uffd import mem
 from uffd._constants import Mode
+from uffd._errors import UffdError
 from uffd._handler import FaultHandler
 from uffd._userfaultfd import Userfaultfd
 from uffd.restore.faults import SourceOps
@@ -32,12 +34,15 @@ from uffd.restore.firecracker import (
 )
 from uffd.restore.layout import GuestLayout
 from uffd.restore.parts import SessionParts
+from uffd.restore.peer_maps import registered_ranges, uncovered
 from uffd.restore.prefetch_thread import Prefetch
 from uffd.restore.progress import Progress
 from uffd.restore.report import SessionReport
 from uffd.restore.sources import FlatSource, RemoteSource
 
 __all__ = ["RestoreOptions", "Session"]
+
+log = logging.getLogger("uffd.restore.daemon")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +69,9 @@ def _kind(page_size: int) -> str:
 class Session:
     """One process being restored: its FaultHandler, prefetch and watch threads, its report.
 
-    Owns ``fd`` (the process's userfaultfd) from the constructor on, even
-    when that raises. ``source`` is the daemon's; the session reads through
+    Owns ``fd`` (the process's userfaultfd) and ``pidfd`` (the process's
+    pidfd from SO_PEERPIDFD, or -1: then one from pidfd_open of its pid) from
+    the constructor on, even when that raises. ``source`` is the daemon's; the session reads through
     ``source.session()``. ``on_end(session)`` runs once the session has
     ended, on the thread that ended it.
 
@@ -86,12 +92,17 @@ class Session:
         source: FlatSource,
         options: RestoreOptions,
         on_end: Callable[[Session], None],
+        *,
+        pidfd: int = -1,
     ) -> None:
+        self._pidfd = pidfd
         try:
             self.layout = GuestLayout(mappings)
             self._ufd: Userfaultfd | None = userfaultfd_from_fd(fd)
         except BaseException:
             os.close(fd)
+            if pidfd >= 0:
+                os.close(pidfd)
             raise
         self.cred = cred
         self.options = options
@@ -102,12 +113,12 @@ class Session:
         )
         self.progress = Progress(report, self.layout, label=source.label, fallback=options.fallback)
         self.source: FlatSource | None = None
+        self._ops: SourceOps | None = None
         self.handler: FaultHandler | None = None
         self._lock = threading.Lock()
         self._ending = threading.Event()
         self._ended = False
         self._finished = threading.Event()
-        self._pidfd = -1
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
@@ -132,7 +143,7 @@ class Session:
             )
             self._ufd = None  # the handler owns and closes it now
             parts = SessionParts(handler, self.layout, source, self.progress, self._ending)
-            ops = SourceOps(parts)
+            self._ops = ops = SourceOps(parts)
             for m in self.layout.mappings:
                 handler.register(
                     (m.base_host_virt_addr, m.size),
@@ -145,7 +156,8 @@ class Session:
             if options.progress:
                 self.progress.show_bar(f"restore pid {self.cred.pid}")
             handler.start()
-            self._pidfd = _pidfd_open(self.cred.pid)
+            if self._pidfd < 0:
+                self._pidfd = _pidfd_open(self.cred.pid)
         except BaseException:
             if self.handler is not None:
                 with contextlib.suppress(Exception):
@@ -177,12 +189,17 @@ class Session:
     def _watch(self) -> None:
         """Wait for the process to exit (its pidfd), or for the session to end; then end it.
 
-        Keeps an idle page server connection alive meanwhile.
+        Keeps an idle page server connection alive meanwhile, and takes in
+        the ranges the process registered but left out of its handshake
+        (at once, and again when faults the handler does not know of show
+        up), so faults there are refused instead of woken forever.
         """
         poller = select.poll()
         if self._pidfd >= 0:
             poller.register(self._pidfd, select.POLLIN)
+        orphans = self._take_unknown_ranges(-1)
         while not self._ending.is_set():
+            orphans = self._take_unknown_ranges(orphans)
             source = self.source
             if isinstance(source, RemoteSource) and source.idle:
                 with contextlib.suppress(Exception):
@@ -195,6 +212,45 @@ class Session:
             else:
                 self._ending.wait(0.1)
         self.end()
+
+    def _take_unknown_ranges(self, seen: int) -> int:
+        """Register the process's MISSING ranges that no handshake region covers, with the
+        session's ops (which refuse faults outside the regions). Looks when the handler's
+        count of faults on unknown addresses (woken) has moved past ``seen``, or when
+        ``seen`` is -1; returns that count."""
+        handler, ops = self.handler, self._ops
+        if handler is None or ops is None:
+            return seen
+        woken = handler.stats.total.resolutions["wake"]
+        if seen >= 0 and woken <= seen:
+            return woken
+        try:
+            found = registered_ranges(self.cred.pid)
+        except OSError:
+            return woken
+        covered = [(m.start, m.end) for m in handler.mappings]
+        for peer in found:
+            for start, end in uncovered(peer, covered):
+                try:
+                    handler.register(
+                        (start, end - start),
+                        Mode.MISSING,
+                        ops,
+                        registered=True,
+                        kind=peer.kind,
+                        page_size=peer.page_size,
+                    )
+                except (ValueError, UffdError) as err:
+                    log.debug("pid %d: not serving %#x-%#x: %s", self.cred.pid, start, end, err)
+                else:
+                    log.warning(
+                        "pid %d registered %#x-%#x but left it out of its handshake: faults "
+                        "there are refused and take the fallback",
+                        self.cred.pid,
+                        start,
+                        end,
+                    )
+        return woken
 
     def end(self) -> None:
         """Stop serving (idempotent): join the threads, stop the handler, report to ``on_end``."""
