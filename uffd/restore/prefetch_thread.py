@@ -1,7 +1,7 @@
 """Install a restored process's memory in the background, ahead of its faults: :class:`Prefetch`.
 
-Three passes on one thread per session, at a lower priority than the
-fault path (:mod:`uffd.restore.priority`):
+Three passes on one thread per session, the last at a lower priority
+than the fault path (:mod:`uffd.restore.priority`):
 
 0. at once, the zero pages the snapshot knows of (a file source's holes and
    unstored pages) get the zero page in bulk (UFFDIO_ZEROPAGE with
@@ -178,12 +178,13 @@ class Prefetch:
         Never raises: an unexpected error is added to the report and ends
         prefetch; a failed source is recorded by ``Progress.source_failed``.
         """
-        lower_thread_priority()  # faults first: this thread only uses what they leave
         try:
             self._zero_pages()
             self.parts.progress.first_served.wait(_FIRST_FAULT_WAIT)
             if self.working_set:
+                # What the process is about to touch: as urgent as its faults.
                 self._pipeline(iter(self._working_set_runs()), ws=True)
+            lower_thread_priority()  # the rest only uses what the faults leave
             if self.adaptive:
                 self._pipeline(self._chunks(), ws=False)
         except _Stop:
