@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import itertools
 import socket
+import ssl as _ssl
 import struct
 import threading
 import time
@@ -35,6 +36,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from uffd.pagestore import protocol as p
+from uffd.pagestore._tls import TLSStream, describe_tls_error
 
 __all__ = [
     "MAX_ACCEPTED_FRAME",
@@ -43,6 +45,7 @@ __all__ = [
     "RemoteError",
     "ThreadedPageClient",
     "parse_address",
+    "tls_context",
 ]
 
 _READ_CHUNK = 1 << 18
@@ -72,21 +75,34 @@ class RemoteError(Exception):
 
 
 def parse_address(url_or_host: str, port: int | None = None) -> tuple[str, int]:
-    """(host, port) from ``"tcp://HOST:PORT"`` (IPv6 in brackets) or ``HOST`` and ``port``.
+    """(host, port) from ``"tcp://HOST:PORT"`` or ``"tls://HOST:PORT"`` (IPv6 in
+    brackets), or ``HOST`` and ``port``.
 
     Raises:
-        ValueError: no port, or a scheme other than tcp.
+        ValueError: no port, or a scheme other than tcp and tls.
     """
     if "://" in url_or_host:
         parts = urlsplit(url_or_host)
-        if parts.scheme != "tcp" or parts.hostname is None or parts.port is None:
-            raise ValueError(f"{url_or_host!r} is not a tcp://HOST:PORT address")
+        if parts.scheme not in ("tcp", "tls") or parts.hostname is None or parts.port is None:
+            raise ValueError(f"{url_or_host!r} is not a tcp://HOST:PORT or tls://HOST:PORT address")
         if port is not None and port != parts.port:
             raise ValueError(f"port {port} contradicts the URL {url_or_host!r}")
         return parts.hostname, parts.port
     if port is None:
         raise ValueError(f"no port for host {url_or_host!r}; pass port= or a tcp:// URL")
     return url_or_host, port
+
+
+def tls_context(url_or_host: str, context: _ssl.SSLContext | None) -> _ssl.SSLContext | None:
+    """The TLS context a client uses: ``context``, else a default one for a ``tls://`` URL.
+
+    The default verifies the server against the system's trusted CAs; pass
+    ``ssl.create_default_context(cafile=CA)`` (plus ``load_cert_chain`` for a
+    client certificate) for a private CA or mutual TLS.
+    """
+    if context is None and url_or_host.startswith("tls://"):
+        return _ssl.create_default_context()
+    return context
 
 
 def _region_id(ids: dict[str, int], label: str, region: str | int) -> int:
@@ -111,11 +127,17 @@ class _HandshakeFrames:
         self.label = label
         self.decoder = p.FrameDecoder()
         self.pending: list[p.Frame] = []
+        self.hello_seen = False
 
     def feed(self, data: bytes) -> None:
         """Decode ``data``; raises PeerGoneError on EOF (empty ``data``) or garbage."""
         if not data:
-            raise PeerGoneError(f"page server {self.label} closed the connection")
+            hint = (
+                ""
+                if self.hello_seen
+                else " before its HELLO (does it require TLS? use tls://HOST:PORT or ssl=)"
+            )
+            raise PeerGoneError(f"page server {self.label} closed the connection{hint}")
         try:
             self.pending.extend(self.decoder.feed(data))
         except p.ProtocolError as err:
@@ -137,6 +159,7 @@ class _HandshakeFrames:
         label = self.label
         if not isinstance(hello, p.Hello):
             raise PeerGoneError(f"page server {label} did not start with HELLO")
+        self.hello_seen = True
         if not hello.min_version <= p.VERSION <= hello.max_version:
             raise RemoteError(
                 p.ErrorCode.VERSION,
@@ -221,11 +244,16 @@ class PageClient:
         *,
         token: bytes | None = None,
         request_timeout: float = 10.0,
+        ssl: _ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> PageClient:
         """Connect, authenticate and fetch the region list.
 
-        ``url_or_host``: ``"tcp://HOST:PORT"`` or a host with ``port``.
-        ``token``: the server's shared secret, if it requires one.
+        ``url_or_host``: ``"tcp://HOST:PORT"``, ``"tls://HOST:PORT"`` or a host
+        with ``port``. ``token``: the server's shared secret, if it requires
+        one. ``ssl``: a client SSLContext (see :func:`tls_context`; a tls://
+        URL without one verifies against the system CAs); ``server_hostname``:
+        the name the server's certificate must carry (default: the host).
 
         Raises:
             ValueError: a malformed address.
@@ -237,14 +265,22 @@ class PageClient:
         """
         address = parse_address(url_or_host, port)
         label = f"{address[0]}:{address[1]}"
+        context = tls_context(url_or_host, ssl)
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(*address), request_timeout
+                asyncio.open_connection(
+                    *address,
+                    ssl=context,
+                    server_hostname=(server_hostname or address[0]) if context else None,
+                ),
+                request_timeout,
             )
         except asyncio.TimeoutError:
             raise TimeoutError(
                 f"page server {label}: no connection in {request_timeout} s"
             ) from None
+        except _ssl.SSLError as err:
+            raise PeerGoneError(f"page server {label}: {describe_tls_error(err)}") from err
         try:
             frames = _HandshakeFrames(label)
 
@@ -445,9 +481,16 @@ class ThreadedPageClient:
     """
 
     def __init__(
-        self, url: str, *, token: bytes | None = None, request_timeout: float = 10.0
+        self,
+        url: str,
+        *,
+        token: bytes | None = None,
+        request_timeout: float = 10.0,
+        ssl: _ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> None:
         address = parse_address(url)
+        context = tls_context(url, ssl)
         self.address = address
         self.request_timeout = request_timeout
         self._label = label = f"{address[0]}:{address[1]}"
@@ -457,16 +500,28 @@ class ThreadedPageClient:
             raise TimeoutError(
                 f"page server {label}: no connection in {request_timeout} s"
             ) from None
+        stream: socket.socket | TLSStream = sock
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.hello, regions = self._handshake(sock, token)
+            if context is not None:
+                try:
+                    stream = TLSStream(
+                        sock, context, server_hostname or address[0], request_timeout
+                    )
+                except _ssl.SSLError as err:
+                    raise PeerGoneError(f"page server {label}: {describe_tls_error(err)}") from err
+                except TimeoutError:
+                    raise TimeoutError(
+                        f"page server {label}: no TLS handshake in {request_timeout} s"
+                    ) from None
+            self.hello, regions = self._handshake(stream, token)
         except BaseException:
             sock.close()
             raise
         self.page_size = regions.page_size
         self.regions = list(regions.regions)
         self._ids = {entry.name: index for index, entry in enumerate(regions.regions)}
-        self._sock = sock
+        self._sock = stream
         self._max_payload = self.hello.max_frame
         self._window = max(1, min(self.hello.max_pending, _MAX_WINDOW))
         ps = self.page_size
@@ -491,7 +546,9 @@ class ThreadedPageClient:
 
     # -- handshake (constructor only) --
 
-    def _handshake(self, sock: socket.socket, token: bytes | None) -> tuple[p.Hello, p.Regions]:
+    def _handshake(
+        self, sock: socket.socket | TLSStream, token: bytes | None
+    ) -> tuple[p.Hello, p.Regions]:
         label = self._label
         frames = _HandshakeFrames(label)
         deadline = time.monotonic() + self.request_timeout

@@ -189,8 +189,11 @@ class _Client:
         self.reason = "closed by the client"
         # Nothing waits in the transport's buffer: drain() returns only once it
         # is empty, so an urgent reply is never queued behind prefetch bytes,
-        # and a pool thread may write to the socket directly.
-        writer.transport.set_write_buffer_limits(high=0)
+        # and a pool thread may write to the socket directly. Not under TLS:
+        # asyncio's TLS transport resumes a writer paused at high=0 only on the
+        # next write, so drain() would never return; its default bound (64 KiB) stays.
+        if server.ssl is None:
+            writer.transport.set_write_buffer_limits(high=0)
         # The pool thread's own handle on the socket, made at the first bulk
         # piece: a dup, so that a connection closed under it never leaves it
         # writing to a reused fd. None until then, or when fds ran out.
@@ -864,7 +867,7 @@ class PageServer:
                         logging.WARNING,
                         "client %s: TLS handshake failed: %s",
                         peer,
-                        err or type(err).__name__,
+                        getattr(err, "reason", None) or repr(err),
                     )
                 return
             writer = asyncio.StreamWriter(transport, protocol, reader, loop)
