@@ -1,10 +1,14 @@
 """Shared helpers for the whole suite: capability gates, fixtures and fault helpers.
 
-Everything here runs against the real kernel. What a test may rely on:
+Everything here runs against the real kernel. The capability gates, huge
+page reservations and regions come from pyuffd's own pytest plugin,
+``uffd.testing`` (``requires_uffd`` marker, ``uffd_*`` fixtures), under the
+names the suite has always used. What a test may rely on:
 
 - ``CAPS`` (``uffd.probe()``, computed once), ``KERNEL`` ((major, minor)),
   ``PAGE`` (the base page size) and ``HPAGE`` (the default huge page size).
-- ``requires(*features)`` / ``requires_kernel(major, minor, why)``: skip marks
+- ``requires(*features)`` (the plugin's ``requires_uffd`` marker),
+  ``skip_unless(*features)`` and ``requires_kernel(major, minor, why)``: skips
   whose reason names what is missing and the running kernel.
 - ``reserve_hugepages(n)`` (factory) and ``hugetlb_pages`` (indirect param,
   default 4): make at least n free default-size huge pages exist, restore
@@ -30,17 +34,14 @@ are unmapped, then vm.nr_hugepages is restored.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import mmap
-import os
 import re
 import socket
 import struct
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,8 @@ import pytest
 
 import uffd
 from uffd import Feature, mem
+from uffd.testing import requirement_unmet
+from uffd.testing._hugepages import HugePages, Unavailable
 
 CAPS = uffd.probe()
 """What this host allows; every feature-dependent test gates on it."""
@@ -138,24 +141,15 @@ KIND_MINOR_FEATURE = {
 # -- capability gates ------------------------------------------------------
 
 
-def missing(*features: Feature) -> list[str]:
-    """Names of the single feature bits in ``features`` that this kernel does not offer."""
-    wanted = 0
-    for f in features:
-        wanted |= int(f)
-    absent = wanted & ~int(CAPS.available)
-    bits = [1 << i for i in range(absent.bit_length()) if absent >> i & 1]
-    return [Feature(bit).name or hex(bit) for bit in bits]
-
-
 def requires(*features: Feature) -> pytest.MarkDecorator:
-    """Skip unless the kernel offers every feature; the reason names the missing ones."""
-    absent = missing(*features)
-    return pytest.mark.skipif(
-        bool(absent),
-        reason=f"needs UFFD_FEATURE_{', UFFD_FEATURE_'.join(absent)}: "
-        f"not available on Linux {CAPS.kernel}",
-    )
+    """Skip unless the kernel offers every feature; the reason names the missing ones.
+
+    The ``requires_uffd`` marker of the ``uffd.testing`` plugin, which users' suites use too.
+    """
+    wanted = NO_FEATURES
+    for f in features:
+        wanted |= f
+    return pytest.mark.requires_uffd(features=wanted)
 
 
 def requires_kernel(major: int, minor: int, why: str) -> pytest.MarkDecorator:
@@ -174,95 +168,46 @@ requires_syscall = pytest.mark.skipif(
 
 def skip_unless(*features: Feature) -> None:
     """``pytest.skip`` inside a test (for parametrised cases) unless the features exist."""
-    absent = missing(*features)
-    if absent:
-        pytest.skip(
-            f"needs UFFD_FEATURE_{', UFFD_FEATURE_'.join(absent)}: "
-            f"not available on Linux {CAPS.kernel}"
-        )
+    wanted = NO_FEATURES
+    for f in features:
+        wanted |= f
+    why = requirement_unmet(wanted)
+    if why is not None:
+        pytest.skip(why)
 
 
-# -- huge pages --------------------------------------------------------------
-
-_HUGE_DIR = Path(f"/sys/kernel/mm/hugepages/hugepages-{HPAGE // 1024}kB")
-_HUGE_LOCK = Path("/tmp/pyuffd-tests-hugepages.lock")
+# -- huge pages (the plugin's reservation, under the names the suite uses) ----
 
 
-def _huge_read(name: str) -> int:
-    return int((_HUGE_DIR / name).read_text())
+@contextlib.contextmanager
+def hugepage_lock() -> Iterator[None]:
+    """Serialise vm.nr_hugepages changes with other test processes on this host."""
+    pages = HugePages()
+    try:
+        pages.lock()
+    except Unavailable as why:
+        pytest.skip(str(why))
+    try:
+        yield
+    finally:
+        pages.close()
 
 
 def huge_available() -> int:
     """Default-size huge pages free and not reserved by another mapping."""
-    return _huge_read("free_hugepages") - _huge_read("resv_hugepages")
-
-
-@contextlib.contextmanager
-def hugepage_lock(timeout: float = 30.0) -> Iterator[None]:
-    """Serialise vm.nr_hugepages changes with other test processes on this host.
-
-    Several engineers may run the suite at once; without the lock one run
-    could restore nr_hugepages between another run's reservation and mmap.
-    """
-    with open(_HUGE_LOCK, "a") as lock:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    pytest.skip(f"another test run held {_HUGE_LOCK} for {timeout:.0f} s")
-                time.sleep(0.05)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    return HugePages().available()
 
 
 @pytest.fixture
-def reserve_hugepages() -> Iterator[Callable[[int], int]]:
+def reserve_hugepages(uffd_hugepages: Callable[[int], int]) -> Callable[[int], int]:
     """Factory: ``reserve_hugepages(n)`` makes >= n free default-size huge pages exist.
 
-    Raises /proc/sys/vm/nr_hugepages by what is missing, holds the host-wide
-    lock for the rest of the test, and restores the old value at teardown
-    (always). Skips with the reason (not root, no hugetlb, fragmentation)
-    when the pages cannot be had. Returns the huge page size.
+    The plugin's ``uffd_hugepages``: raises /proc/sys/vm/nr_hugepages by what
+    is missing, holds the host-wide lock for the rest of the test, restores
+    the old value at teardown, and skips with the reason when the pages
+    cannot be had. Returns the huge page size.
     """
-    stack = contextlib.ExitStack()
-    state: dict[str, int] = {}
-
-    def reserve(n: int) -> int:
-        if not _HUGE_DIR.is_dir():
-            pytest.skip(f"no {HPAGE // 1024} KiB hugetlb pool on Linux {CAPS.kernel}")
-        if "old" not in state:
-            stack.enter_context(hugepage_lock())
-        if huge_available() >= n:
-            return HPAGE
-        if os.geteuid() != 0:
-            pytest.skip(
-                f"could not reserve {n} huge pages: not root (vm.nr_hugepages is read-only)"
-            )
-        path = _HUGE_DIR / "nr_hugepages"
-        old = _huge_read("nr_hugepages")
-        if "old" not in state:
-            state["old"] = old
-            stack.callback(path.write_text, f"{old}\n")
-        target = old + n - huge_available()
-        try:
-            path.write_text(f"{target}\n")
-        except OSError as err:
-            pytest.skip(f"could not reserve {n} huge pages: writing nr_hugepages={target}: {err}")
-        have = huge_available()
-        if have < n:
-            pytest.skip(
-                f"could not reserve {n} huge pages: only {have} free after writing "
-                f"nr_hugepages={target} (memory fragmented?)"
-            )
-        return HPAGE
-
-    with stack:
-        yield reserve
+    return uffd_hugepages
 
 
 @pytest.fixture
@@ -368,8 +313,9 @@ class _Resources:
 
 
 @pytest.fixture
-def _resources(reserve_hugepages: Callable[[int], int]) -> Iterator[_Resources]:
-    # Depends on reserve_hugepages so that it is torn down after regions close.
+def _resources(uffd_region_factory: Callable[..., mem.Region]) -> Iterator[_Resources]:
+    # Depends on the plugin's region factory so that its regions are unmapped
+    # (and huge pages given back) after every uffd here is closed.
     res = _Resources()
     try:
         yield res
@@ -394,24 +340,15 @@ def uffd_factory(_resources: _Resources) -> Callable[..., uffd.Userfaultfd]:
 
 @pytest.fixture
 def region_factory(
-    _resources: _Resources, reserve_hugepages: Callable[[int], int]
+    _resources: _Resources, uffd_region_factory: Callable[..., mem.Region]
 ) -> Callable[..., mem.Region]:
     """Factory: ``region_factory(kind, pages=4, **kwargs)`` -> a Region unmapped at teardown.
 
-    ``pages`` counts the kind's own pages (huge pages for "hugetlb", reserved
-    through ``reserve_hugepages``); kwargs go to ``uffd.mem.<kind>``.
+    The plugin's ``uffd_region_factory``: ``pages`` counts the kind's own
+    pages (huge pages for "hugetlb", reserved for the test); kwargs go to
+    ``uffd.mem.<kind>``. Unmapped after every uffd of ``uffd_factory`` is closed.
     """
-
-    def make(kind: str, pages: int = 4, **kwargs: Any) -> mem.Region:
-        if kind == "hugetlb":
-            size = reserve_hugepages(pages)
-            region = mem.hugetlb(pages * size, **kwargs)
-        else:
-            region = getattr(mem, kind)(pages * PAGE, **kwargs)
-        _resources.regions.append(region)
-        return region
-
-    return make
+    return uffd_region_factory
 
 
 @pytest.fixture

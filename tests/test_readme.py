@@ -116,3 +116,19 @@ def test_readme_probe_output_is_what_probe_prints() -> None:
     )
     assert live.returncode == 0, live.stderr
     assert _shape(block) == _shape(live.stdout)
+
+
+def test_readme_plugin_example_passes_under_pytest(tmp_path: Path) -> None:
+    """The README's pytest-plugin example, run by pytest with only the installed plugin, passes."""
+    section = README.split("## Testing code that uses userfaultfd", 1)[1]
+    source = section.split("```python", 1)[1].split("```", 1)[0]
+    (tmp_path / "test_readme_plugin.py").write_text(source)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--strict-markers"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 passed" in done.stdout
