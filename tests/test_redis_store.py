@@ -13,6 +13,7 @@ import concurrent.futures
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 from _helpers import (  # noqa: E402
+    DIGEST,
     PAGE,
     DaemonProcess,
     DaemonThread,
@@ -303,6 +305,32 @@ def test_corrupt_chunk_is_refused(
 
 
 @needs_redis
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not found (for a cert)")
+def test_tls_push_pull_and_restore_source(tmp_path: Path) -> None:
+    """Over rediss:// (TLS, the server's certificate trusted by ssl_ca_certs): push, pull,
+    and a restore source reading with a cache option beside the TLS one."""
+    from uffd.pagestore.redis_store import pull, push
+    from uffd.restore.redis_source import RedisSource
+
+    data = image(1 << 20)
+    path = tmp_path / "s.snap"
+    write_snapshot(path, {"mem": bytes(data)})
+    with redis_servers(cluster=False, tls=True) as servers:
+        assert servers.tls_url is not None
+        base, _, query = servers.tls_url.partition("?")
+        url = f"{base}/tls/s?{query}"
+        assert push(path, url, chunk_size=CHUNK).uploaded_chunks == 4
+        pull(url, tmp_path / "back.snap")
+        source = RedisSource(f"{url}&cache=1M")
+        try:
+            assert source.read(0, len(data)) == data and source.cache.max_bytes == 1 << 20
+        finally:
+            source.close()
+    with Snapshot.open(tmp_path / "back.snap") as back:
+        assert back.read("mem", 0, len(data)) == data
+
+
+@needs_redis
 def test_missing_snapshot_says_what_to_do(single: RedisServers) -> None:
     """Opening a snapshot the store lacks fails with an error that says to push it."""
     from uffd.restore.sources import SourceError, open_flat_source
@@ -382,6 +410,35 @@ def test_daemon_restores_processes_from_the_cluster(
     # A fault does not wait behind a prefetch pipeline holding its chunk: it may GET it again.
     assert stored <= stats.fetched_chunks <= stored + stats.urgent_gets and stats.refused == 0
     assert gets_served(cluster) - before == stats.fetched_chunks + 1  # + the manifest
+
+
+@needs_redis
+def test_restore_refuses_a_substituted_chunk(
+    single: RedisServers, tmp_path: Path, short_tmp: str, request: pytest.FixtureRequest
+) -> None:
+    """A restored process whose second chunk was substituted in the store: the pages before it
+    are right, its pages get the fallback (zero), the refusal is counted and reported."""
+    from uffd.pagestore.redis_store import RedisChunkStore
+
+    size = 1 << 20
+    url, want = pushed(single, tmp_path, unique(request), size)
+    store = RedisChunkStore(url)
+    victim = store.get_manifest().chunks[1].id
+    assert victim is not None
+    store.client.set(store.url.chunk_key(victim), bytes(image(CHUNK, seed=5)))
+    store.close()
+    sock = os.path.join(short_tmp, "h.sock")
+    with DaemonThread(sock, url, working_set=None, prefetch=False, fallback="zero") as daemon:
+        proc = spawn_restore(sock, size, "--order", "sequential", digests=tmp_path / "d")
+        result = finish_worker(proc, WAIT)
+        (report,) = daemon.reports(1, WAIT)
+        refused = daemon.daemon.source.stats.refused
+    got = read_digests(tmp_path / "d")
+    split = CHUNK // PAGE * DIGEST
+    assert bad_pages(got[:split], want[:split]) == []
+    assert got[split : split + DIGEST] == digests_of(bytes(PAGE))
+    assert result["sigbus"] == 0 and refused >= 1
+    assert any("corrupt or was substituted" in e for e in report["errors"])
 
 
 @needs_redis
@@ -508,3 +565,30 @@ def test_faults_do_not_queue_behind_prefetch(
         assert all(f.exception() is None for f in bulk)
     finally:
         source.close()
+
+
+@needs_redis
+@pytest.mark.stress
+def test_sixteen_processes_through_a_failover_long(tmp_path: Path, short_tmp: str) -> None:
+    """16 processes restore 32 MiB each from the cluster while a master is killed: every
+    page of every process right, each chunk fetched from the cluster about once."""
+    size = 32 << 20
+    with redis_servers(cluster=True) as servers:
+        url, want = pushed(servers, tmp_path, "long", size)
+        servers.wait_replicated()
+        sock = os.path.join(short_tmp, "h.sock")
+        with DaemonThread(sock, url, working_set=None, deadline=10.0) as daemon:
+            procs = [
+                spawn_restore(sock, size, "--seed", str(k), digests=tmp_path / f"d{k}")
+                for k in range(16)
+            ]
+            servers.node(servers.masters()[0]).kill()
+            results = [finish_worker(p, 300) for p in procs]
+            reports = daemon.reports(16, 120)
+            stats = daemon.daemon.source.stats
+        for k, result in enumerate(results):
+            assert result["sigbus"] == 0
+            assert bad_pages(read_digests(tmp_path / f"d{k}"), want) == []
+        assert all(r["errors"] == [] for r in reports)
+        stored = size // CHUNK - 16  # the zero hole: an eighth of the image
+        assert stored <= stats.fetched_chunks <= stored + stats.urgent_gets

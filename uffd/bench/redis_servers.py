@@ -65,10 +65,24 @@ def _ask(port: int, *command: str, timeout: float = 2.0) -> bytes:
         return data
 
 
+def _self_signed(directory: Path) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 (openssl), as (cert path, key path)."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return str(cert), str(key)
+
+
 class RedisNode:
     """One ``redis-server`` child process on ``port`` (cluster-enabled if asked)."""
 
-    def __init__(self, port: int, directory: Path, *, cluster: bool = False) -> None:
+    def __init__(
+        self, port: int, directory: Path, *, cluster: bool = False, tls_port: int | None = None
+    ) -> None:
         assert REDIS_SERVER is not None, MISSING
         self.port = port
         self.directory = directory
@@ -82,6 +96,15 @@ class RedisNode:
             "--appendonly", "no",
             "--logfile", str(directory / "redis.log"),
         ]  # fmt: skip
+        if tls_port is not None:
+            cert, key = _self_signed(directory)
+            args += [
+                "--tls-port", str(tls_port),
+                "--tls-cert-file", cert,
+                "--tls-key-file", key,
+                "--tls-ca-cert-file", cert,
+                "--tls-auth-clients", "no",
+            ]  # fmt: skip
         if cluster:
             args += [
                 "--cluster-enabled", "yes",
@@ -134,15 +157,26 @@ class RedisNode:
 
 
 class RedisServers:
-    """A single node (``url``) or a 3-master + 3-replica cluster, in a temporary directory."""
+    """A single node (``url``) or a 3-master + 3-replica cluster, in a temporary directory.
 
-    def __init__(self, *, cluster: bool) -> None:
+    ``tls``: the single node also listens for TLS; ``tls_url`` is its
+    ``rediss://`` URL (trusting its self-signed certificate).
+    """
+
+    def __init__(self, *, cluster: bool, tls: bool = False) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="uffd-redis-"))
         self.cluster = cluster
         self.nodes: list[RedisNode] = []
+        self.tls_url: str | None = None
         try:
-            for port in free_ports(6 if cluster else 1):
-                self.nodes.append(RedisNode(port, self.tmp / str(port), cluster=cluster))
+            ports = free_ports(6 if cluster else 2 if tls else 1)
+            if tls:
+                directory = self.tmp / str(ports[0])
+                self.nodes.append(RedisNode(ports[0], directory, tls_port=ports[1]))
+                self.tls_url = f"rediss://127.0.0.1:{ports[1]}?ssl_ca_certs={directory}/cert.pem"
+            else:
+                for port in ports:
+                    self.nodes.append(RedisNode(port, self.tmp / str(port), cluster=cluster))
             if cluster:
                 self._create_cluster()
         except BaseException:
@@ -221,9 +255,9 @@ class RedisServers:
 
 
 @contextlib.contextmanager
-def redis_servers(*, cluster: bool) -> Iterator[RedisServers]:
-    """A single node or a cluster for the ``with`` block."""
-    servers = RedisServers(cluster=cluster)
+def redis_servers(*, cluster: bool, tls: bool = False) -> Iterator[RedisServers]:
+    """A single node (with TLS if asked) or a cluster for the ``with`` block."""
+    servers = RedisServers(cluster=cluster, tls=tls)
     try:
         yield servers
     finally:

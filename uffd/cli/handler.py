@@ -101,8 +101,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument(
         "--source",
         required=True,
-        metavar="SNAPSHOT|tcp://HOST:PORT",
-        help="a snapshot or raw memory file, or a page server",
+        metavar="SNAPSHOT|tcp://HOST:PORT|redis://HOST:PORT/NAME",
+        help="a snapshot or raw memory file, a page server, or a snapshot pushed to Redis "
+        "(Cluster) with 'uffd snapshot push' (rediss:// for TLS; docs/chunkstore.md)",
     )
     p.add_argument("--token-file", metavar="F", help="file holding the page server's token")
     p.add_argument(
