@@ -7,6 +7,7 @@ usage error.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -260,13 +261,17 @@ def test_snapshot_info_reads_a_raw_image_as_serve_does(tmp_path: Path) -> None:
 
 
 def test_snapshot_verify_shows_progress(tmp_path: Path) -> None:
-    """``info --verify --progress`` draws tqdm's bar on stderr; without tqdm it warns and counts."""
+    """``info --verify --progress`` draws tqdm's bar; without tqdm it warns and counts instead."""
     _raw_image(tmp_path / "mem.raw", 32, list(range(0, 32, 2)))
     snap = str(tmp_path / "s.pyuffd")
     assert run("snapshot", "create", snap, "--from-raw", str(tmp_path / "mem.raw")).returncode == 0
     bar = run("snapshot", "info", snap, "--verify", "--progress")
     assert bar.returncode == 0, bar.stderr
-    assert "16/16" in bar.stderr and "verified:    16 pages" in bar.stdout
+    assert "verified:    16 pages" in bar.stdout
+    if importlib.util.find_spec("tqdm") is not None:  # the progress extra is installed
+        assert "16/16" in bar.stderr
+    else:
+        assert "verified 16 of 16 pages" in bar.stderr
     quiet = run("snapshot", "info", snap, "--verify")  # stderr is a pipe: no display
     assert quiet.returncode == 0 and quiet.stderr == ""
     # A tqdm that cannot be imported, ahead of the real one on the path.
