@@ -72,6 +72,7 @@ from uffd.restore.firecracker import (
     recv_handshake,
 )
 from uffd.restore.prefetch import MAX_CHUNK, WorkingSet, WorkingSetError, working_set_path
+from uffd.restore.priority import raise_thread_priority
 from uffd.restore.progress import progress_bars_available
 from uffd.restore.report import SessionReport, human_size, plural
 from uffd.restore.session import RestoreOptions, Session
@@ -326,6 +327,9 @@ class HandlerDaemon:
         from 50 ms to 1 s; connections beyond ``MAX_QUEUED`` waiting for a
         handshake thread are closed and counted (``dropped``).
         """
+        # Faults first: the threads started from here on (handshakes, sessions, fault
+        # handlers, urgent page clients) inherit this thread's priority.
+        raise_thread_priority()
         if isinstance(self.source, RemoteSource):
             self.source.warm()  # the first session's connections, ready before it comes
         workers = [

@@ -49,6 +49,10 @@ __all__ = ["Prefetch"]
 
 _FIRST_FAULT_WAIT = 0.05  # seconds prefetch waits for the first fault to be served
 _MAX_INFLIGHT = 32  # prefetch reads in flight to a page server (it queues 64 per client)
+# Bytes per UFFDIO_COPY: a fault raised meanwhile waits for the ioctl to end (measured,
+# 1 GiB restore from a file: fault read 186 us after it was raised with 4 MiB copies,
+# 35 us with 256 KiB, 7 us with 128 KiB, at the same restore rate).
+_INSTALL_STEP = 128 << 10
 
 
 class _Stop(Exception):
@@ -364,14 +368,21 @@ class Prefetch:
             _Stop: the process or the handler is gone.
         """
         handler = self.parts.handler
+        step = max(_INSTALL_STEP, self.parts.layout.page_size)
         installed = 0
         for m, at, start, n in self._pieces(flat, len(data)):
+            done = 0
             with self._guard():
-                done = handler.install(m, at, data[start : start + n])
-                if done:
-                    with contextlib.suppress(UffdError, ValueError):
-                        handler.wake(m, at, n)
-                installed += done
+                # In steps: a fault in the same process waits for the whole of one ioctl.
+                # A step short of pages already there, or of mappings that are changing,
+                # leaves them to faults.
+                for off in range(0, n, step):
+                    piece = data[start + off : start + min(n, off + step)]
+                    done += handler.install(m, at + off, piece)
+            if done:
+                with contextlib.suppress(UffdError, ValueError):
+                    handler.wake(m, at, n)
+            installed += done
         return installed
 
     def _zero(self, flat: int, length: int) -> int:
