@@ -67,6 +67,8 @@ FRAMES = [
     p.Zero(4096, 1 << 20, 4),
     p.End(12288, 5),
     p.Error(p.ErrorCode.BUSY, "busy", 6),
+    p.Map(0, 0, 1 << 30, request_id=8),
+    p.Presence(1 << 20, b"\xa5" * 64, 8),
 ]
 
 stream = st.one_of(

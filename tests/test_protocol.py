@@ -38,7 +38,7 @@ def test_header_is_big_endian() -> None:
     """The header is magic 'UF', version, type, flags, reserved, id, length, big-endian."""
     wire = p.encode(p.Read(2, 4096, 8192, urgent=True, request_id=0x01020304))
     assert wire[:2] == b"UF"
-    assert struct.unpack(">HBBHHII", wire[:16]) == (0x5546, 1, 5, 1, 0, 0x01020304, 20)
+    assert struct.unpack(">HBBHHII", wire[:16]) == (0x5546, p.VERSION, 5, 1, 0, 0x01020304, 20)
     assert wire[16:] == struct.pack(">IQQ", 2, 4096, 8192)
 
 
@@ -73,7 +73,7 @@ def header(
     ("wire", "code", "match"),
     [
         (header(5, 20, magic=0x4142), p.ErrorCode.BAD_FRAME, "bad magic"),
-        (header(5, 20, version=2), p.ErrorCode.VERSION, "version 2"),
+        (header(5, 20, version=3), p.ErrorCode.VERSION, "version 3"),
         (header(99, 0), p.ErrorCode.BAD_FRAME, "unknown frame type 99"),
         (header(3, 0, flags=1), p.ErrorCode.BAD_FRAME, "flags"),
         (header(5, 20, flags=2), p.ErrorCode.BAD_FRAME, "flags"),
@@ -228,5 +228,5 @@ def test_parse_header_checks_like_the_decoder() -> None:
         p.parse_header(header(6, 1 << 20 + 1), max_payload=1 << 20)
     assert info.value.code is p.ErrorCode.TOO_LARGE
     with pytest.raises(p.ProtocolError) as info:
-        p.parse_header(frame[: p.HEADER.size], versions=(2,))
+        p.parse_header(p.encode(p.Read(2, 4096, 8192, True, 9), 1)[: p.HEADER.size], versions=(2,))
     assert info.value.code is p.ErrorCode.VERSION

@@ -25,12 +25,18 @@ class SendPlan:
 
     ``runs`` are ``(offset, length, file offset or None)``; a present run longer
     than ``frame_bytes`` goes out as several DATA frames, each its 24-byte
-    header then ``sendfile`` of its bytes from ``fd``. ``sent`` and ``zeros``
-    count page bytes and zero-range bytes once the plan is done.
+    header (protocol ``version``) then ``sendfile`` of its bytes from ``fd``.
+    ``sent`` and ``zeros`` count page bytes and zero-range bytes once the plan
+    is done.
     """
 
     def __init__(
-        self, request_id: int, runs: list[tuple[int, int, int | None]], frame_bytes: int, fd: int
+        self,
+        request_id: int,
+        runs: list[tuple[int, int, int | None]],
+        frame_bytes: int,
+        fd: int,
+        version: int = p.VERSION,
     ) -> None:
         self.fd = fd
         self.sent = 0
@@ -40,12 +46,12 @@ class SendPlan:
         small: list[bytes] = []
         for offset, length, file_offset in runs:
             if file_offset is None:
-                small.append(p.encode(p.Zero(offset, length, request_id)))
+                small.append(p.encode(p.Zero(offset, length, request_id), version))
                 self.zeros += length
                 continue
             for at in range(0, length, frame_bytes):
                 n = min(frame_bytes, length - at)
-                small.append(p.data_header(request_id, offset + at, n))
+                small.append(p.data_header(request_id, offset + at, n, version))
                 self._segments += [b"".join(small), (file_offset + at, n)]
                 small.clear()
                 self.sent += n

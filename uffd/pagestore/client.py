@@ -128,6 +128,7 @@ class _HandshakeFrames:
         self.decoder = p.FrameDecoder()
         self.pending: list[p.Frame] = []
         self.hello_seen = False
+        self.version = p.VERSION
 
     def feed(self, data: bytes) -> None:
         """Decode ``data``; raises PeerGoneError on EOF (empty ``data``) or garbage."""
@@ -160,13 +161,16 @@ class _HandshakeFrames:
         if not isinstance(hello, p.Hello):
             raise PeerGoneError(f"page server {label} did not start with HELLO")
         self.hello_seen = True
-        if not hello.min_version <= p.VERSION <= hello.max_version:
+        common = [v for v in p.VERSIONS if hello.min_version <= v <= hello.max_version]
+        if not common:
             raise RemoteError(
                 p.ErrorCode.VERSION,
                 f"the server speaks versions {hello.min_version}..{hello.max_version}, "
-                f"this client {p.VERSION}",
+                f"this client {', '.join(map(str, p.VERSIONS))}",
                 label,
             )
+        # The newest both speak; every frame this client sends carries it.
+        self.version = max(common)
         if hello.max_frame > MAX_ACCEPTED_FRAME:
             raise self.violation(
                 f"HELLO announces frames of up to {hello.max_frame} bytes, over this client's "
@@ -182,8 +186,8 @@ class _HandshakeFrames:
                     "on the command line)",
                     label,
                 )
-            out += p.encode(p.Auth(p.auth_mac(token, hello.nonce)))
-        return hello, out + p.encode(p.List())
+            out += p.encode(p.Auth(p.auth_mac(token, hello.nonce)), self.version)
+        return hello, out + p.encode(p.List(), self.version)
 
     def check_regions(self, regions: p.Frame) -> p.Regions:
         """The answer to LIST, which must be a REGIONS frame."""
@@ -235,6 +239,8 @@ class PageClient:
         self._gone: PeerGoneError | None = None
         self._closed = False
         self._reader_task = asyncio.create_task(self._read_loop())
+        # The protocol version agreed in the handshake (set by connect()).
+        self.version = p.VERSION
 
     @classmethod
     async def connect(
@@ -310,6 +316,7 @@ class PageClient:
         # After the handshake only DATA frames may be large.
         frames.decoder.max_control = _MAX_CONTROL
         client = cls(reader, writer, frames.decoder, hello, regions, address, request_timeout)
+        client.version = frames.version
         client._feed(frames.pending)
         return client
 
@@ -394,7 +401,7 @@ class PageClient:
             self._pending[request_id] = _Pending(offset, len(buffer), buffer, future)
             frame = p.Read(region, offset, len(buffer), urgent, request_id)
             try:
-                self._writer.write(p.encode(frame))
+                self._writer.write(p.encode(frame, self.version))
                 return await asyncio.wait_for(future, self.request_timeout)
             except asyncio.TimeoutError:
                 raise TimeoutError(
@@ -578,6 +585,7 @@ class ThreadedPageClient:
         regions = frames.check_regions(next_frame())
         if frames.pending or frames.decoder.buffered:
             raise PeerGoneError(f"page server {label} sent frames nobody asked for")
+        self.version = frames.version
         return hello, regions
 
     # -- callers' side --
@@ -636,6 +644,50 @@ class ThreadedPageClient:
         """``fetch(...).result()``: the bytes, or the read's exception."""
         return self.fetch(region, offset, length, urgent=urgent).result()
 
+    def extents(
+        self, region: str | int, offset: int = 0, length: int | None = None
+    ) -> list[tuple[int, int, bool]]:
+        """Runs of ``(offset, length, present)`` covering the range (default: the region).
+
+        ``present`` False means the server knows those pages are all zeros (a
+        snapshot does not store them): a restore can install them in bulk
+        (UFFDIO_ZEROPAGE) at session start and never fetch them. One MAP
+        request, answered with a bitmap (no page bytes: 32 KiB per GiB of 4
+        KiB pages). A server of protocol version 1 cannot say: the whole range
+        is then one present run (fetch it all, which is always correct).
+
+        Raises:
+            KeyError: no region of that name.
+            ValueError: a range outside the region or not page-aligned.
+            RemoteError, PeerGoneError, TimeoutError: as :meth:`fetch`.
+        """
+        region_id = _region_id(self._ids, self._label, region)
+        ps, size = self.page_size, self.regions[region_id].length
+        if length is None:
+            length = size - offset
+        if offset < 0 or length < 0 or offset + length > size or offset % ps or length % ps:
+            raise ValueError(
+                f"extents of [{offset}, +{length}) of a {size}-byte region: page-aligned and "
+                "inside it, please"
+            )
+        if not length:
+            return []
+        if self.version < 2:
+            return [(offset, length, True)]
+        pages = length // ps
+        bitmap = bytearray((pages + 7) // 8)
+        future: concurrent.futures.Future[int] = concurrent.futures.Future()
+        fetch = _Fetch(region_id, offset, memoryview(bitmap), False, True, future, length)
+        fetch.map = True
+        with self._lock:
+            if self._closed:
+                raise ValueError(f"the client of {self._label} is closed")
+            if self._gone is not None:
+                raise PeerGoneError(str(self._gone))
+            self._issue(_Part(fetch, 0, length))
+        future.result()
+        return _runs(int.from_bytes(bitmap, "little") & ((1 << pages) - 1), pages, offset, ps)
+
     def _start(
         self, region: str | int, offset: int, view: memoryview, urgent: bool, zeroed: bool
     ) -> concurrent.futures.Future[int]:
@@ -674,9 +726,10 @@ class ThreadedPageClient:
         fetch = part.fetch
         part.deadline = time.monotonic() + self.request_timeout
         self._inflight[rid] = part
-        frame = p.Read(fetch.region, fetch.offset + part.start, part.length, fetch.urgent, rid)
+        kind = p.Map if fetch.map else p.Read
+        frame = kind(fetch.region, fetch.offset + part.start, part.length, fetch.urgent, rid)
         try:
-            self._sock.sendall(p.encode(frame))
+            self._sock.sendall(p.encode(frame, self.version))
         except OSError:
             # The reader sees the broken connection and fails everything, this part too.
             with contextlib.suppress(OSError):
@@ -850,7 +903,9 @@ class ThreadedPageClient:
             if part is None:
                 self._late(rid, kind)
                 continue
-            if isinstance(frame, p.Zero):
+            if isinstance(frame, p.Presence):
+                self._place_bits(part, frame.offset, frame.bitmap)
+            elif isinstance(frame, p.Zero):
                 start = self._place(part, frame.offset, frame.length)
                 if not part.fetch.zeroed and not part.fetch.failed:
                     _zero(part.fetch.view[start : start + frame.length])
@@ -871,15 +926,36 @@ class ThreadedPageClient:
 
     def _late(self, rid: int, kind: p.FrameType) -> None:
         """A frame for no pending request: a late reply to a timed-out one is dropped."""
-        if kind not in (p.FrameType.DATA, p.FrameType.ZERO, p.FrameType.END, p.FrameType.ERROR):
+        if kind not in (
+            p.FrameType.DATA,
+            p.FrameType.ZERO,
+            p.FrameType.END,
+            p.FrameType.ERROR,
+            p.FrameType.PRESENCE,
+        ):
             raise _Violation(f"unexpected {kind.name} frame")
         if kind in (p.FrameType.END, p.FrameType.ERROR):
             self._abandoned.discard(rid)
+
+    def _place_bits(self, part: _Part, offset: int, bitmap: bytes) -> None:
+        """Copy a PRESENCE bitmap for ``offset`` into the MAP fetch's bitmap."""
+        fetch = part.fetch
+        ps = self.page_size
+        start = offset - fetch.offset
+        if not fetch.map or start % (8 * ps) or start < part.start:
+            raise _Violation(f"a PRESENCE frame at {offset} for no MAP at that place")
+        first = start // (8 * ps)
+        if first + len(bitmap) > len(fetch.view) or (start + 8 * ps * len(bitmap)) <= start:
+            raise _Violation(f"a PRESENCE bitmap of {len(bitmap)} bytes past the MAP's range")
+        if not fetch.failed:
+            fetch.view[first : first + len(bitmap)] = bitmap
 
     @staticmethod
     def _place(part: _Part, offset: int, size: int) -> int:
         """Where a reply of ``size`` bytes at ``offset`` goes in the fetch's buffer."""
         fetch = part.fetch
+        if fetch.map:
+            raise _Violation("page data in answer to a MAP")
         start = offset - fetch.offset
         if start < part.start or start + size > part.start + part.length:
             raise _Violation(
@@ -912,6 +988,23 @@ class ThreadedPageClient:
 
 
 _OFFSET = struct.Struct(">Q")
+
+
+def _runs(bits: int, pages: int, offset: int, page_size: int) -> list[tuple[int, int, bool]]:
+    """(offset, length, present) runs of a page bitmap held in an int (bit i = page i)."""
+    runs: list[tuple[int, int, bool]] = []
+    page = 0
+    while page < pages:
+        rest = bits >> page
+        present = bool(rest & 1)
+        edge = ~rest if present else rest  # the run ends at the lowest set bit of this
+        count = (edge & -edge).bit_length() - 1 if edge else pages - page
+        count = min(count, pages - page)
+        runs.append((offset + page * page_size, count * page_size, present))
+        page += count
+    return runs
+
+
 _ZEROS = bytes(1 << 16)
 
 
@@ -949,6 +1042,8 @@ class _Fetch:
     future: concurrent.futures.Future[int]
     remaining: int
     failed: bool = False
+    # A MAP: ``view`` is the stored-page bitmap of the range, filled by PRESENCE frames.
+    map: bool = False
 
     def fail(self, error: BaseException) -> None:
         if not self.failed and not self.future.done():

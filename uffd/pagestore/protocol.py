@@ -36,10 +36,12 @@ __all__ = [
     "MAGIC",
     "MAX_FRAME",
     "MAX_PAGE_SIZE",
+    "MAX_PRESENCE_BYTES",
     "MIN_FRAME",
     "MIN_PAGE_SIZE",
     "NONCE_SIZE",
     "VERSION",
+    "VERSIONS",
     "Auth",
     "Data",
     "End",
@@ -50,6 +52,8 @@ __all__ = [
     "FrameType",
     "Hello",
     "List",
+    "Map",
+    "Presence",
     "ProtocolError",
     "Read",
     "RegionEntry",
@@ -64,7 +68,13 @@ __all__ = [
 ]
 
 MAGIC = 0x5546
-VERSION = 1
+VERSION = 2
+# Every version this side speaks: 2 adds MAP/PRESENCE (the present-page map), the
+# rest of version 1 is unchanged, so a version-1 peer is served as before.
+VERSIONS = (1, 2)
+# A PRESENCE frame carries at most this much bitmap (262,144 pages: 1 GiB of
+# 4 KiB pages): it stays under a client's 64 KiB limit for control frames.
+MAX_PRESENCE_BYTES = 32 << 10
 HEADER = struct.Struct(">HBBHHII")
 NONCE_SIZE = 32
 MAC_SIZE = 32
@@ -90,6 +100,8 @@ class FrameType(enum.IntEnum):
     ZERO = 7
     END = 8
     ERROR = 9
+    MAP = 10
+    PRESENCE = 11
 
 
 class ErrorCode(enum.IntEnum):
@@ -131,8 +143,8 @@ class Hello:
     auth_required: bool
     max_frame: int = MAX_FRAME
     max_pending: int = 64
-    min_version: int = VERSION
-    max_version: int = VERSION
+    min_version: int = VERSIONS[0]
+    max_version: int = VERSIONS[-1]
     request_id: int = 0
     TYPE: ClassVar[FrameType] = FrameType.HELLO
 
@@ -223,7 +235,31 @@ class Error:
     TYPE: ClassVar[FrameType] = FrameType.ERROR
 
 
-Frame = Union[Hello, Auth, List, Regions, Read, Data, Zero, End, Error]  # noqa: UP007
+@dataclasses.dataclass(frozen=True)
+class Map(Read):
+    """Client -> server (version 2): which pages of ``length`` bytes at ``offset`` are stored.
+
+    Answered by PRESENCE frames and END, like a READ; no page bytes move.
+    """
+
+    TYPE: ClassVar[FrameType] = FrameType.MAP
+
+
+@dataclasses.dataclass(frozen=True)
+class Presence:
+    """Server -> client (version 2): bit ``i`` of ``bitmap`` (LSB first) set = the page at
+    ``offset + i * page_size`` is stored; clear = it is all zeros."""
+
+    offset: int
+    bitmap: bytes
+    request_id: int = 0
+    TYPE: ClassVar[FrameType] = FrameType.PRESENCE
+
+
+Frame = Union[Hello, Auth, List, Regions, Read, Map, Data, Zero, End, Error, Presence]  # noqa: UP007
+
+# The frame types of version 2 only: refused in a version-1 header.
+_V2_TYPES = {FrameType.MAP, FrameType.PRESENCE}
 
 _HELLO = struct.Struct(">BBBBII32s")
 _READ = struct.Struct(">IQQ")
@@ -241,10 +277,16 @@ _FIXED_SIZE = {
     FrameType.AUTH: MAC_SIZE,
     FrameType.LIST: 0,
     FrameType.READ: _READ.size,
+    FrameType.MAP: _READ.size,
     FrameType.ZERO: _ZERO.size,
     FrameType.END: _END.size,
 }
-_MIN_SIZE = {FrameType.REGIONS: _REGIONS.size, FrameType.DATA: _DATA.size, FrameType.ERROR: 2}
+_MIN_SIZE = {
+    FrameType.REGIONS: _REGIONS.size,
+    FrameType.DATA: _DATA.size,
+    FrameType.ERROR: 2,
+    FrameType.PRESENCE: _DATA.size,
+}
 _FLAGS_ALLOWED = {FrameType.READ: FLAG_URGENT}
 _U32 = (1 << 32) - 1
 _U64 = (1 << 64) - 1
@@ -293,9 +335,13 @@ def _payload(frame: Frame) -> tuple[int, bytes]:
                 raise ValueError(f"region name {entry.name!r} must be 1..255 bytes of UTF-8")
             parts += [bytes([len(name)]), name, _ENTRY.pack(entry.length)]
         return 0, b"".join(parts)
-    if isinstance(frame, Read):
-        flags = FLAG_URGENT if frame.urgent else 0
+    if isinstance(frame, Read):  # and Map
+        flags = FLAG_URGENT if frame.urgent and not isinstance(frame, Map) else 0
         return flags, _READ.pack(frame.region, frame.offset, frame.length)
+    if isinstance(frame, Presence):
+        if len(frame.bitmap) > MAX_PRESENCE_BYTES:
+            raise ValueError(f"a PRESENCE bitmap holds at most {MAX_PRESENCE_BYTES} bytes")
+        return 0, _DATA.pack(frame.offset) + bytes(frame.bitmap)
     if isinstance(frame, Data):
         return 0, _DATA.pack(frame.offset) + bytes(frame.data)
     if isinstance(frame, Zero):
@@ -307,8 +353,8 @@ def _payload(frame: Frame) -> tuple[int, bytes]:
     raise TypeError(f"not a frame: {frame!r}")
 
 
-def encode(frame: Frame) -> bytes:
-    """The wire bytes of ``frame`` (header + payload).
+def encode(frame: Frame, version: int = VERSION) -> bytes:
+    """The wire bytes of ``frame`` (header + payload) in a ``version`` header.
 
     Raises:
         ValueError: a field does not fit its wire type (a 33-byte nonce, a
@@ -321,12 +367,14 @@ def encode(frame: Frame) -> bytes:
         raise ValueError(f"{type(frame).__name__}: a field does not fit: {err}") from None
     _check_uint(frame.request_id, _U32, "request id")
     _check_uint(len(payload), _U32, "payload length")
-    return HEADER.pack(MAGIC, VERSION, frame.TYPE, flags, 0, frame.request_id, len(payload)) + (
+    if frame.TYPE in _V2_TYPES and version < 2:
+        raise ValueError(f"{frame.TYPE.name} needs protocol version 2")
+    return HEADER.pack(MAGIC, version, frame.TYPE, flags, 0, frame.request_id, len(payload)) + (
         payload
     )
 
 
-def data_header(request_id: int, offset: int, length: int) -> bytes:
+def data_header(request_id: int, offset: int, length: int, version: int = VERSION) -> bytes:
     """The first 24 bytes of a DATA frame carrying ``length`` bytes at ``offset``.
 
     ``data_header(...) + data`` equals ``encode(Data(offset, data, request_id))``;
@@ -340,7 +388,7 @@ def data_header(request_id: int, offset: int, length: int) -> bytes:
     _check_uint(offset, _U64, "offset")
     _check_uint(length + _DATA.size, _U32, "payload length")
     return HEADER.pack(
-        MAGIC, VERSION, FrameType.DATA, 0, 0, request_id, length + _DATA.size
+        MAGIC, version, FrameType.DATA, 0, 0, request_id, length + _DATA.size
     ) + _DATA.pack(offset)
 
 
@@ -408,6 +456,14 @@ def decode_payload(kind: FrameType, flags: int, request_id: int, payload: memory
     if kind is FrameType.READ:
         region, offset, length = _READ.unpack(payload)
         return Read(region, offset, length, bool(flags & FLAG_URGENT), request_id)
+    if kind is FrameType.MAP:
+        region, offset, length = _READ.unpack(payload)
+        return Map(region, offset, length, False, request_id)
+    if kind is FrameType.PRESENCE:
+        if len(payload) - _DATA.size > MAX_PRESENCE_BYTES:
+            raise ProtocolError(ErrorCode.TOO_LARGE, "PRESENCE: the bitmap is over 32 KiB")
+        (offset,) = _DATA.unpack_from(payload)
+        return Presence(offset, bytes(payload[_DATA.size :]), request_id)
     if kind is FrameType.DATA:
         (offset,) = _DATA.unpack_from(payload)
         return Data(offset, bytes(payload[_DATA.size :]), request_id)
@@ -429,7 +485,7 @@ def decode_payload(kind: FrameType, flags: int, request_id: int, payload: memory
 def parse_header(
     header: bytes | bytearray | memoryview,
     max_payload: int = MAX_FRAME,
-    versions: tuple[int, ...] = (VERSION,),
+    versions: tuple[int, ...] = VERSIONS,
     max_control: int | None = None,
 ) -> tuple[FrameType, int, int, int]:
     """(type, flags, request id, payload length) of a 16-byte header, all checked.
@@ -454,6 +510,8 @@ def parse_header(
     if kind not in FrameType._value2member_map_:
         raise ProtocolError(ErrorCode.BAD_FRAME, f"unknown frame type {kind}")
     ftype = FrameType(kind)
+    if ftype in _V2_TYPES and version < 2:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"{ftype.name} needs protocol version 2")
     if flags & ~_FLAGS_ALLOWED.get(ftype, 0) or reserved:
         raise ProtocolError(
             ErrorCode.BAD_FRAME, f"{ftype.name}: unknown flags {flags:#x} or reserved bits"
@@ -497,7 +555,7 @@ class FrameDecoder:
         self,
         *,
         max_payload: int = MAX_FRAME,
-        versions: tuple[int, ...] = (VERSION,),
+        versions: tuple[int, ...] = VERSIONS,
         max_control: int | None = None,
     ):
         self.max_payload = max_payload
@@ -506,6 +564,8 @@ class FrameDecoder:
         self._buffer = bytearray()
         self._header: tuple[FrameType, int, int, int] | None = None
         self._broken: ProtocolError | None = None
+        # The header version of the last frame started: a server answers in it.
+        self.version = VERSION
 
     @property
     def buffered(self) -> int:
@@ -526,6 +586,7 @@ class FrameDecoder:
                     self._header = parse_header(
                         self._buffer, self.max_payload, self.versions, self.max_control
                     )
+                    self.version = self._buffer[2]
                     del self._buffer[: HEADER.size]
                 kind, flags, request_id, length = self._header
                 if len(self._buffer) < length:

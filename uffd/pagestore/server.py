@@ -222,7 +222,9 @@ class _Client:
         """Write ``frames`` in one go and wait (at most ``send_timeout``) for them to drain."""
         self.count(frames)
         async with self.write_lock:
-            self.writer.write(b"".join(p.encode(f) for f in frames))
+            # HELLO goes out in a version-1 header, which every client reads.
+            version = self.decoder.version if self.authenticated else 1
+            self.writer.write(b"".join(p.encode(f, version) for f in frames))
             await self.drain()
         self.last_activity = self.loop.time()
 
@@ -382,7 +384,13 @@ class _Client:
     async def handle(self, frame: p.Frame) -> None:
         """Answer or queue one frame received after the handshake."""
         server = self.server
-        if isinstance(frame, p.Read):
+        if isinstance(frame, p.Map):
+            error = server.check_read(frame)
+            if error is not None:
+                await self.send(p.Error(error[0], error[1], frame.request_id))
+            else:
+                await self.send(*server.presence(frame), p.End(frame.length, frame.request_id))
+        elif isinstance(frame, p.Read):
             server.stats.requests += 1
             self.requests += 1
             error = server.check_read(frame)
@@ -515,11 +523,13 @@ class _Client:
                 # Nothing was sent: the chunks are verified before the first byte goes out.
                 self.pending -= 1
                 self.count([p.Error(p.ErrorCode.INTERNAL, str(err), rid)])
-                self.writer.write(p.encode(p.Error(p.ErrorCode.INTERNAL, str(err), rid)))
+                self.writer.write(
+                    p.encode(p.Error(p.ErrorCode.INTERNAL, str(err), rid), self.decoder.version)
+                )
                 return
             sock = self.raw
             assert sock is not None
-            plan = SendPlan(rid, runs, server.frame_bytes, source.fileno())
+            plan = SendPlan(rid, runs, server.frame_bytes, source.fileno(), self.decoder.version)
             while True:
                 # Kept until run() ends: a cancelled worker must not let the dup be
                 # closed under a pool thread still sending.
@@ -539,7 +549,7 @@ class _Client:
             if last:
                 # Counted before END goes out: a client that saw END sees the stats.
                 self.pending -= 1
-                self.writer.write(p.encode(p.End(request.served, rid)))
+                self.writer.write(p.encode(p.End(request.served, rid), self.decoder.version))
             else:
                 self.queue.put_nowait((priority, seq, request))
         self.last_activity = self.loop.time()
@@ -725,6 +735,29 @@ class PageServer:
                 f"{self.names[frame.region]!r} of {length} bytes"
             )
         return None
+
+    def presence(self, frame: p.Map) -> list[p.Frame]:
+        """The PRESENCE frames answering ``frame`` (already checked): the stored-page bitmap.
+
+        A snapshot knows its zero pages, so this costs no page I/O (a raw file
+        asks the file system for its holes). One frame per 1 GiB of 4 KiB pages.
+        """
+        ps = self.source.page_size
+        name = self.names[frame.region]
+        step = p.MAX_PRESENCE_BYTES * 8 * ps
+        frames: list[p.Frame] = []
+        for start in range(frame.offset, frame.offset + frame.length, step):
+            length = min(step, frame.offset + frame.length - start)
+            bits = 0
+            for run_offset, run_length, present in self.source.extents(name, start, length):
+                if present:
+                    first = (run_offset - start) // ps
+                    bits |= ((1 << (run_length // ps)) - 1) << first
+            pages = length // ps
+            frames.append(
+                p.Presence(start, bits.to_bytes((pages + 7) // 8, "little"), frame.request_id)
+            )
+        return frames
 
     def read_piece(self, request_id: int, name: str, offset: int, length: int) -> list[p.Frame]:
         """DATA and ZERO frames for one piece of a request (runs in the thread pool)."""
