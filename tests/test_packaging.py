@@ -90,8 +90,9 @@ def test_wheel_is_abi3_with_license_types_and_script(dist: Path) -> None:
     assert f"Tag: cp310-abi3-linux_{_machine()}" in tags
     assert {"uffd/_native.abi3.so", "uffd/py.typed", f"{info}/licenses/LICENSE"} <= names
     assert "uffd = uffd.cli:main" in entry_points
+    assert "[pytest11]\nuffd = uffd.testing" in entry_points
     classifiers = meta.get_all("Classifier") or []
-    assert "Typing :: Typed" in classifiers
+    assert {"Typing :: Typed", "Framework :: Pytest"} <= set(classifiers)
     assert "Programming Language :: Python :: 3.10" in classifiers
     assert meta["License-Expression"] == "MIT"
     assert meta.get_all("Project-URL")

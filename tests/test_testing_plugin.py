@@ -113,17 +113,24 @@ def test_hugetlb_marker_reserves_pages_and_gives_them_back(tmp_path: Path) -> No
 
 
 def test_fixtures_serve_regions_of_each_kind(tmp_path: Path) -> None:
-    """uffd_served_region faults pages in from the data; uffd_region gives each memory kind."""
+    """Served regions fault in from their data; every memory kind; the marked handler features."""
     before = Path("/proc/sys/vm/nr_hugepages").read_text()
     out = run_pytest(
         tmp_path,
         """
         import os
 
+        import pytest
+        from uffd import Feature
+
         def test_served(uffd_served_region):
             data = os.urandom(8 * 4096)
             region = uffd_served_region(data)
             assert region.read(0, len(data)) == data
+
+        @pytest.mark.requires_uffd(features="THREAD_ID")
+        def test_handler_has_the_marked_features(uffd_handler):
+            assert uffd_handler.uffd.features & Feature.THREAD_ID
 
         def test_each_kind(uffd_region, uffd_handler):
             uffd_handler.register(uffd_region)
@@ -133,7 +140,8 @@ def test_fixtures_serve_regions_of_each_kind(tmp_path: Path) -> None:
         "-v",
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    for test in ("test_served", "test_each_kind[anon]", "test_each_kind[shmem]"):
+    passing = ("test_served", "test_handler_has_the_marked_features")
+    for test in (*passing, "test_each_kind[anon]", "test_each_kind[shmem]"):
         assert f"test_it.py::{test} PASSED" in out.stdout, out.stdout
     hugetlb = "test_it.py::test_each_kind[hugetlb]"
     assert f"{hugetlb} PASSED" in out.stdout or (

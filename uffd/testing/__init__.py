@@ -185,21 +185,32 @@ def uffd_region(
 
 
 @pytest.fixture
-def uffd_handler(uffd_region_factory: Callable[..., Region]) -> Iterator[FaultHandler]:
+def uffd_handler(
+    request: pytest.FixtureRequest, uffd_region_factory: Callable[..., Region]
+) -> Iterator[FaultHandler]:
     """A started ``FaultHandler``; stopped at teardown, which re-raises its handlers' errors.
 
-    Where this user may only open a user-mode-only userfaultfd, the handler
-    uses one (kernel-mode accesses to its regions then fail with EFAULT).
-    Skips when no userfaultfd can be opened at all.
+    It enables the features of the test's ``requires_uffd`` markers (e.g.
+    THREAD_ID, so faults carry the thread id). Where this user may only open
+    a user-mode-only userfaultfd, the handler uses one (kernel-mode accesses
+    to its regions then fail with EFAULT). Skips when no userfaultfd can be
+    opened at all.
     """
-    from uffd import FaultHandler, Userfaultfd
+    from uffd import FaultHandler, Feature, Userfaultfd
+    from uffd.probe import parse_features
 
-    why = requirement_unmet()
+    features = Feature(0)
+    for marker in request.node.iter_markers("requires_uffd"):
+        wanted = marker.kwargs.get("features", "")
+        features |= parse_features(wanted) if isinstance(wanted, str) else Feature(wanted)
+    why = requirement_unmet(features)
     if why is not None:
         pytest.skip(why)
     caps = _caps()
-    privileged = caps.syscall.works or caps.device.works
-    handler = FaultHandler() if privileged else FaultHandler(uffd=Userfaultfd(user_mode_only=True))
+    if caps.syscall.works or caps.device.works:
+        handler = FaultHandler(features=features)
+    else:
+        handler = FaultHandler(uffd=Userfaultfd(features, user_mode_only=True))
     handler.start()
     try:
         yield handler
