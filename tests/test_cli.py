@@ -308,10 +308,15 @@ def test_probe_require_passes_when_the_host_has_the_features() -> None:
     assert json.loads(out.stdout)["unmet"] is None
 
 
-def test_probe_require_fails_with_the_reason_where_userfaultfd_is_blocked() -> None:
+@pytest.mark.parametrize(
+    "command", [[UFFD], [sys.executable, "-m", "uffd"]], ids=["uffd", "python -m uffd"]
+)
+def test_probe_require_fails_with_the_reason_where_userfaultfd_is_blocked(
+    command: list[str],
+) -> None:
     """Under a seccomp filter like Docker's, ``probe --require MOVE`` exits 1 saying why."""
     out = subprocess.run(
-        [sys.executable, NO_UFFD, UFFD, "probe", "--require", "MOVE"],
+        [sys.executable, NO_UFFD, *command, "probe", "--require", "MOVE"],
         capture_output=True,
         text=True,
         timeout=60,
