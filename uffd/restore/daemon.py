@@ -492,25 +492,27 @@ class HandlerDaemon:
         """Read one connection's handshake and start its session, or refuse it.
 
         Never raises: whatever a peer sends, a refusal is recorded (and the
-        fds it sent closed); the daemon and other sessions go on.
+        fds it sent closed); the daemon and other sessions go on. The peer is
+        named (psutil) only once its session runs or it is refused: looking
+        its name up costs its first fault time.
         """
-        who = "a connection"
+        cred: PeerCred | None = None
         pidfd = -1
         try:
             with conn:
                 try:
-                    who = _describe(peer_credentials(conn))
+                    cred = peer_credentials(conn)
                     fd, mappings, cred = recv_handshake(conn, timeout=self.handshake_timeout)
                 except (HandshakeError, OSError) as err:
-                    self._refuse(who, err)
+                    self._refuse(_describe(cred), err)
                     return
                 # The process as of its connect(): immune to the pid being reused.
                 pidfd = peer_pidfd(conn)
-            self._serve(fd, mappings, cred, pidfd, who)
+            self._serve(fd, mappings, cred, pidfd)
         except Exception as err:  # a bug must not take a handshake thread with it
             if pidfd >= 0:
                 os.close(pidfd)
-            self._refuse(who, RuntimeError(f"{type(err).__name__}: {err}"))
+            self._refuse(_describe(cred), RuntimeError(f"{type(err).__name__}: {err}"))
 
     def _serve(
         self,
@@ -518,7 +520,6 @@ class HandlerDaemon:
         mappings: list[GuestRegionUffdMapping],
         cred: PeerCred,
         pidfd: int,
-        who: str,
     ) -> None:
         """Start the session of an accepted handshake (owns ``fd`` and ``pidfd``), or refuse it."""
         refusal: Exception | None = None
@@ -534,14 +535,14 @@ class HandlerDaemon:
             os.close(fd)
             if pidfd >= 0:
                 os.close(pidfd)
-            self._refuse(who, refusal)
+            self._refuse(_describe(cred), refusal)
             return
         try:
             session = Session(
                 fd, mappings, cred, self.source, self.options, self._session_ended, pidfd=pidfd
             )
         except Exception as err:
-            self._refuse(who, err)
+            self._refuse(_describe(cred), err)
             return
         with self._lock:
             self._sessions.append(session)
@@ -550,17 +551,18 @@ class HandlerDaemon:
         except Exception as err:
             with self._lock:
                 self._sessions.remove(session)
-            self._refuse(who, err)
+            self._refuse(_describe(cred), err)
             return
         if isinstance(self.source, RemoteSource):
             self.source.warm()  # the next session's connections, now this one is served
-        log.info(
-            "serving %s: %s, %s, page size %s",
-            who,
-            plural(len(mappings), "region"),
-            human_size(session.layout.length),
-            human_size(session.layout.page_size),
-        )
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "serving %s: %s, %s, page size %s",
+                _describe(cred),
+                plural(len(mappings), "region"),
+                human_size(session.layout.length),
+                human_size(session.layout.page_size),
+            )
 
     def _session_ended(self, session: Session) -> None:
         """Called by a session once it has stopped: record, write the working set, report."""
@@ -587,8 +589,10 @@ class HandlerDaemon:
             self._cond.notify_all()
 
 
-def _describe(cred: PeerCred) -> str:
+def _describe(cred: PeerCred | None) -> str:
     """``pid 123 (firecracker, uid 0)``: the peer as the logs name it (psutil for the name)."""
+    if cred is None:
+        return "a connection"
     try:
         name = psutil.Process(cred.pid).name()
     except (psutil.Error, OSError):
