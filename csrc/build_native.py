@@ -56,7 +56,17 @@ def _declarations(header: str) -> str:
 CDEF = (
     "".join(f"#define {name} ...\n" for name in CONSTANTS.split())
     + """
-struct uffd_msg { uint8_t event; ...; };
+struct uffd_msg {
+    uint8_t event;
+    union {
+        struct { uint64_t flags; uint64_t address; union { uint32_t ptid; } feat; } pagefault;
+        struct { uint32_t ufd; } fork;
+        struct { uint64_t from; uint64_t to; uint64_t len; } remap;
+        struct { uint64_t start; uint64_t end; } remove;
+        struct { uint64_t reserved1; uint64_t reserved2; uint64_t reserved3; } reserved;
+    } arg;
+    ...;
+};
 struct pm_scan_arg {
     uint64_t size; uint64_t flags; uint64_t start; uint64_t end; uint64_t walk_end;
     uint64_t vec; uint64_t vec_len; uint64_t max_pages; uint64_t category_inverted;
@@ -74,16 +84,30 @@ int madvise(void *addr, size_t length, int advice);
 
 SOURCES = sorted(str(p.relative_to(HERE.parent)) for p in HERE.glob("uffd_*.c"))
 
-ffibuilder = FFI()
-ffibuilder.cdef(CDEF)
-ffibuilder.set_source(
-    "uffd._native",
-    '#include <sys/mman.h>\n#include "uffd_native.h"\n#include "uffd_pump.h"\n',
-    sources=SOURCES,
-    include_dirs=[str(HERE)],
-    extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11", "-pthread"],
-    extra_link_args=["-pthread"],
-)
+
+def builder(sources: list[str]) -> FFI:
+    """The FFI for ``uffd._native`` built from ``sources`` (setuptools wants them relative)."""
+    ffi = FFI()
+    ffi.cdef(CDEF)
+    ffi.set_source(
+        "uffd._native",
+        '#include <sys/mman.h>\n#include "uffd_native.h"\n#include "uffd_pump.h"\n',
+        sources=sources,
+        include_dirs=[str(HERE)],
+        extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11", "-pthread"],
+        extra_link_args=["-pthread"],
+    )
+    return ffi
+
+
+ffibuilder = builder(SOURCES)
 
 if __name__ == "__main__":
-    ffibuilder.compile(verbose=True)
+    # ``python csrc/build_native.py [DIR]`` builds into DIR (default: here), e.g.
+    # the sanitizer build of `make sanitize`; CFLAGS and LDFLAGS from the
+    # environment are added to the flags above. cffi compiles inside DIR, so
+    # the sources are given by absolute path.
+    import sys
+
+    out = sys.argv[1] if len(sys.argv) > 1 else "."
+    builder([str(HERE.parent / s) for s in SOURCES]).compile(tmpdir=out, verbose=True)

@@ -72,6 +72,9 @@ struct pyuffd_pump {
 	uint64_t zero_len;
 	void *bounce; /* FILE sources read here before UFFDIO_COPY */
 	uint64_t bounce_len;
+	int *srcs; /* dups of FILE source fds, owned by the pump (see pyuffd_pump_map) */
+	int nsrcs, srcs_cap;
+	int reading; /* a FILE source is being read with the lock released */
 };
 
 static uint64_t now_ns(void)
@@ -134,24 +137,36 @@ static int ensure_buffer(void **buf, uint64_t *len, uint64_t need)
 	return 0;
 }
 
-static int backlog_push(struct pyuffd_pump *p, const struct pyuffd_item *item)
+/*
+ * Make room for n more backlog items. Done before anything is read or
+ * resolved for the backlog, so a push never fails: an item that could not be
+ * queued would be a fault or an event read from the kernel and then lost.
+ */
+static int backlog_reserve(struct pyuffd_pump *p, int n)
 {
-	if (p->bl_count == p->bl_cap) {
-		/* Unroll the ring into a larger buffer. */
-		int ncap = p->bl_cap ? p->bl_cap * 2 : 1024;
-		struct pyuffd_item *nb = pages_alloc((size_t)ncap * sizeof(*nb));
-		if (!nb)
-			return -ENOMEM;
-		for (int i = 0; i < p->bl_count; i++)
-			nb[i] = p->backlog[(p->bl_head + i) % p->bl_cap];
-		pages_free(p->backlog, (size_t)p->bl_cap * sizeof(*nb));
-		p->backlog = nb;
-		p->bl_cap = ncap;
-		p->bl_head = 0;
-	}
+	if (p->bl_count + n <= p->bl_cap)
+		return 0;
+	int ncap = p->bl_cap ? p->bl_cap * 2 : 1024;
+	while (ncap < p->bl_count + n)
+		ncap *= 2;
+	/* Unroll the ring into the larger buffer. */
+	struct pyuffd_item *nb = pages_alloc((size_t)ncap * sizeof(*nb));
+	if (!nb)
+		return -ENOMEM;
+	for (int i = 0; i < p->bl_count; i++)
+		nb[i] = p->backlog[(p->bl_head + i) % p->bl_cap];
+	pages_free(p->backlog, (size_t)p->bl_cap * sizeof(*nb));
+	p->backlog = nb;
+	p->bl_cap = ncap;
+	p->bl_head = 0;
+	return 0;
+}
+
+/* Queue an item; the caller reserved room for it (backlog_reserve). */
+static void backlog_push(struct pyuffd_pump *p, const struct pyuffd_item *item)
+{
 	p->backlog[(p->bl_head + p->bl_count) % p->bl_cap] = *item;
 	p->bl_count++;
-	return 0;
 }
 
 static void kick(int efd)
@@ -246,6 +261,56 @@ static int do_fallback(struct pyuffd_pump *p, int fd, uint64_t addr, uint64_t fl
 }
 
 /*
+ * Close the FILE source dups no map uses any more (lock held). Deferred while
+ * a source is read with the lock released: that read may be on one of them,
+ * and a number closed under it could be reused by another file meanwhile.
+ */
+static void sweep_srcs(struct pyuffd_pump *p)
+{
+	if (p->reading)
+		return;
+	for (int i = p->nsrcs - 1; i >= 0; i--) {
+		int used = 0;
+		for (int j = 0; j < p->nmaps && !used; j++)
+			used = p->maps[j].source == PYUFFD_SOURCE_FILE && p->maps[j].src_fd == p->srcs[i];
+		if (!used) {
+			close(p->srcs[i]);
+			p->srcs[i] = p->srcs[--p->nsrcs];
+		}
+	}
+}
+
+/*
+ * Fill the bounce buffer for a MEMORY-less source: zeros, or a pread of the
+ * file. The pread runs with the lock released (a slow disk must not stall
+ * the watchdog, which enforces every other fault's deadline); the map may
+ * change meanwhile, so the caller looks it up again. Lock held on entry and
+ * on return; returns 0 or -errno.
+ */
+static int fill_bounce(struct pyuffd_pump *p, int source, int src_fd, uint64_t offset, uint64_t len)
+{
+	int rc = ensure_buffer(&p->bounce, &p->bounce_len, len);
+	if (rc < 0)
+		return rc;
+	if (source != PYUFFD_SOURCE_FILE) {
+		memset(p->bounce, 0, len);
+		return 0;
+	}
+	p->reading = 1;
+	pthread_mutex_unlock(&p->lock);
+	ssize_t n = pread(src_fd, p->bounce, len, (off_t)offset);
+	int err = errno;
+	pthread_mutex_lock(&p->lock);
+	p->reading = 0;
+	sweep_srcs(p);
+	if (n < 0)
+		return -err;
+	/* Past the end of the file reads as zeros. */
+	memset((char *)p->bounce + n, 0, len - (uint64_t)n);
+	return 0;
+}
+
+/*
  * Serve a MISSING fault from a native source; 1 if served, 0 to hand it to
  * Python. While faults are sequential the pump installs a growing run of
  * pages from the faulting one on (up to max_run bytes), in one UFFDIO_COPY:
@@ -255,16 +320,18 @@ static int serve_native(struct pyuffd_pump *p, int fd, const struct uffd_msg *ms
 			uint64_t *lo, uint64_t *hi)
 {
 	uint64_t flags = msg->arg.pagefault.flags;
+	uint64_t addr = msg->arg.pagefault.address;
 	if (flags & (UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR))
 		return 0;
-	struct map *m = find_map(p, fd, msg->arg.pagefault.address);
+	struct map *m = find_map(p, fd, addr);
 	if (!m || m->source == PYUFFD_SOURCE_NONE)
 		return 0;
 	uint64_t ps = m->page_size;
-	uint64_t page = msg->arg.pagefault.address & ~(ps - 1);
+	uint64_t page = addr & ~(ps - 1);
 	uint64_t off = page - m->start;
-	m->run = (page == m->next && m->run * 2 <= m->max_run) ? m->run * 2 : page == m->next ? m->run : ps;
-	uint64_t len = m->run < m->end - page ? m->run : m->end - page;
+	uint64_t run = (page == m->next && m->run * 2 <= m->max_run) ? m->run * 2 : page == m->next ? m->run : ps;
+	uint64_t len = run < m->end - page ? run : m->end - page;
+	uint64_t start = m->start;
 	int64_t done = 0;
 	uint64_t mode = dontwake ? UFFDIO_COPY_MODE_DONTWAKE : 0;
 	int rc;
@@ -273,18 +340,12 @@ static int serve_native(struct pyuffd_pump *p, int fd, const struct uffd_msg *ms
 	} else if (m->source == PYUFFD_SOURCE_MEMORY) {
 		rc = pyuffd_copy(fd, page, m->src_addr + off, len, mode, &done);
 	} else {
-		rc = ensure_buffer(&p->bounce, &p->bounce_len, len);
-		if (rc == 0 && m->source == PYUFFD_SOURCE_FILE) {
-			ssize_t n = pread(m->src_fd, p->bounce, len, (off_t)(m->src_offset + off));
-			if (n < 0)
-				return 0;
-			/* Past the end of the file reads as zeros. */
-			memset((char *)p->bounce + n, 0, len - (uint64_t)n);
-		} else if (rc == 0) {
-			memset(p->bounce, 0, len);
-		}
-		if (rc == 0)
-			rc = pyuffd_copy(fd, page, (uint64_t)(uintptr_t)p->bounce, len, mode, &done);
+		rc = fill_bounce(p, m->source, m->src_fd, m->src_offset + off, len);
+		/* The lock was released: install only if the same map still holds the page. */
+		m = find_map(p, fd, page);
+		if (rc < 0 || !m || m->start != start || m->source == PYUFFD_SOURCE_NONE)
+			return 0;
+		rc = pyuffd_copy(fd, page, (uint64_t)(uintptr_t)p->bounce, len, mode, &done);
 	}
 	if (rc == -EEXIST && done == 0)
 		rc = dontwake ? 0 : pyuffd_wake(fd, page, ps); /* someone installed it first */
@@ -292,6 +353,7 @@ static int serve_native(struct pyuffd_pump *p, int fd, const struct uffd_msg *ms
 		rc = 0; /* the faulting page is in; the run stopped at a present page */
 	if (rc < 0)
 		return 0; /* EAGAIN and the like: Python knows what to do */
+	m->run = run;
 	m->next = page + (done > (int64_t)ps ? (uint64_t)done : ps);
 	p->native_faults++;
 	if (page < *lo)
@@ -302,23 +364,29 @@ static int serve_native(struct pyuffd_pump *p, int fd, const struct uffd_msg *ms
 }
 
 /*
- * Read what is pending on fd (non-blocking) into items (up to max) or, when
- * items is NULL, into the backlog. Page faults get a slot. Lock held.
+ * Stop watching fd (it failed or was removed): lock held. Order is kept, and
+ * every loop over p->fds runs from the last index down, so removing the fd
+ * being visited never makes a loop skip another.
  */
-/* Stop watching fd (it failed): lock held. */
 static void forget_fd(struct pyuffd_pump *p, int fd)
 {
 	epoll_ctl(p->epfd, EPOLL_CTL_DEL, fd, NULL);
-	for (int i = 0; i < p->nfds; i++)
-		if (p->fds[i] == fd)
-			p->fds[i--] = p->fds[--p->nfds];
+	for (int i = 0; i < p->nfds; i++) {
+		if (p->fds[i] == fd) {
+			memmove(&p->fds[i], &p->fds[i + 1], (size_t)(p->nfds - i - 1) * sizeof(p->fds[0]));
+			p->nfds--;
+			i--;
+		}
+	}
 }
 
 /*
  * Read what is pending on fd (non-blocking) into items (up to max) or, when
- * items is NULL, into the backlog. Page faults get a slot. When one read
- * returns several faults, native ones are installed with DONTWAKE and woken
- * with one UFFDIO_WAKE over their span. Lock held.
+ * items is NULL, into the backlog (room for what one read can return is
+ * reserved first; without it nothing is read, and the kernel keeps the
+ * messages). Page faults get a slot. When one read returns several faults,
+ * native ones are installed with DONTWAKE and woken with one UFFDIO_WAKE
+ * over their span. Lock held (serve_native may release it for a pread).
  */
 static int read_fd(struct pyuffd_pump *p, int fd, struct pyuffd_item *items, int max, uint64_t deadline_ns)
 {
@@ -326,6 +394,8 @@ static int read_fd(struct pyuffd_pump *p, int fd, struct pyuffd_item *items, int
 	int n = 0;
 	if (max > READ_BATCH)
 		max = READ_BATCH;
+	if (!items && backlog_reserve(p, max) < 0)
+		return 0;
 	ssize_t got = read(fd, msgs, (size_t)max * sizeof(msgs[0]));
 	uint64_t t = now_ns();
 	if (got < 0) {
@@ -404,14 +474,17 @@ static void *watchdog_main(void *arg)
 		uint64_t takeover = p->deadline_ns / 2 < TAKEOVER_NS ? p->deadline_ns / 2 : TAKEOVER_NS;
 		if (!p->in_wait && !p->stopping && now - p->left_wait_ns > takeover) {
 			int before = p->bl_count;
-			for (int i = 0; i < p->nfds; i++)
-				read_fd(p, p->fds[i], NULL, READ_BATCH, p->deadline_ns - takeover);
+			for (int i = p->nfds - 1; i >= 0; i--)
+				if (i < p->nfds)
+					read_fd(p, p->fds[i], NULL, READ_BATCH, p->deadline_ns - takeover);
 			pushed |= p->bl_count != before;
 		}
 		for (int i = 0; i < NSLOTS; i++) {
 			struct slot *s = &p->slots[i];
 			if (s->state != SLOT_PENDING || s->deadline_ns > now)
 				continue;
+			if (backlog_reserve(p, 1) < 0)
+				break; /* no room for the notice: resolve it at the next tick */
 			int did = do_fallback(p, s->fd, s->addr, s->flags, s->ptid);
 			struct pyuffd_item note = { .fd = s->fd, .slot = (uint32_t)(did < 0 ? 0 : did), .t_ns = now };
 			note.msg.event = PYUFFD_EVENT_EXPIRED;
@@ -434,33 +507,44 @@ struct pyuffd_pump *pyuffd_pump_new(uint64_t deadline_ns)
 	struct pyuffd_pump *p = calloc(1, sizeof(*p));
 	if (!p)
 		return NULL;
-	pthread_mutex_init(&p->lock, NULL);
-	pthread_condattr_t ca;
-	pthread_condattr_init(&ca);
-	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-	pthread_cond_init(&p->tick, &ca);
-	pthread_condattr_destroy(&ca);
 	p->deadline_ns = deadline_ns;
 	p->left_wait_ns = now_ns();
 	p->epfd = epoll_create1(EPOLL_CLOEXEC);
 	p->stopfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	p->kickfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	int err = p->epfd < 0 || p->stopfd < 0 || p->kickfd < 0 ? errno : 0;
 	struct epoll_event ev = { .events = EPOLLIN };
 	ev.data.fd = p->stopfd;
-	epoll_ctl(p->epfd, EPOLL_CTL_ADD, p->stopfd, &ev);
+	if (!err && epoll_ctl(p->epfd, EPOLL_CTL_ADD, p->stopfd, &ev) < 0)
+		err = errno;
 	ev.data.fd = p->kickfd;
-	epoll_ctl(p->epfd, EPOLL_CTL_ADD, p->kickfd, &ev);
-	if (p->epfd < 0 || p->stopfd < 0 || p->kickfd < 0 ||
-	    pthread_create(&p->watchdog, NULL, watchdog_main, p) != 0) {
-		int err = errno;
-		close(p->epfd);
-		close(p->stopfd);
-		close(p->kickfd);
-		free(p);
-		errno = err;
-		return NULL;
+	if (!err && epoll_ctl(p->epfd, EPOLL_CTL_ADD, p->kickfd, &ev) < 0)
+		err = errno;
+	int inited = 0;
+	if (!err) {
+		pthread_condattr_t ca;
+		pthread_mutex_init(&p->lock, NULL);
+		pthread_condattr_init(&ca);
+		pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+		pthread_cond_init(&p->tick, &ca);
+		pthread_condattr_destroy(&ca);
+		inited = 1;
+		err = pthread_create(&p->watchdog, NULL, watchdog_main, p);
 	}
-	return p;
+	if (!err)
+		return p;
+	if (inited) {
+		pthread_mutex_destroy(&p->lock);
+		pthread_cond_destroy(&p->tick);
+	}
+	for (int i = 0; i < 3; i++) {
+		int fd = i == 0 ? p->epfd : i == 1 ? p->stopfd : p->kickfd;
+		if (fd >= 0)
+			close(fd);
+	}
+	free(p);
+	errno = err;
+	return NULL;
 }
 
 void pyuffd_pump_free(struct pyuffd_pump *p)
@@ -473,7 +557,10 @@ void pyuffd_pump_free(struct pyuffd_pump *p)
 	close(p->epfd);
 	close(p->stopfd);
 	close(p->kickfd);
+	p->nmaps = 0;
+	sweep_srcs(p); /* closes every source dup */
 	free(p->maps);
+	free(p->srcs);
 	pages_free(p->backlog, (size_t)p->bl_cap * sizeof(*p->backlog));
 	pages_free(p->zero_page, p->zero_len);
 	pages_free(p->bounce, p->bounce_len);
@@ -505,6 +592,11 @@ int pyuffd_pump_add_fd(struct pyuffd_pump *p, int fd)
 	return rc;
 }
 
+/*
+ * Stop serving fd: its maps go, and so do its pending slots (a later FORK
+ * may reuse the number for another child, whose page a fallback meant for
+ * this one must never touch). Whoever removes an fd answers for its faults.
+ */
 int pyuffd_pump_remove_fd(struct pyuffd_pump *p, int fd)
 {
 	pthread_mutex_lock(&p->lock);
@@ -512,16 +604,34 @@ int pyuffd_pump_remove_fd(struct pyuffd_pump *p, int fd)
 	for (int i = 0; i < p->nmaps; i++)
 		if (p->maps[i].fd == fd)
 			p->maps[i--] = p->maps[--p->nmaps];
+	for (int i = 0; i < NSLOTS; i++)
+		if (p->slots[i].state == SLOT_PENDING && p->slots[i].fd == fd)
+			p->slots[i].state = SLOT_FREE;
+	sweep_srcs(p);
 	pthread_mutex_unlock(&p->lock);
 	return 0;
 }
 
+/*
+ * Serve [start, end) of fd's faults with a fallback and a source. A FILE
+ * source's fd is dup'ed: the pump reads its own copy for as long as a map
+ * uses it, so the owner closing its fd (and the number being reused by
+ * another file) never makes the pump read the wrong file.
+ */
 int pyuffd_pump_map(struct pyuffd_pump *p, int fd, uint64_t start, uint64_t end, uint64_t page_size,
 		    int fallback, int source, uint64_t src_addr, int src_fd, uint64_t src_offset,
 		    uint64_t max_run)
 {
 	pthread_mutex_lock(&p->lock);
 	int rc = grow((void **)&p->maps, &p->maps_cap, p->nmaps + 1, sizeof(struct map));
+	if (rc == 0 && source == PYUFFD_SOURCE_FILE) {
+		rc = grow((void **)&p->srcs, &p->srcs_cap, p->nsrcs + 1, sizeof(int));
+		src_fd = rc ? -1 : fcntl(src_fd, F_DUPFD_CLOEXEC, 0);
+		if (rc == 0 && src_fd < 0)
+			rc = -errno;
+		if (rc == 0)
+			p->srcs[p->nsrcs++] = src_fd;
+	}
 	if (rc == 0)
 		p->maps[p->nmaps++] = (struct map){ fd, start, end, page_size, fallback, source, src_fd,
 						    src_addr, src_offset, max_run > page_size ? max_run : page_size,
@@ -534,8 +644,9 @@ int pyuffd_pump_map(struct pyuffd_pump *p, int fd, uint64_t start, uint64_t end,
 int pyuffd_pump_unmap(struct pyuffd_pump *p, int fd, uint64_t start, uint64_t end)
 {
 	pthread_mutex_lock(&p->lock);
-	int rc = 0;
-	for (int i = 0; i < p->nmaps; i++) {
+	/* The pieces kept need at most two more entries per map cut: room first, then no failure. */
+	int rc = grow((void **)&p->maps, &p->maps_cap, p->nmaps + 2, sizeof(struct map));
+	for (int i = 0; rc == 0 && i < p->nmaps; i++) {
 		struct map m = p->maps[i];
 		if (m.fd != fd || m.end <= start || m.start >= end)
 			continue;
@@ -543,8 +654,6 @@ int pyuffd_pump_unmap(struct pyuffd_pump *p, int fd, uint64_t start, uint64_t en
 		if (m.start < start) {
 			struct map head = m;
 			head.end = start;
-			if ((rc = grow((void **)&p->maps, &p->maps_cap, p->nmaps + 1, sizeof(m))))
-				break;
 			p->maps[p->nmaps++] = head;
 		}
 		if (m.end > end) {
@@ -552,20 +661,12 @@ int pyuffd_pump_unmap(struct pyuffd_pump *p, int fd, uint64_t start, uint64_t en
 			tail.src_addr += m.source == PYUFFD_SOURCE_MEMORY ? end - m.start : 0;
 			tail.src_offset += m.source == PYUFFD_SOURCE_FILE ? end - m.start : 0;
 			tail.start = end;
-			if ((rc = grow((void **)&p->maps, &p->maps_cap, p->nmaps + 1, sizeof(m))))
-				break;
 			p->maps[p->nmaps++] = tail;
 		}
 	}
+	sweep_srcs(p);
 	pthread_mutex_unlock(&p->lock);
 	return rc;
-}
-
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-	__builtin_ia32_pause();
-#endif
 }
 
 /*
@@ -580,8 +681,9 @@ static int spin(struct pyuffd_pump *p, struct pyuffd_item *items, int max_items)
 	uint64_t served = p->native_faults;
 	for (;;) {
 		int n = 0;
-		for (int i = 0; i < p->nfds && n < max_items; i++)
-			n += read_fd(p, p->fds[i], items + n, max_items - n, p->deadline_ns);
+		for (int i = p->nfds - 1; i >= 0 && n < max_items; i--)
+			if (i < p->nfds)
+				n += read_fd(p, p->fds[i], items + n, max_items - n, p->deadline_ns);
 		if (n || p->bl_count || __atomic_load_n(&p->stop_requested, __ATOMIC_RELAXED))
 			return n;
 		uint64_t t = now_ns();
