@@ -227,7 +227,7 @@ def test_deferred_fault_never_resolved(region_factory: Regions) -> None:
 
 
 def test_stop_resolves_pending_faults(region_factory: Regions) -> None:
-    """stop() with deferred faults pending releases their threads and reports them."""
+    """stop() with deferred faults pending releases their threads, reports them, refuses resolve."""
     region = region_factory("anon", pages=3)
     deferred: list[uffd.Fault] = []
     handler = FaultHandler(deadline=60, fallback="zero").start()
@@ -241,7 +241,8 @@ def test_stop_resolves_pending_faults(region_factory: Regions) -> None:
     assert [reader.finish() for reader in readers] == [bytes(8)] * 3
     assert time.monotonic() - t0 < WAIT
     assert "2 more handler errors were recorded" in "".join(error.__notes__)
-    assert handler.resolve(deferred[0], Resolution.zero()) is False
+    with pytest.raises(uffd.UffdError, match="handler stopped"):
+        handler.resolve(deferred[0], Resolution.zero())
 
 
 def test_uffd_closed_under_handler(region_factory: Regions) -> None:

@@ -1,7 +1,9 @@
 """Events read from a userfaultfd, and the one function that decodes them.
 
-A ``struct uffd_msg`` is 32 bytes: an event code, reserved bytes, then a
-24-byte union (userfaultfd(2), "Reading from the userfaultfd structure").
+A ``struct uffd_msg`` is an event code, reserved bytes, then a union
+(userfaultfd(2), "Reading from the userfaultfd structure"); ``decode`` is the
+one place that reads it, for ``Userfaultfd.read_events`` and for the fault
+pump's items alike.
 """
 
 from __future__ import annotations
@@ -12,19 +14,43 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Union
 
 from uffd._errors import UffdError
-from uffd._native import lib
+from uffd._native import ffi, lib
 
 if TYPE_CHECKING:
     from uffd._userfaultfd import Userfaultfd
 
-__all__ = ["Event", "Fork", "PageFault", "Remap", "Remove", "Unmap", "decode_events"]
+__all__ = ["Event", "Fork", "PageFault", "Remap", "Remove", "Unmap", "decode", "decode_events"]
 
-MSG_SIZE = 32
-_HEADER = struct.Struct("=B3x4x")
-_PAGEFAULT = struct.Struct("=8xQQI4x")
-_FORK = struct.Struct("=8xI20x")
-_TRIPLE = struct.Struct("=8xQQQ")
-_PAIR = struct.Struct("=8xQQ8x")
+# The layout comes from the compiled headers (cffi), never typed here.
+MSG_SIZE = ffi.sizeof("struct uffd_msg")
+_EVENT_AT = ffi.offsetof("struct uffd_msg", "event")
+_ARG_AT = ffi.offsetof("struct uffd_msg", "arg")
+_ARG_WORDS = (MSG_SIZE - _ARG_AT) // 8  # the union, as u64 words
+
+
+def record_struct(fields: list[tuple[int, str]], msg_at: int, size: int) -> struct.Struct:
+    """A ``struct.Struct`` for a ``size``-byte record holding a uffd_msg at ``msg_at``.
+
+    ``fields`` are (offset, format code) pairs before the message; the
+    message unpacks as (event, w0, w1, w2): its code and the union's u64
+    words, which ``decode`` reads per event. Offsets come from ffi, so the
+    same record read by C and by Python cannot disagree.
+    """
+    fmt, at = "=", 0
+    msg = [(msg_at + _EVENT_AT, "B"), *((msg_at + _ARG_AT + 8 * i, "Q") for i in range(_ARG_WORDS))]
+    for offset, code in [*fields, *msg]:
+        fmt += f"{offset - at}x{code}" if offset > at else code
+        at = offset + struct.calcsize("=" + code)
+    record = struct.Struct(fmt + (f"{size - at}x" if size > at else ""))
+    assert record.size == size, (fmt, size)
+    return record
+
+
+_MSG = record_struct([], 0, MSG_SIZE)
+PAGEFAULT = int(lib.UFFD_EVENT_PAGEFAULT)
+FLAG_WRITE = int(lib.UFFD_PAGEFAULT_FLAG_WRITE)
+FLAG_WP = int(lib.UFFD_PAGEFAULT_FLAG_WP)
+FLAG_MINOR = int(lib.UFFD_PAGEFAULT_FLAG_MINOR)
 
 
 @dataclass(frozen=True)
@@ -94,34 +120,44 @@ for _cls in (PageFault, Fork, Remap, Remove, Unmap):
     _cls.__module__ = "uffd"
 
 
-def decode_events(
-    data: bytes | memoryview,
+def decode(
+    code: int,
+    words: tuple[int, int, int],
     *,
     thread_ids: bool,
     adopt_fd: Callable[[int], Userfaultfd],
-) -> list[Event]:
-    """Decode whole ``uffd_msg`` records.
+) -> Event:
+    """The event of one ``uffd_msg``: its ``code`` and the union's u64 ``words``.
 
     ``thread_ids`` says whether THREAD_ID was negotiated (the field is
     meaningless otherwise); ``adopt_fd`` wraps a forked child's new fd.
     Raises ``UffdError`` for an event code this library does not know: it
     means the fd negotiated a feature we did not ask for.
     """
-    events: list[Event] = []
-    for offset in range(0, len(data) - len(data) % MSG_SIZE, MSG_SIZE):
-        (code,) = _HEADER.unpack_from(data, offset)
-        if code == lib.UFFD_EVENT_PAGEFAULT:
-            flags, address, ptid = _PAGEFAULT.unpack_from(data, offset)
-            events.append(PageFault(address, flags, ptid if thread_ids else None))
-        elif code == lib.UFFD_EVENT_FORK:
-            (ufd,) = _FORK.unpack_from(data, offset)
-            events.append(Fork(adopt_fd(ufd)))
-        elif code == lib.UFFD_EVENT_REMAP:
-            events.append(Remap(*_TRIPLE.unpack_from(data, offset)))
-        elif code == lib.UFFD_EVENT_REMOVE:
-            events.append(Remove(*_PAIR.unpack_from(data, offset)))
-        elif code == lib.UFFD_EVENT_UNMAP:
-            events.append(Unmap(*_PAIR.unpack_from(data, offset)))
-        else:
-            raise UffdError(0, f"read from userfaultfd: unknown event code {code:#x}")
-    return events
+    a, b, c = words
+    if code == lib.UFFD_EVENT_PAGEFAULT:
+        # feat.ptid is the union's third word's low half (a u32 on a little-endian host).
+        return PageFault(b, a, (c & 0xFFFFFFFF) if thread_ids else None)
+    if code == lib.UFFD_EVENT_FORK:
+        return Fork(adopt_fd(a & 0xFFFFFFFF))
+    if code == lib.UFFD_EVENT_REMAP:
+        return Remap(a, b, c)
+    if code == lib.UFFD_EVENT_REMOVE:
+        return Remove(a, b)
+    if code == lib.UFFD_EVENT_UNMAP:
+        return Unmap(a, b)
+    raise UffdError(0, f"read from userfaultfd: unknown event code {code:#x}")
+
+
+def decode_events(
+    data: bytes | memoryview,
+    *,
+    thread_ids: bool,
+    adopt_fd: Callable[[int], Userfaultfd],
+) -> list[Event]:
+    """Decode whole ``uffd_msg`` records (see ``decode``)."""
+    whole = len(data) - len(data) % MSG_SIZE
+    return [
+        decode(code, (a, b, c), thread_ids=thread_ids, adopt_fd=adopt_fd)
+        for code, a, b, c in _MSG.iter_unpack(data[:whole])
+    ]

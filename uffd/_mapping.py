@@ -1,4 +1,4 @@
-"""The mapping table of a ``FaultHandler``: ``Mapping``, ``Fault`` and per-fd lookup.
+"""The mapping tables of a ``FaultHandler``: ``Mapping``, ``Fault``, per-fd lookup and ranges.
 
 A ``Mapping`` is a registered range with its memory kind, modes, ops and the
 ioctls honoured for it; a ``Fault`` is what a handler is given. Tables are
@@ -13,15 +13,13 @@ from typing import TYPE_CHECKING
 
 from uffd._constants import Feature, Ioctl, Mode
 from uffd._errors import describe_range
-from uffd._native import lib
 from uffd._stats import Counters
 from uffd._userfaultfd import Userfaultfd
 
 if TYPE_CHECKING:
     from uffd._ops import UffdOps
-    from uffd._resolution import Resolution
 
-__all__ = ["Fault", "Mapping", "Table", "required_features"]
+__all__ = ["Fault", "Mapping", "Table", "Tables", "required_features"]
 
 
 class Mapping:
@@ -33,19 +31,20 @@ class Mapping:
     handlers see mappings, never the fd, so every ioctl goes through the
     dispatch layer's checks.
     A mapping split by an event (munmap, MADV_DONTNEED or mremap of a part)
-    keeps, in each piece, the offsets of the range as registered.
+    keeps, in each piece, the offsets of the range as registered: ``origin``
+    is ``start``'s offset in that range (0 unless this is a later piece).
+    ``honoured`` is ``ioctls`` as a plain int, for the fault path.
     """
 
     __slots__ = (
-        "_fallback",
-        "_honoured",
         "_ioctls",
-        "_origin",
         "_uffd",
         "end",
+        "honoured",
         "kind",
         "mode",
         "ops",
+        "origin",
         "page_size",
         "start",
         "stats",
@@ -71,9 +70,7 @@ class Mapping:
         self._uffd = uffd
         self.ioctls = ioctls
         self.stats = Counters()
-        self._fallback = lib.PYUFFD_FALLBACK_ZEROPAGE
-        # Offset of ``start`` in the range as registered: non-zero for the tail of a split.
-        self._origin = 0
+        self.origin = 0
 
     @property
     def ioctls(self) -> Ioctl:
@@ -83,7 +80,7 @@ class Mapping:
     @ioctls.setter
     def ioctls(self, value: Ioctl) -> None:
         self._ioctls = Ioctl(value)
-        self._honoured = int(value)  # the fault path tests plain ints
+        self.honoured = int(value)  # the fault path tests plain ints: enum flag math costs µs
 
     @property
     def length(self) -> int:
@@ -101,8 +98,7 @@ class Mapping:
             uffd or self._uffd,
             self.ioctls,
         )
-        m._fallback = self._fallback
-        m._origin = self._origin + start - self.start
+        m.origin = self.origin + start - self.start
         return m
 
     def __repr__(self) -> str:
@@ -117,38 +113,17 @@ class Fault:
     of the range as registered, also in a piece of a split mapping), ``mapping``, ``kind``
     ("missing"|"minor"|"wp"), ``write``, ``thread_id``."""
 
-    __slots__ = (
-        "_early",
-        "_slot",
-        "_t_ns",
-        "address",
-        "kind",
-        "mapping",
-        "offset",
-        "thread_id",
-        "write",
-    )
+    __slots__ = ("address", "kind", "mapping", "offset", "thread_id", "write")
 
     def __init__(
-        self,
-        address: int,
-        mapping: Mapping,
-        kind: str,
-        write: bool,
-        thread_id: int | None,
-        slot: int,
-        t_ns: int,
+        self, address: int, mapping: Mapping, kind: str, write: bool, thread_id: int | None
     ) -> None:
         self.address = address
-        self.offset = address - mapping.start + mapping._origin
+        self.offset = address - mapping.start + mapping.origin
         self.mapping = mapping
         self.kind = kind
         self.write = write
         self.thread_id = thread_id
-        self._slot = slot
-        self._t_ns = t_ns
-        # None while the handler runs; then _DEFER once deferred, or an early answer.
-        self._early: Resolution | None = None
 
     def __repr__(self) -> str:
         return (
@@ -182,9 +157,101 @@ class Table:
         self.starts = [m.start for m in self.maps]
 
     def find(self, addr: int) -> Mapping | None:
+        """The mapping holding ``addr``, or None."""
         i = bisect.bisect_right(self.starts, addr) - 1
         if i >= 0:
             m = self.maps[i]
             if addr < m.end:
                 return m
         return None
+
+
+class Tables:
+    """Every fd's ``Table`` (the handler's own fd, adopted ones, forked children's).
+
+    The range arithmetic lives here: splitting at the edges of an unregister,
+    a REMOVE or an UNMAP, moving pieces on a REMAP, copying a table for a
+    forked child. Each change replaces a table whole, so the dispatch thread
+    reads ``by_fd`` without a lock; changes are made under the handler's lock.
+    """
+
+    __slots__ = ("by_fd",)
+
+    def __init__(self) -> None:
+        self.by_fd: dict[int, Table] = {}
+
+    def add_fd(self, fd: int) -> None:
+        """Start an empty table for ``fd``."""
+        self.by_fd[fd] = Table([])
+
+    def remove_fd(self, fd: int) -> list[Mapping]:
+        """Forget ``fd``'s table; its mappings (now retired)."""
+        table = self.by_fd.pop(fd, None)
+        return table.maps if table is not None else []
+
+    def fd_of(self, m: Mapping) -> Userfaultfd:
+        """The userfaultfd ``m`` is registered on (handlers never see it)."""
+        return m._uffd
+
+    def fd_number(self, m: Mapping) -> int:
+        """``m``'s fd number, or -1 once that fd is closed."""
+        return -1 if m._uffd.closed else m._uffd.fileno()
+
+    def all(self) -> list[Mapping]:
+        """Every mapping of every fd, sorted by start (then fd)."""
+        tables = list(self.by_fd.values())  # a FORK may add a table meanwhile
+        return sorted(
+            (m for t in tables for m in t.maps), key=lambda m: (m.start, self.fd_number(m))
+        )
+
+    def overlapping(self, fd: int, start: int, end: int) -> list[Mapping]:
+        """``fd``'s mappings that overlap [start, end)."""
+        return [m for m in self.by_fd[fd].maps if m.start < end and start < m.end]
+
+    def add(self, m: Mapping) -> None:
+        """Add ``m`` to its fd's table."""
+        fd = m._uffd.fileno()
+        self.by_fd[fd] = Table([*self.by_fd[fd].maps, m])
+
+    def holds(self, m: Mapping) -> bool:
+        """``m`` is in its fd's table (registered here, not split or dropped since)."""
+        table = self.by_fd.get(self.fd_number(m))
+        return table is not None and m in table.maps
+
+    def _split(self, fd: int, start: int, end: int) -> list[Mapping]:
+        """Split fd's mappings at ``start`` and ``end``; return the pieces inside."""
+        maps: list[Mapping] = []
+        inside: list[Mapping] = []
+        for m in self.by_fd[fd].maps:
+            pieces = [m]
+            for cut in (start, end):
+                last = pieces[-1]
+                if last.start < cut < last.end:
+                    head, tail = last._clone(last.start, cut), last._clone(cut, last.end)
+                    head.stats = last.stats  # the head keeps counting where the whole did
+                    pieces[-1:] = [head, tail]
+            for piece in pieces:
+                (inside if start <= piece.start and piece.end <= end else maps).append(piece)
+        self.by_fd[fd] = Table(maps + inside)
+        return inside
+
+    def drop(self, fd: int, start: int, end: int) -> list[Mapping]:
+        """Remove [start, end) from fd's table (splitting what straddles it); the pieces removed."""
+        inside = self._split(fd, start, end)
+        self.by_fd[fd] = Table([m for m in self.by_fd[fd].maps if m not in inside])
+        return inside
+
+    def move(self, fd: int, old: int, new: int, length: int) -> list[Mapping]:
+        """Apply an mremap of [old, old + length) to ``new``; the pieces moved."""
+        moved = self._split(fd, old, old + length)
+        rest = [m for m in self.by_fd[fd].maps if m not in moved]
+        for m in moved:
+            m.start, m.end = m.start - old + new, m.end - old + new
+        self.by_fd[fd] = Table(rest + moved)
+        return moved
+
+    def copy_for_child(self, fd: int, child: Userfaultfd) -> list[Mapping]:
+        """A forked child's table: a copy of every mapping of ``fd`` on ``child``."""
+        copies = [m._clone(m.start, m.end, child) for m in self.by_fd[fd].maps]
+        self.by_fd[child.fileno()] = Table(copies)
+        return copies

@@ -20,6 +20,7 @@ from uffd._resolution import Resolution
 
 if TYPE_CHECKING:
     from uffd._mapping import Fault, Mapping
+    from uffd._pump import NativeSource
 
 __all__ = [
     "AnonOps",
@@ -184,16 +185,15 @@ class UffdOps:
                 op="register",
             ) from None
 
-    def native_source(self, mapping: Mapping) -> tuple[int, int, int, int, int] | None:
+    def native_source(self, mapping: Mapping) -> NativeSource | None:
         """A source the C pump serves MISSING faults from without entering Python, or None.
 
-        Returns ``(source, address, fd, offset, max_run)`` with ``source`` one
-        of the pump's PYUFFD_SOURCE_* kinds (memory at ``address``, a file
-        ``fd`` at ``offset``, or zeros); while faults are sequential the pump
-        installs up to ``max_run`` bytes per fault (a run that doubles from
-        one page). The object that owns the memory or fd must
-        outlive the mapping. Faults the pump cannot serve still reach the
-        handlers, so ``handle_missing`` must give the same answer.
+        Returns a ``uffd.modules.NativeSource``: memory at an address, a file
+        at an offset, or zeros; while faults are sequential the pump installs
+        up to its ``max_run`` bytes per fault (a run that doubles from one
+        page). Memory must outlive the mapping; a file's fd is duplicated by
+        the pump. Faults the pump cannot serve still reach the handlers, so
+        ``handle_missing`` must give the same answer.
         """
         return None
 

@@ -6,11 +6,15 @@ the ioctl, after checking it against the mapping's honoured ioctls.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from uffd._constants import Ioctl
+from uffd._errors import HandlerRefusedError, UnsupportedError
 
-__all__ = ["Resolution"]
+if TYPE_CHECKING:
+    from uffd._mapping import Fault
+
+__all__ = ["Resolution", "plan"]
 
 
 class Resolution:
@@ -96,9 +100,59 @@ _NEEDS = {
     Resolution.POISON: int(Ioctl.POISON),
 }
 _WRITEPROTECT = int(Ioctl.WRITEPROTECT)
+_ZEROPAGE, _COPY = int(Ioctl.ZEROPAGE), int(Ioctl.COPY)
 _ZERO = Resolution(Resolution.ZERO)
 _CONTINUE = Resolution(Resolution.CONTINUE)
 _UNPROTECT = Resolution(Resolution.UNPROTECT)
 _POISON = Resolution(Resolution.POISON)
 _DEFER = Resolution(Resolution.DEFER)
 Resolution.__module__ = "uffd"
+
+
+def plan(r: Resolution, fault: Fault, poison_negotiated: bool) -> tuple[str, Any, bool]:
+    """How to install ``r`` for ``fault``: (what, data or None, write-protected).
+
+    ``what`` is the resolution's kind ("copy", "zero", "continue", "poison",
+    "unprotect"); a zero page on memory without ZEROPAGE (hugetlb) becomes a
+    copy of zeros. Called on the dispatch thread (or a ``resolve`` caller's).
+
+    Raises the error to record (the fault then takes the fallback):
+    HandlerRefusedError for a refusal; UnsupportedError for an ioctl the
+    mapping does not honour, POISON not negotiated, or ``keep_wp`` on a WP
+    fault (it would fault again forever); TypeError/ValueError for copy data
+    that is not a buffer of at least a page.
+    """
+    m = fault.mapping
+    ops = type(m.ops).__name__
+    kind, need, data, honoured = r.kind, r.need, r.data, m.honoured
+    if kind == Resolution.REFUSE:
+        raise HandlerRefusedError(0, f"{ops} refused {fault!r}: {r.reason}")
+    if kind == Resolution.ZERO and not honoured & _ZEROPAGE and honoured & _COPY:
+        # hugetlb has no ZEROPAGE: a zero page is a copy of zeros.
+        kind, need, data = Resolution.COPY, _COPY, bytes(m.page_size)
+    if kind not in _NEEDS or need & ~honoured:
+        raise UnsupportedError(
+            f"{ops} answered {r!r} for {fault!r}, but {Ioctl(need & ~honoured)!r} is not "
+            f"honoured on this mapping (honoured: {m.ioctls!r})"
+        )
+    if kind == Resolution.POISON and not poison_negotiated:
+        raise UnsupportedError(f"{r!r} for {fault!r}: UFFD_FEATURE_POISON was not negotiated")
+    if r.keep_wp and fault.kind == "wp":
+        raise UnsupportedError(
+            f"{r!r} for {fault!r} would leave the page write-protected, so the write would "
+            "fault again forever; use keep_wp=False (or Resolution.unprotect())"
+        )
+    if data is not None:
+        try:
+            view = memoryview(data)
+        except TypeError as err:
+            raise TypeError(f"Resolution.copy data for {fault!r} is not a buffer: {err}") from None
+        with view:  # released before anything is raised (a live export in a traceback)
+            size, contiguous = view.nbytes, view.c_contiguous
+        if not contiguous:
+            raise ValueError(f"Resolution.copy data for {fault!r} is not a contiguous buffer")
+        if size < m.page_size:
+            raise ValueError(
+                f"Resolution.copy data for {fault!r} holds {size} bytes, a page is {m.page_size}"
+            )
+    return kind, data, r.keep_wp

@@ -16,6 +16,7 @@ import math
 import mmap
 import operator
 import os
+import threading
 import time
 from types import TracebackType
 from typing import Any
@@ -208,6 +209,12 @@ class Userfaultfd:
         self.available = available
         self.ioctls = ioctls
         self._thread_ids = bool(features & Feature.THREAD_ID)
+        # read_events' buffer, allocated once (an anonymous mapping: no memory is used
+        # until a read fills it). With EVENT_FORK a fork() elsewhere in the process holds
+        # glibc's malloc locks until its FORK event is read, so a reader that allocated
+        # on its way to read() would wait on the fork that waits on it.
+        self._msgs = ffi.from_buffer("struct uffd_msg[]", mmap.mmap(-1, _MAX_BATCH * MSG_SIZE))
+        self._reading = threading.Lock()
 
     @classmethod
     def _adopt(cls, fd: int, parent: Userfaultfd) -> Userfaultfd:
@@ -259,6 +266,15 @@ class Userfaultfd:
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
+
+    def detach(self) -> int:
+        """Give up the fd without closing it (it was closed elsewhere); returns the old number.
+
+        The object is closed from then on; the number may already belong to
+        another file, which is why it must not be closed again.
+        """
+        fd, self._fd = self._fd, -1
+        return fd
 
     def __enter__(self) -> Userfaultfd:
         return self
@@ -508,9 +524,28 @@ class Userfaultfd:
         return self._read_events(fd, max_events, timeout)
 
     def _read_events(self, fd: int, max_events: int, timeout: float | None) -> list[Event]:
-        # "At most max_events": a huge value must not allocate a huge buffer.
+        # "At most max_events": never more than the buffer holds.
         max_events = min(max_events, _MAX_BATCH)
-        buf = ffi.new("struct uffd_msg[]", max_events)
+        # Nothing between here and read() returning may allocate (see _init): the
+        # buffer is the fd's own; a second thread reading the same fd meanwhile
+        # gets one of its own, the only case that allocates.
+        mine = self._reading.acquire(blocking=False)
+        buf = self._msgs if mine else ffi.new("struct uffd_msg[]", max_events)
+        try:
+            n = self._wait_and_read(fd, buf, max_events, timeout)
+            if n == 0:
+                return []
+            data = bytes(ffi.buffer(buf, n * MSG_SIZE))
+        finally:
+            if mine:
+                self._reading.release()
+        return decode_events(
+            data, thread_ids=self._thread_ids, adopt_fd=lambda ufd: Userfaultfd._adopt(ufd, self)
+        )
+
+    @staticmethod
+    def _wait_and_read(fd: int, buf: Any, max_events: int, timeout: float | None) -> int:
+        """Messages read into ``buf`` (0 when the wait ended first); EINTR is retried."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if deadline is None:
@@ -520,16 +555,11 @@ class Userfaultfd:
                 wait_ms = min(_MAX_WAIT_MS, max(0, math.ceil((deadline - time.monotonic()) * 1000)))
             n = lib.pyuffd_read_msgs(fd, buf, max_events, wait_ms)
             if n > 0:
-                data = ffi.buffer(buf, n * MSG_SIZE)
-                return decode_events(
-                    data,
-                    thread_ids=self._thread_ids,
-                    adopt_fd=lambda ufd: Userfaultfd._adopt(ufd, self),
-                )
+                return int(n)
             if n != -_errno.EINTR:
                 check(n, "read userfaultfd events")
             if wait_ms == 0:
-                return []
+                return 0
 
 
 Userfaultfd.__module__ = "uffd"

@@ -22,7 +22,17 @@ from typing import Any
 from uffd._errors import PageAccessError, check, describe_range
 from uffd._native import ffi, lib
 
-__all__ = ["Region", "anon", "huge_page_size", "hugetlb", "kind_of", "shmem"]
+__all__ = [
+    "Region",
+    "anon",
+    "huge_page_size",
+    "hugetlb",
+    "kind_of",
+    "page_sizes",
+    "shmem",
+    "userfault_registered",
+    "write_at",
+]
 
 PAGE_SIZE = mmap.PAGESIZE
 _MAP_FAILED = 2**64 - 1
@@ -37,6 +47,24 @@ def huge_page_size() -> int:
     raise OSError(
         _errno.ENOTSUP, "this kernel has no hugetlb support (no Hugepagesize in /proc/meminfo)"
     )
+
+
+def page_sizes(kind: str) -> list[int]:
+    """The page sizes ``kind`` memory can have here, the default first.
+
+    anon and shmem map base pages as far as userfaultfd is concerned (a THP
+    is still registered and resolved page by page); hugetlb has one size per
+    /sys/kernel/mm/hugepages pool.
+    """
+    if kind != "hugetlb":
+        return [PAGE_SIZE]
+    pools = Path("/sys/kernel/mm/hugepages")
+    sizes = sorted(int(p.name.split("-")[1][:-2]) * 1024 for p in pools.glob("hugepages-*kB"))
+    try:
+        default = huge_page_size()
+    except OSError:
+        return sizes
+    return [default, *(s for s in sizes if s != default)]
 
 
 def _mmap_hint(err: int, what: str) -> str:
@@ -132,34 +160,19 @@ class Region:
             )
         return self.addr + int(offset)
 
-    def _raise_access(self, op: str, rc: int, fault: Any, addr: int, n: int) -> None:
-        if rc == -_errno.EFAULT:
-            where = int(fault[0])
-            raise PageAccessError(
-                f"Region.{op} {describe_range(addr, n)}: SIGBUS at {where:#x} "
-                "(a poisoned page, or a missing page with UFFD_FEATURE_SIGBUS)",
-                address=where,
-                op=op,
-                length=n,
-            )
-        check(rc, f"Region.{op}", addr, n)
-
     def read(self, offset: int, n: int) -> bytes:
         """Copy ``n`` bytes at ``offset`` out of the region (GIL released, SIGBUS-safe)."""
         addr = self._span("read", offset, n)
         out = bytearray(n)
         fault = ffi.new("uint64_t *")
         rc = lib.pyuffd_mem_read(ffi.from_buffer(out), addr, n, fault)
-        self._raise_access("read", rc, fault, addr, n)
+        _raise_access("Region.read", rc, fault, addr, n)
         return bytes(out)
 
     def write(self, offset: int, data: Any) -> None:
         """Copy ``data`` (any buffer) into the region at ``offset`` (GIL released, SIGBUS-safe)."""
-        view = memoryview(data).cast("B")
-        addr = self._span("write", offset, view.nbytes)
-        fault = ffi.new("uint64_t *")
-        rc = lib.pyuffd_mem_write(addr, ffi.from_buffer(view), view.nbytes, fault)
-        self._raise_access("write", rc, fault, addr, view.nbytes)
+        with memoryview(data) as view, view.cast("B") as flat:
+            _write(self._span("write", offset, flat.nbytes), flat, "Region.write")
 
     def touch(self, offset: int, n: int, write: bool = False) -> None:
         """Access one byte per page from ``offset`` over ``n`` bytes.
@@ -171,7 +184,7 @@ class Region:
         addr = self._span("touch", offset, n)
         fault = ffi.new("uint64_t *")
         rc = lib.pyuffd_mem_touch(addr, n, self.page_size, int(write), fault)
-        self._raise_access("touch", rc, fault, addr, n)
+        _raise_access("Region.touch", rc, fault, addr, n)
 
     def madvise(self, advice: int, offset: int = 0, length: int | None = None) -> None:
         """madvise(2) on part of the region (MADV_DONTNEED, MADV_REMOVE, ...)."""
@@ -263,6 +276,40 @@ class Region:
             self.close()
 
 
+def _raise_access(op: str, rc: int, fault: Any, addr: int, n: int) -> None:
+    if rc == -_errno.EFAULT:
+        where = int(fault[0])
+        raise PageAccessError(
+            f"{op} {describe_range(addr, n)}: SIGBUS at {where:#x} "
+            "(a poisoned page, or a missing page with UFFD_FEATURE_SIGBUS)",
+            address=where,
+            op=op.rsplit(".", 1)[-1],
+            length=n,
+        )
+    check(rc, op, addr, n)
+
+
+def _write(addr: int, flat: memoryview, op: str) -> None:
+    fault = ffi.new("uint64_t *")
+    with ffi.from_buffer(flat) as src:
+        rc = lib.pyuffd_mem_write(addr, src, flat.nbytes, fault)
+    _raise_access(op, rc, fault, addr, flat.nbytes)
+
+
+def write_at(addr: int, data: Any) -> None:
+    """Copy ``data`` (any buffer) into this process's memory at ``addr``.
+
+    GIL released and SIGBUS-safe, like ``Region.write``, for memory no
+    Region describes (the FaultHandler's copy over a present page).
+
+    Raises:
+        PageAccessError: the write hit SIGBUS.
+        UffdError: EFAULT-like failures of the access itself.
+    """
+    with memoryview(data) as view, view.cast("B") as flat:
+        _write(addr, flat, "write_at")
+
+
 def _check_length(length: Any, page_size: int, what: str) -> int:
     length = operator.index(length)
     if length <= 0 or length % page_size:
@@ -312,6 +359,27 @@ def hugetlb(length: int, *, private: bool = False, align: int | None = None) -> 
     size = huge_page_size()
     length = _check_length(length, size, "uffd.mem.hugetlb")
     return _memfd_region("hugetlb", length, size, os.MFD_HUGETLB, private, align or size)
+
+
+# VmFlags of a range registered with a userfaultfd: missing, wp, minor (proc(5)).
+_UFFD_FLAGS = frozenset({"um", "uw", "ui"})
+
+
+def userfault_registered(addr: int, length: int) -> bool:
+    """Is any part of [addr, addr + length) of this process registered with a userfaultfd?
+
+    Read from /proc/self/smaps (VmFlags um/uw/ui): the kernel's own view, which
+    survives neither an munmap nor a new mapping over the range.
+    """
+    start = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(None, 1)[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            start = lo if lo < addr + length and addr < hi else None
+        elif start is not None and line.startswith("VmFlags:") and _UFFD_FLAGS & set(line.split()):
+            return True
+    return False
 
 
 def kind_of(addr: int) -> tuple[str, int, int, int]:

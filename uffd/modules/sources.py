@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from uffd._errors import UffdError
 from uffd._mapping import Fault, Mapping
-from uffd._native import ffi, lib
+from uffd._native import ffi
 from uffd._ops import UffdOps
+from uffd._pump import NativeSource
 from uffd._resolution import Resolution
 
 __all__ = ["DEFAULT_PREFETCH", "BufferOps", "FileOps"]
@@ -34,18 +36,13 @@ class BufferOps(UffdOps):
         self._native = native
         self.prefetch = prefetch
 
-    def native_source(self, mapping: Mapping) -> tuple[int, int, int, int, int] | None:
-        """The buffer's address, for the pump's MEMORY source."""
+    def native_source(self, mapping: Mapping) -> NativeSource | None:
+        """The buffer's address, for the pump's memory source."""
         if not self._native:
             return None
         self._check_size(mapping)
-        return (
-            lib.PYUFFD_SOURCE_MEMORY,
-            int(ffi.cast("uintptr_t", self._cdata)),
-            -1,
-            0,
-            self.prefetch,
-        )
+        address = int(ffi.cast("uintptr_t", self._cdata))
+        return NativeSource("memory", address=address, max_run=self.prefetch)
 
     def _check_size(self, mapping: Mapping) -> None:
         if len(self._view) < mapping.length:
@@ -81,22 +78,28 @@ class FileOps(UffdOps):
         self._native = native
         self.prefetch = prefetch
 
-    def native_source(self, mapping: Mapping) -> tuple[int, int, int, int, int] | None:
-        """The file's fd and offset, for the pump's FILE source."""
-        return (
-            (lib.PYUFFD_SOURCE_FILE, 0, self._fd, self.offset, self.prefetch)
-            if self._native
-            else None
-        )
+    def native_source(self, mapping: Mapping) -> NativeSource | None:
+        """The file's fd and offset, for the pump's file source (the pump reads a dup)."""
+        if not self._native or self._fd < 0:
+            return None
+        return NativeSource("file", fd=self._fd, offset=self.offset, max_run=self.prefetch)
 
     def handle_missing(self, fault: Fault) -> Resolution:
-        """pread the page; a short read is padded with zeros."""
+        """pread the page; a short read is padded with zeros.
+
+        Raises UffdError once ``close()`` ran (the pump, reading its own copy
+        of the fd, serves the faults it can without this).
+        """
+        if self._fd < 0:
+            raise UffdError(
+                0, f"FileOps for {self.path} was closed while {fault.mapping!r} uses it"
+            )
         size = fault.mapping.page_size
         data = os.pread(self._fd, size, self.offset + fault.offset)
         return Resolution.copy(data.ljust(size, b"\0"))
 
     def close(self) -> None:
-        """Close the file (after the mappings it serves are gone)."""
+        """Close the file. Safe while mappings still use it: the pump keeps its own copy."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

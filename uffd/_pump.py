@@ -1,0 +1,360 @@
+"""The fault pump's room: the one Python owner of the C pump (csrc/uffd_pump.c).
+
+Everything that touches the pump goes through ``Pump``: it owns the C
+object's lifetime, decodes the items ``wait`` hands back (the layout comes
+from ffi), names what a resolution came to (``Outcome``), and translates a
+``NativeSource`` and a fallback to the pump's constants, which nobody else
+sees.
+
+Lifetime: every call needs a *hold* on the pump (``hold``/``release``, or
+``with pump.held():``). The dispatch thread holds it for its whole run, so
+its per-fault calls cost nothing extra; a public entry point called from
+another thread (``install``, ``wake``, ``resolve``) holds it for its
+duration. ``close`` refuses new holds (``UffdError``: "handler stopped"),
+waits a bounded time for the current ones, and frees the C object once the
+last holder is gone: no call ever runs on freed state, and the caller
+closes the fds only after that, so no ioctl ever lands on a reused number.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from uffd._errors import UffdError, check
+from uffd._events import record_struct
+from uffd._native import ffi, lib
+
+__all__ = [
+    "DID_WAKE",
+    "EXPIRED",
+    "FD_ERROR",
+    "NativeSource",
+    "Outcome",
+    "Pump",
+    "did_name",
+    "did_unguarded",
+]
+
+# The pump's own notices among the items (the kernel's event codes start at 0x12).
+EXPIRED = int(lib.PYUFFD_EVENT_EXPIRED)
+FD_ERROR = int(lib.PYUFFD_EVENT_FD_ERROR)
+DID_WAKE = int(lib.PYUFFD_DID_WAKE)
+_DID_UNGUARDED = int(lib.PYUFFD_DID_UNGUARDED)
+_DID = {
+    lib.PYUFFD_DID_POISON: "poison",
+    lib.PYUFFD_DID_ZEROPAGE: "zero",
+    lib.PYUFFD_DID_ZEROCOPY: "zero",
+    lib.PYUFFD_DID_UNPROTECT: "unprotect",
+    lib.PYUFFD_DID_CONTINUE: "continue",
+    lib.PYUFFD_DID_WAKE: "wake",
+}
+_OPS = {
+    "copy": lib.PYUFFD_OP_COPY,
+    "zero": lib.PYUFFD_OP_ZEROPAGE,
+    "continue": lib.PYUFFD_OP_CONTINUE,
+    "poison": lib.PYUFFD_OP_POISON,
+    "unprotect": lib.PYUFFD_OP_UNPROTECT,
+    "wake": lib.PYUFFD_OP_WAKE,
+}
+_FALLBACKS = {
+    "poison": lib.PYUFFD_FALLBACK_POISON,
+    "zeropage": lib.PYUFFD_FALLBACK_ZEROPAGE,
+    "zerocopy": lib.PYUFFD_FALLBACK_ZEROCOPY,
+}
+_SOURCES = {
+    "memory": lib.PYUFFD_SOURCE_MEMORY,
+    "file": lib.PYUFFD_SOURCE_FILE,
+    "zero": lib.PYUFFD_SOURCE_ZERO,
+}
+_ITEM = record_struct(
+    [
+        (ffi.offsetof("struct pyuffd_item", "fd"), "i"),
+        (ffi.offsetof("struct pyuffd_item", "slot"), "I"),
+        (ffi.offsetof("struct pyuffd_item", "t_ns"), "Q"),
+    ],
+    ffi.offsetof("struct pyuffd_item", "msg"),
+    ffi.sizeof("struct pyuffd_item"),
+)
+_COPY_MODE_WP = int(lib.UFFDIO_COPY_MODE_WP)
+_COPY_DONTWAKE = int(lib.UFFDIO_COPY_MODE_DONTWAKE)
+_CLOSE_WAIT = 5.0  # seconds close() waits for other holders before leaving the free to them
+
+
+def did_name(did: int) -> str:
+    """What a fallback did ("poison", "zero", "unprotect", "continue", "wake"), from its code."""
+    return _DID.get(did & 0xFF, "?")
+
+
+def did_unguarded(did: int) -> bool:
+    """The fallback served a thread of this process outside a SIGBUS-safe access."""
+    return bool(did & _DID_UNGUARDED)
+
+
+class Outcome(Enum):
+    """What ``Pump.resolve`` came to, in the kernel's words turned into the handler's."""
+
+    INSTALLED = "installed"  # done, the thread woken (also when someone else won: EEXIST/ENOENT)
+    PRESENT = "present"  # EEXIST on a WP/MINOR fault: the page is there, the fault still pending
+    EXPIRED = "expired"  # the slot was resolved already (the deadline's fallback)
+    GONE = "gone"  # ESRCH: the faulting process has exited
+    CLOSED = "closed"  # EBADF: the fd was closed under the handler
+    CHANGING = "changing"  # EAGAIN: the mappings are changing; retry after the events
+
+
+_OUTCOMES = {
+    0: Outcome.INSTALLED,
+    -_errno.EEXIST: Outcome.PRESENT,
+    -_errno.ETIME: Outcome.EXPIRED,
+    -_errno.ESRCH: Outcome.GONE,
+    -_errno.EBADF: Outcome.CLOSED,
+    -_errno.EAGAIN: Outcome.CHANGING,
+}
+
+
+@dataclass(frozen=True)
+class NativeSource:
+    """Where the pump takes a mapping's pages from, without entering Python.
+
+    ``kind`` is "memory" (bytes at ``address`` + the fault's offset), "file"
+    (``fd`` at ``offset`` + the fault's offset; bytes past the end read as
+    zeros) or "zero". While faults are sequential the pump installs up to
+    ``max_run`` bytes per fault (a run that doubles from one page). A file
+    source's fd is duplicated by the pump, which reads its own copy for as
+    long as a mapping uses it; memory must outlive the mapping.
+    """
+
+    kind: str
+    address: int = 0
+    fd: int = -1
+    offset: int = 0
+    max_run: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in _SOURCES:
+            raise ValueError(
+                f"NativeSource kind must be one of {', '.join(map(repr, _SOURCES))}, "
+                f"not {self.kind!r}"
+            )
+        if self.kind == "file" and self.fd < 0:
+            raise ValueError("NativeSource('file') needs an open fd (the file was closed?)")
+
+
+class Pump:
+    """The C fault pump: one per FaultHandler; see the module docstring for its lifetime.
+
+    Raises (constructor): OSError when the pump cannot be started (out of
+    memory or threads).
+    """
+
+    def __init__(self, deadline_ns: int, spin_ns: int) -> None:
+        ptr = lib.pyuffd_pump_new(deadline_ns)
+        if ptr == ffi.NULL:
+            raise OSError(ffi.errno, "could not start the fault pump (out of memory or threads?)")
+        self._ptr = ptr
+        self._gate = threading.Condition(threading.Lock())
+        self._holders = 0
+        self._closing = False
+        self._freed = False
+        self._after_free: Callable[[], None] | None = None
+        # resolve()'s progress cell: written by C, never read (the outcome is in rc).
+        self._done = ffi.new("int64_t *")
+        lib.pyuffd_pump_set_spin(ptr, spin_ns)
+
+    # -- lifetime ----------------------------------------------------------
+
+    def hold(self) -> None:
+        """Keep the pump alive until ``release``; raises UffdError once ``close`` began."""
+        with self._gate:
+            if self._closing:
+                raise UffdError(
+                    _errno.EBADF,
+                    "handler stopped: the FaultHandler's stop() has begun, so it installs, "
+                    "wakes and resolves nothing more",
+                )
+            self._holders += 1
+
+    def release(self) -> None:
+        """Drop a hold; the last one out after ``close`` frees the pump."""
+        with self._gate:
+            self._holders -= 1
+            last = self._closing and not self._holders
+            self._gate.notify_all()
+        if last:
+            self._free()
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """``hold`` for the duration of a with-block."""
+        self.hold()
+        try:
+            yield
+        finally:
+            self.release()
+
+    def close(self, after_free: Callable[[], None], timeout: float = _CLOSE_WAIT) -> bool:
+        """Refuse new holds, wait up to ``timeout`` for the current ones, free the pump.
+
+        ``after_free`` (closing the fds the pump watched) runs right after the
+        free, here or, when a holder is still inside (a stuck handler), in the
+        thread whose ``release`` frees it. Returns True if freed here.
+        """
+        with self._gate:
+            self._closing = True
+            self._after_free = after_free
+            self._gate.wait_for(lambda: not self._holders, timeout)
+            if self._holders:
+                return False
+        self._free()
+        return True
+
+    def _free(self) -> None:
+        with self._gate:
+            if self._freed:
+                return
+            self._freed = True
+        lib.pyuffd_pump_free(self._ptr)
+        if self._after_free is not None:
+            self._after_free()
+
+    def free_unused(self) -> None:
+        """Free a pump that was never used (a handler never started); idempotent."""
+        with self._gate:
+            self._closing = True
+        self._free()
+
+    # -- fds and maps (callers hold the pump) -------------------------------
+
+    def add_fd(self, fd: int) -> None:
+        """Watch userfaultfd ``fd`` (sets O_NONBLOCK on its open file)."""
+        check(lib.pyuffd_pump_add_fd(self._ptr, fd), "epoll add userfaultfd")
+
+    def remove_fd(self, fd: int) -> None:
+        """Stop watching ``fd``: its maps and its pending faults are forgotten."""
+        lib.pyuffd_pump_remove_fd(self._ptr, fd)
+
+    def map(
+        self,
+        fd: int,
+        start: int,
+        end: int,
+        page_size: int,
+        fallback: str,
+        source: NativeSource | None,
+        origin: int,
+    ) -> None:
+        """Serve [start, end) of ``fd`` with ``fallback`` and ``source``.
+
+        ``fallback`` is "poison", "zeropage" or "zerocopy" (hugetlb: a copy of
+        zeros). ``origin`` is ``start``'s offset in the range the source
+        describes (a piece of a split mapping starts further in).
+        """
+        kind, addr, src_fd, offset, run = lib.PYUFFD_SOURCE_NONE, 0, -1, 0, 0
+        if source is not None:
+            kind, src_fd, run = _SOURCES[source.kind], source.fd, source.max_run
+            addr = source.address + origin if source.kind == "memory" else 0
+            offset = source.offset + origin if source.kind == "file" else 0
+        rc = lib.pyuffd_pump_map(
+            self._ptr, fd, start, end, page_size, _FALLBACKS[fallback], kind, addr, src_fd,
+            offset, run,
+        )  # fmt: skip
+        check(rc, "pump map")
+
+    def unmap(self, fd: int, start: int, end: int) -> None:
+        """Stop serving [start, end) of ``fd`` (maps straddling it keep their outer parts)."""
+        check(lib.pyuffd_pump_unmap(self._ptr, fd, start, end), "pump unmap")
+
+    # -- the fault path (callers hold the pump) -----------------------------
+
+    def buffer(self, n: int) -> Any:
+        """A buffer for ``wait`` holding up to ``n`` items."""
+        return ffi.new("struct pyuffd_item[]", n)
+
+    def wait(self, items: Any, n: int, timeout_ms: int) -> list[tuple[int, ...]]:
+        """Block (GIL released) until faults or events arrive; decoded items, oldest first.
+
+        Each item is (fd, slot, t_ns, event, w0, w1, w2): the userfaultfd, the
+        fault's slot (or for a notice what its fallback did), when it was
+        read, the event code (``EXPIRED``/``FD_ERROR`` for the pump's own
+        notices) and the message's words (``uffd._events.decode``). An empty
+        list means the pump stopped.
+
+        Raises:
+            TimeoutError: ``timeout_ms`` passed with nothing to hand over.
+            InterruptedError: a signal interrupted the wait.
+            UffdError: the wait failed.
+        """
+        got = lib.pyuffd_pump_wait(self._ptr, items, n, timeout_ms)
+        if got == -_errno.ETIMEDOUT:
+            raise TimeoutError
+        if got == -_errno.EINTR:
+            raise InterruptedError
+        check(got, "fault pump wait")
+        return list(_ITEM.iter_unpack(ffi.buffer(items, got * _ITEM.size)))
+
+    def resolve(
+        self, fd: int, slot: int, how: str, address: int, length: int, data: Any = None,
+        wp: bool = False,
+    ) -> Outcome:  # fmt: skip
+        """Resolve the fault in ``slot`` by ``how`` ("copy", "zero", ..., "wake").
+
+        ``data`` is what a copy installs (bytes go to C as they are; another
+        buffer is exported for the call only), ``wp`` installs it
+        write-protected. Raises ``UffdError`` for an outcome the handler
+        cannot act on (the message names the fault and the errno).
+        """
+        mode = _COPY_MODE_WP if wp else 0
+        if data is None or type(data) is bytes:
+            rc = lib.pyuffd_pump_resolve(
+                self._ptr, fd, slot, _OPS[how], address, data or ffi.NULL, length, mode, self._done
+            )
+        else:
+            # Released at once: a live export kept by a traceback's frame in a garbage
+            # cycle crashes CPython 3.11's gc (memoryview tp_clear).
+            with ffi.from_buffer(data) as src:
+                rc = lib.pyuffd_pump_resolve(
+                    self._ptr, fd, slot, _OPS[how], address, src, length, mode, self._done
+                )
+        outcome = _OUTCOMES.get(rc)
+        if outcome is None:
+            check(rc, f"resolving the fault at {address:#x} by {how}", address, length)
+        return outcome  # type: ignore[return-value]
+
+    def fallback(self, slot: int) -> int:
+        """Resolve ``slot`` by its mapping's fallback; what it did (``did_name``) or -errno."""
+        return int(lib.pyuffd_pump_fallback(self._ptr, slot))
+
+    def install(
+        self, fd: int, dst: int, data: memoryview, wake: bool, seen: int
+    ) -> tuple[int, int]:
+        """UFFDIO_COPY ``data`` to ``dst`` for a prefetch; (0 or -errno, bytes copied).
+
+        Refused with -EAGAIN unless ``seen`` events were applied to the tables;
+        ``wake=False`` is DONTWAKE. Safe from several threads at once.
+        """
+        done = ffi.new("int64_t *")
+        mode = 0 if wake else _COPY_DONTWAKE
+        with ffi.from_buffer(data) as src:
+            rc = lib.pyuffd_pump_install(self._ptr, fd, dst, src, data.nbytes, mode, seen, done)
+        return int(rc), int(done[0])
+
+    def drain(self) -> int:
+        """Resolve every pending fault by its fallback; how many there were."""
+        return int(lib.pyuffd_pump_drain(self._ptr))
+
+    def stop(self) -> None:
+        """Make ``wait`` return an empty list (from any thread, also inside a handler)."""
+        lib.pyuffd_pump_stop(self._ptr)
+
+    def events_read(self) -> int:
+        """Non-fault events the pump has read so far (installs wait for them to be applied)."""
+        return int(lib.pyuffd_pump_events_read(self._ptr))
+
+    def native_faults(self) -> int:
+        """Faults the pump served without Python."""
+        return int(lib.pyuffd_pump_native_faults(self._ptr))
