@@ -8,15 +8,24 @@ bounded by a timeout; the rest bound every wait themselves.
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import requires
+from _dispatch_helpers import page_pattern, wait_for
+from conftest import HPAGE, WAIT, requires, run_in_thread
 
-from uffd import Feature, mem
+import uffd
+from uffd import FaultHandler, Feature, Mode, Resolution, UffdOps, mem
+from uffd.modules import FileOps
 
 PS = mem.PAGE_SIZE
 HELPERS = Path(__file__).resolve().parent / "helpers"
@@ -84,3 +93,192 @@ def test_kernel_wp_fork(fork_lib: str, with_event: int) -> None:
 def test_kernel_events(fork_lib: str, wp: int) -> None:
     """The kernel's events case: fork, faults, mremap and DONTNEED in a child, all served."""
     print(scenario(fork_lib, "events", wp))
+
+
+# -- 3, 4, 5: stop() from a handler, with a forked child holding the fd; BaseException -----
+
+
+class Zero(UffdOps):
+    """Zero-fills; ``before`` runs first (stopping the handler, raising) for the first faults."""
+
+    def __init__(self, before: Callable[[uffd.Fault], None] | None = None, times: int = 1):
+        self.before, self.times, self.seen = before, times, 0
+
+    def handle_missing(self, fault: uffd.Fault) -> Resolution:
+        self.seen += 1
+        if self.before is not None and self.seen <= self.times:
+            self.before(fault)
+        return Resolution.zero()
+
+
+def timed_read(region: mem.Region, offset: int) -> tuple[bytes, float]:
+    """Read 8 bytes at ``offset`` from a helper thread (bounded); (data, seconds it took)."""
+    t0 = time.monotonic()
+    data = run_in_thread(region.read, offset, 8).finish()
+    return data, time.monotonic() - t0
+
+
+def test_stop_from_inside_a_handler() -> None:
+    """stop() in a handler returns; the dispatch thread finishes: fds closed, no fault hangs."""
+    region = mem.anon(4 * PS)
+    handler = FaultHandler(fallback="zero", deadline=WAIT)
+    handler.register(region, Mode.MISSING, Zero(lambda fault: handler.stop()))
+    handler.start()
+    assert timed_read(region, 0)[0] == bytes(8)
+    wait_for(lambda: handler.uffd.closed, "the dispatch thread to finish the stop")
+    data, took = timed_read(region, PS)  # unregistered by the stop: plain memory
+    assert data == bytes(8) and took < 1.0
+    handler.stop()  # the outer stop: nothing left to do, nothing raised
+    assert handler.stats.total.faults == {"missing": 1}  # the stop's own fault, nothing after
+    region.close()
+
+
+def test_stop_with_a_forked_child_holding_the_fd() -> None:
+    """stop() while a child (forked without EVENT_FORK) keeps a copy of the fd: no fault waits."""
+    region = mem.anon(2 * PS)
+    handler = FaultHandler(fallback="zero", deadline=WAIT).start()
+    handler.register(region, Mode.MISSING)
+    rfd, wfd = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # a threaded fork, on purpose
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child holds the fd until the parent is done
+        signal.alarm(int(WAIT * 2))
+        os.read(rfd, 1)
+        os._exit(0)
+    try:
+        handler.stop()
+        data, took = timed_read(region, 0)
+        assert data == bytes(8)
+        assert took < 1.0, f"a fault after stop() waited {took:.1f} s for the child"
+    finally:
+        os.write(wfd, b"x")
+        os.waitpid(pid, 0)
+        os.close(rfd)
+        os.close(wfd)
+        region.close()
+
+
+@pytest.mark.parametrize("error", [SystemExit, KeyboardInterrupt, GeneratorExit])
+def test_handler_raising_base_exception(error: type[BaseException]) -> None:
+    """A handler raising a BaseException: the fault takes the fallback, the thread serves on,
+    stop() re-raises it."""
+    region = mem.anon(2 * PS)
+    handler = FaultHandler(fallback="zero", deadline=WAIT).start()
+
+    def boom(fault: uffd.Fault) -> None:
+        raise error("from the handler")
+
+    handler.register(region, Mode.MISSING, Zero(boom))
+    assert timed_read(region, 0)[0] == bytes(8)
+    data, took = timed_read(region, PS)  # served by the handler, not the deadline
+    assert data == bytes(8) and took < 1.0
+    want = {"fallback-zero": 1, "zero": 1}  # counted just after the thread is woken
+    wait_for(lambda: handler.stats.total.resolutions == want, "both faults counted")
+    with pytest.raises(error, match="from the handler"):
+        handler.stop()
+    region.close()
+
+
+# -- 6: argument holes --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [3 * PS, 2 * PS, HPAGE])
+def test_register_refuses_a_page_size_not_the_memorys(size: int) -> None:
+    """register(page_size=...) must be the memory's own page size, else ValueError."""
+    region = mem.anon(12 * PS)
+    with FaultHandler() as handler, pytest.raises(ValueError, match="not a page size"):
+        handler.register((region.addr, region.length), page_size=size)
+    region.close()
+
+
+@pytest.mark.parametrize("deadline", [1e-10, 1e-6, 0.0009])
+def test_deadline_below_a_millisecond_refused(deadline: float) -> None:
+    """A deadline the watchdog cannot honour (under 1 ms) is a ValueError, not silent fallbacks."""
+    with pytest.raises(ValueError, match=r"deadline must be seconds from 0\.001"):
+        FaultHandler(deadline=deadline)
+
+
+# -- 7, 8: FileOps closed while registered; a stale entry after Region.close() --------
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_fileops_closed_while_registered(tmp_path: Path, native: bool) -> None:
+    """FileOps.close() with a mapping registered: never another file's bytes.
+
+    The pump reads its own copy of the fd; the Python path reports the closed
+    ops and the fault takes the fallback (zeros), even after the number is reused.
+    """
+    source = tmp_path / "source"
+    source.write_bytes(page_pattern(0, PS) + page_pattern(1, PS))
+    other = tmp_path / "other"
+    other.write_bytes(b"\xee" * 2 * PS)
+    ops = FileOps(source, native=native)
+    region = mem.anon(2 * PS)
+    handler = FaultHandler(fallback="zero", deadline=WAIT).start()
+    handler.register(region, Mode.MISSING, ops)
+    number = ops._fd
+    ops.close()
+    reuse = os.open(other, os.O_RDONLY)
+    try:
+        assert reuse == number  # the number now names another file
+        got = run_in_thread(region.read, 0, 2 * PS).finish()
+    finally:
+        os.close(reuse)
+    if native:
+        assert got == page_pattern(0, PS) + page_pattern(1, PS)
+        handler.stop()
+    else:
+        assert got == bytes(2 * PS)
+        with pytest.raises(uffd.UffdError, match="was closed while"):
+            handler.stop()
+    region.close()
+
+
+def test_register_again_after_region_close_without_unmap_event() -> None:
+    """A range unmapped (Region.close) and mapped anew registers again without EVENT_UNMAP."""
+    with FaultHandler(fallback="zero") as handler:
+        first = mem.anon(4 * PS)
+        handler.register(first)
+        addr = first.addr
+        first.close()
+        second = mem.Region(addr, 4 * PS, PS, "anon", None, False)
+        mapped = uffd_mmap_fixed(addr, 4 * PS)
+        assert mapped == addr
+        handler.register(second)
+        assert run_in_thread(second.read, 0, 8).finish() == bytes(8)
+        assert [(m.start, m.end) for m in handler.mappings] == [(addr, addr + 4 * PS)]
+        # A range still registered is a real overlap.
+        with pytest.raises(ValueError, match="overlaps"):
+            handler.register((addr, PS))
+    second.close()
+
+
+def uffd_mmap_fixed(addr: int, length: int) -> int:
+    """mmap anonymous memory at exactly ``addr`` (MAP_FIXED); the address mapped."""
+    from uffd._native import ffi, lib
+
+    got = lib.mmap(
+        ffi.cast("void *", addr), length, lib.PROT_READ | lib.PROT_WRITE,
+        lib.MAP_PRIVATE | lib.MAP_ANONYMOUS | lib.MAP_FIXED, -1, 0,
+    )  # fmt: skip
+    return int(ffi.cast("uintptr_t", got))
+
+
+# -- 9: ZEROPAGE on hugetlb ------------------------------------------------------------
+
+
+def test_zeropage_on_hugetlb_is_unsupported(
+    uffd_factory: Callable[..., uffd.Userfaultfd], hugetlb_pages: int
+) -> None:
+    """UFFDIO_ZEROPAGE on a hugetlb range raises UnsupportedError (errno EINVAL): never granted."""
+    region = mem.hugetlb(hugetlb_pages)
+    try:
+        ufd = uffd_factory(Feature.MISSING_HUGETLBFS)
+        granted = ufd.register(region.addr, region.length, Mode.MISSING)
+        assert not granted & uffd.Ioctl.ZEROPAGE
+        with pytest.raises(uffd.UnsupportedError, match="hugetlb") as info:
+            ufd.zeropage(region.addr, region.length)
+        assert info.value.errno == errno.EINVAL
+    finally:
+        region.close()

@@ -156,8 +156,8 @@ def decode_events(
     adopt_fd: Callable[[int], Userfaultfd],
 ) -> list[Event]:
     """Decode whole ``uffd_msg`` records (see ``decode``)."""
-    whole = len(data) - len(data) % MSG_SIZE
-    return [
-        decode(code, (a, b, c), thread_ids=thread_ids, adopt_fd=adopt_fd)
-        for code, a, b, c in _MSG.iter_unpack(data[:whole])
-    ]
+    with memoryview(data) as view, view[: len(view) - len(view) % MSG_SIZE] as whole:
+        return [
+            decode(code, (a, b, c), thread_ids=thread_ids, adopt_fd=adopt_fd)
+            for code, a, b, c in _MSG.iter_unpack(whole)
+        ]

@@ -16,13 +16,13 @@ import math
 import mmap
 import operator
 import os
-import threading
 import time
 from types import TracebackType
 from typing import Any
 
+from uffd import mem
 from uffd._constants import Feature, Ioctl, Mode
-from uffd._errors import UnsupportedError, check, describe_range
+from uffd._errors import UffdError, UnsupportedError, check, describe_range
 from uffd._events import MSG_SIZE, Event, decode_events
 from uffd._native import ffi, lib
 
@@ -211,10 +211,11 @@ class Userfaultfd:
         self._thread_ids = bool(features & Feature.THREAD_ID)
         # read_events' buffer, allocated once (an anonymous mapping: no memory is used
         # until a read fills it). With EVENT_FORK a fork() elsewhere in the process holds
-        # glibc's malloc locks until its FORK event is read, so a reader that allocated
-        # on its way to read() would wait on the fork that waits on it.
-        self._msgs = ffi.from_buffer("struct uffd_msg[]", mmap.mmap(-1, _MAX_BATCH * MSG_SIZE))
-        self._reading = threading.Lock()
+        # glibc's malloc locks until its FORK event is read, so a reader that called
+        # malloc on its way to read() would wait on the fork that waits on it. A list
+        # pops and appends atomically and without malloc: the pool needs no lock (whose
+        # semaphore malloc would allocate, here, in a Fork event's decoding).
+        self._buffers = [ffi.from_buffer("struct uffd_msg[]", mmap.mmap(-1, _MAX_BATCH * MSG_SIZE))]
 
     @classmethod
     def _adopt(cls, fd: int, parent: Userfaultfd) -> Userfaultfd:
@@ -414,13 +415,25 @@ class Userfaultfd:
     def zeropage(self, addr: int, length: int, *, wake: bool = True) -> int:
         """UFFDIO_ZEROPAGE: map the zero page over the range; returns the bytes mapped.
 
-        Not supported on hugetlb (the kernel answers EINVAL).
+        Raises UnsupportedError on hugetlb (never granted ZEROPAGE; the kernel
+        answers EINVAL), besides the errors ``copy`` raises.
         """
         fd, addr, length = self._range("UFFDIO_ZEROPAGE", addr, length)
         mode = 0 if wake else lib.UFFDIO_ZEROPAGE_MODE_DONTWAKE
-        return self._fill(
-            "UFFDIO_ZEROPAGE", lib.pyuffd_zeropage, addr, length, fd, addr, length, mode
-        )
+        try:
+            return self._fill(
+                "UFFDIO_ZEROPAGE", lib.pyuffd_zeropage, addr, length, fd, addr, length, mode
+            )
+        except UffdError as err:
+            if err.errno == _errno.EINVAL and _is_hugetlb(addr):
+                raise UnsupportedError(
+                    f"UFFDIO_ZEROPAGE on {describe_range(addr, length)}: hugetlb ranges are "
+                    "never granted ZEROPAGE; copy a page of zeros (copy()) instead",
+                    op="UFFDIO_ZEROPAGE",
+                    addr=addr,
+                    length=length,
+                ) from None
+            raise
 
     def continue_(self, addr: int, length: int, *, wake: bool = True, wp: bool = False) -> int:
         """UFFDIO_CONTINUE: map the page-cache pages of a MINOR range; returns the bytes mapped.
@@ -526,22 +539,22 @@ class Userfaultfd:
     def _read_events(self, fd: int, max_events: int, timeout: float | None) -> list[Event]:
         # "At most max_events": never more than the buffer holds.
         max_events = min(max_events, _MAX_BATCH)
-        # Nothing between here and read() returning may allocate (see _init): the
-        # buffer is the fd's own; a second thread reading the same fd meanwhile
-        # gets one of its own, the only case that allocates.
-        mine = self._reading.acquire(blocking=False)
-        buf = self._msgs if mine else ffi.new("struct uffd_msg[]", max_events)
+        # Nothing between here and read() returning may call malloc (see _init): the
+        # buffer is the fd's own; a second thread reading the same fd meanwhile gets
+        # one of its own, the only case that allocates.
+        try:
+            buf = self._buffers.pop()
+        except IndexError:
+            buf = ffi.new("struct uffd_msg[]", _MAX_BATCH)  # then pooled like the first
         try:
             n = self._wait_and_read(fd, buf, max_events, timeout)
-            if n == 0:
-                return []
-            data = bytes(ffi.buffer(buf, n * MSG_SIZE))
+            return decode_events(
+                ffi.buffer(buf, n * MSG_SIZE),
+                thread_ids=self._thread_ids,
+                adopt_fd=lambda ufd: Userfaultfd._adopt(ufd, self),
+            )
         finally:
-            if mine:
-                self._reading.release()
-        return decode_events(
-            data, thread_ids=self._thread_ids, adopt_fd=lambda ufd: Userfaultfd._adopt(ufd, self)
-        )
+            self._buffers.append(buf)
 
     @staticmethod
     def _wait_and_read(fd: int, buf: Any, max_events: int, timeout: float | None) -> int:
@@ -563,6 +576,14 @@ class Userfaultfd:
 
 
 Userfaultfd.__module__ = "uffd"
+
+
+def _is_hugetlb(addr: int) -> bool:
+    """Is ``addr`` in a hugetlb mapping of this process? (False when it cannot tell.)"""
+    try:
+        return mem.kind_of(addr)[0] == "hugetlb"
+    except LookupError:
+        return False
 
 
 def mm_gone(fd: int) -> bool:

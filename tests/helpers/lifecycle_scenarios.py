@@ -140,7 +140,7 @@ def wp_fork(lib: ctypes.CDLL, with_event: int) -> None:
     region.write(0, b"\1")
     ufd.writeprotect(region.addr, PS, True)
     forks: list[uffd.Userfaultfd] = []
-    reader = Reader(ufd, lambda e: forks.append(e.uffd), poll=0.01)
+    reader = Reader(ufd, lambda e: forks.append(e.uffd))
     reader.start()
     for state in ("present", "zapped"):
         if state == "zapped":
