@@ -44,7 +44,7 @@ def fill(offset: int, size: int) -> bytes:
 
 def fault_at(mapping: Mapping, index: int) -> Fault:
     """A MISSING fault on page ``index`` of ``mapping``, as the dispatch layer builds one."""
-    return Fault(mapping.start + index * mapping.page_size, mapping, "missing", False, None, 0, 0)
+    return Fault(mapping.start + index * mapping.page_size, mapping, "missing", False, None)
 
 
 # -- registration: derived from the callbacks ---------------------------------
