@@ -592,3 +592,22 @@ def test_sixteen_processes_through_a_failover_long(tmp_path: Path, short_tmp: st
         assert all(r["errors"] == [] for r in reports)
         stored = size // CHUNK - 16  # the zero hole: an eighth of the image
         assert stored <= stats.fetched_chunks <= stored + stats.urgent_gets
+
+
+@needs_redis
+def test_reads_after_close_fail_without_raising(
+    single: RedisServers, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """After close(), a fetch returns a future holding a SourceError (a late fault's read on
+    the dispatch thread must not raise); cached chunks are still answered."""
+    from uffd.restore.redis_source import RedisSource
+    from uffd.restore.sources import SourceError
+
+    url, _ = pushed(single, tmp_path, unique(request), 1 << 20)
+    source = RedisSource(url)
+    cached = source.read(0, PAGE)
+    source.close()
+    source.close()
+    late = source.fetch(3 * CHUNK, PAGE)
+    assert isinstance(late.exception(WAIT), SourceError)
+    assert source.fetch(0, PAGE).result(WAIT) == cached

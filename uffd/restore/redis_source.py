@@ -134,7 +134,8 @@ class RedisSource:
     ) -> concurrent.futures.Future[bytes]:
         """Start reading the flat range; the future gets the bytes or a SourceError.
 
-        Done at once when every chunk it needs is zero or in memory.
+        Done at once when every chunk it needs is zero or in memory, or when
+        the source is closed (then with the error).
         """
         chunks = self.manifest.covering(offset, length)
         parts: list[bytes | concurrent.futures.Future[bytes] | None] = []
@@ -148,7 +149,12 @@ class RedisSource:
                 wanted.append(chunk.id)
             parts.append(data)
         if wanted:
-            flights = self._flights_for(list(dict.fromkeys(wanted)), urgent)
+            try:
+                flights = self._flights_for(list(dict.fromkeys(wanted)), urgent)
+            except SourceError as err:
+                failed: concurrent.futures.Future[bytes] = concurrent.futures.Future()
+                failed.set_exception(err)
+                return failed
             parts = [
                 flights[c.id] if part is None and c.id is not None else part
                 for c, part in zip(chunks, parts, strict=True)
@@ -191,11 +197,15 @@ class RedisSource:
                     self._flights[(cid, urgent)] = flight
                     new.append(cid)
                 out[cid] = flight
-        if urgent:
+        try:
+            if urgent:
+                for cid in new:
+                    self._urgent_pool.submit(self._fetch_urgent, cid, out[cid])
+            elif new:
+                self._bulk_pool.submit(self._fetch_bulk, new, {cid: out[cid] for cid in new})
+        except RuntimeError:  # close() shut the pools after the check above
             for cid in new:
-                self._urgent_pool.submit(self._fetch_urgent, cid, out[cid])
-        elif new:
-            self._bulk_pool.submit(self._fetch_bulk, new, {cid: out[cid] for cid in new})
+                self._finish(cid, urgent, out[cid], SourceError(f"{self.label}: closed"))
         return out
 
     def _fetch_urgent(self, cid: str, flight: concurrent.futures.Future[bytes]) -> None:
