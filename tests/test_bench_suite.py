@@ -186,6 +186,7 @@ def test_fanout_compares_the_stores_with_the_page_server(results: dict[str, Any]
     fan = results["fanout"]
     if "skipped" in fan:
         pytest.skip(fan["skipped"])
+    assert "error" not in fan, fan["error"]
     stores = ("serve", "redis", "redis-nocache", "cluster", "cluster-nocache")
     assert {(r["source"], r["count"]) for r in fan["runs"]} == {(s, 2) for s in stores}
     assert all(r["gbps"] > 0 and r["fault_us_p50"] <= r["fault_us_p99"] for r in fan["runs"])

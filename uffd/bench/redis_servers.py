@@ -40,11 +40,15 @@ def _port_free(port: int) -> bool:
 
 
 def free_ports(count: int) -> list[int]:
-    """``count`` loopback ports free along with their cluster bus port (+10000)."""
+    """``count`` loopback ports free along with their cluster bus port (+10000).
+
+    Both below Linux's ephemeral range (32768 up), so an outgoing connection
+    cannot take one between this check and redis-server's bind.
+    """
     rng = random.Random(os.getpid() ^ time.monotonic_ns())
     out: list[int] = []
     for _ in range(2000):
-        port = rng.randrange(20000, 30000)
+        port = rng.randrange(20000, 22768)
         if port not in out and _port_free(port) and _port_free(port + 10000):
             out.append(port)
             if len(out) == count:
@@ -168,30 +172,45 @@ class RedisServers:
         self.cluster = cluster
         self.nodes: list[RedisNode] = []
         self.tls_url: str | None = None
-        try:
-            ports = free_ports(6 if cluster else 2 if tls else 1)
-            if tls:
-                directory = self.tmp / str(ports[0])
-                self.nodes.append(RedisNode(ports[0], directory, tls_port=ports[1]))
-                self.tls_url = f"rediss://127.0.0.1:{ports[1]}?ssl_ca_certs={directory}/cert.pem"
-            else:
-                for port in ports:
-                    self.nodes.append(RedisNode(port, self.tmp / str(port), cluster=cluster))
-            if cluster:
-                self._create_cluster()
-        except BaseException:
-            self.close()
-            raise
+        for attempt in range(3):
+            try:
+                self._start(cluster, tls)
+                break
+            except RuntimeError:
+                # Another program took a port between the check and the bind: new ports.
+                for node in self.nodes:
+                    node.stop()
+                self.nodes = []
+                if attempt == 2:
+                    self.close()
+                    raise
+            except BaseException:
+                self.close()
+                raise
         self.url = f"redis://127.0.0.1:{self.nodes[0].port}"
+
+    def _start(self, cluster: bool, tls: bool) -> None:
+        ports = free_ports(6 if cluster else 2 if tls else 1)
+        if tls:
+            directory = self.tmp / str(ports[0])
+            self.nodes.append(RedisNode(ports[0], directory, tls_port=ports[1]))
+            self.tls_url = f"rediss://127.0.0.1:{ports[1]}?ssl_ca_certs={directory}/cert.pem"
+        else:
+            for port in ports:
+                self.nodes.append(RedisNode(port, self.tmp / str(port), cluster=cluster))
+        if cluster:
+            self._create_cluster()
 
     def _create_cluster(self) -> None:
         assert REDIS_CLI is not None, MISSING
         addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
-        subprocess.run(
+        done = subprocess.run(
             [REDIS_CLI, "--cluster", "create", *addresses, "--cluster-replicas", "1",
              "--cluster-yes"],
-            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60,
         )  # fmt: skip
+        if done.returncode:
+            raise RuntimeError(f"redis-cli --cluster create failed: {done.stdout[-500:]}")
         self.wait_state_ok()
 
     def wait_state_ok(self, timeout: float = 30.0) -> None:
