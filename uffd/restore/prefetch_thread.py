@@ -4,8 +4,9 @@ Three passes on one thread per session, the last at a lower priority
 than the fault path (:mod:`uffd.restore.priority`):
 
 0. at once, the zero pages the snapshot knows of (a file source's holes and
-   unstored pages) get the zero page in bulk (UFFDIO_ZEROPAGE with
-   DONTWAKE): they never cross a wire nor cost a fault;
+   unstored pages, or the page server's stored-page map) get the zero page
+   in bulk (UFFDIO_ZEROPAGE with DONTWAKE): they never cross a wire nor
+   cost a fault;
 
 then, after the first fault is served (at most 50 ms later, so the
 process's first access does not queue behind megabytes of prefetch):
@@ -204,9 +205,14 @@ class Prefetch:
             _Stop: the session is ending, the process is gone.
         """
         source, layout = self.parts.source, self.parts.layout
-        if not isinstance(source, FileSource):
-            return  # the page server's protocol has no zero map to ask for
-        zeros = [run for o, n in source.zero_runs() for run in layout.flat_of_source(o, n)]
+        if not isinstance(source, (FileSource, RemoteSource)):
+            return  # a chunk store skips its zero chunks itself
+        try:
+            known = source.zero_runs()
+        except SourceError as err:
+            self.parts.progress.source_failed(err)
+            raise _Stop from None
+        zeros = [run for o, n in known for run in layout.flat_of_source(o, n)]
         for flat, n in self._claimed(zeros):
             self._check()
             done = self._zero(flat, n)

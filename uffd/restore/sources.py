@@ -381,6 +381,29 @@ class RemoteSource:
             f.add_done_callback(done)
         return out
 
+    def zero_runs(self) -> list[tuple[int, int]]:
+        """The flat runs ``(offset, length)`` the page server says are zero pages.
+
+        One MAP request per region on the prefetch connection (protocol
+        version 2: a bitmap, no page bytes); a version-1 server says nothing,
+        and every page is then fetched.
+
+        Raises:
+            SourceError: the server failed or did not answer in time.
+        """
+        client = self._clients[-1]
+        out: list[tuple[int, int]] = []
+        at = 0
+        try:
+            for region in client.regions:
+                for off, n, present in client.extents(region.name):
+                    if not present:
+                        out.append((at + off, n))
+                at += region.length
+        except Exception as err:
+            raise self.error(err) from err
+        return out
+
     def error(self, err: BaseException) -> SourceError:
         """``err`` (a failed read) as the SourceError naming this page server."""
         return SourceError(f"page server {self.url}: {type(err).__name__}: {err}")
