@@ -660,3 +660,109 @@ def _is_page_buffer(data: Any) -> bool:
         return memoryview(data).nbytes >= PS
     except TypeError:
         return False
+
+
+# -- the protocol in both directions, live -------------------------------------------------------
+
+hostile_streams = st.lists(
+    st.one_of(
+        st.sampled_from(FRAMES).map(p.encode),
+        st.builds(
+            lambda kind, flags, rid, length, tail: (
+                p.HEADER.pack(p.MAGIC, p.VERSION, kind, flags, 0, rid, length) + tail
+            ),
+            st.integers(0, 12),
+            st.sampled_from([0, 1, 2, 0xFFFF]),
+            st.integers(0, 0xFFFFFFFF),
+            st.sampled_from([0, 8, 16, 20, 44, 1 << 20, (1 << 20) + 1, 0xFFFFFFFF]),
+            st.binary(max_size=64),
+        ),
+        st.binary(max_size=64),
+    ),
+    min_size=1,
+    max_size=6,
+).map(b"".join)
+
+
+@budget(150)
+def test_fuzz_server_with_hostile_streams(examples: int, snapshot_blob: Any) -> None:
+    """Any byte stream after the HELLO: the server answers or drops that connection only, and
+    a fresh client still reads exactly after each one."""
+    import socket
+
+    from uffd.pagestore.client import ThreadedPageClient
+    from uffd.pagestore.server import ServerThread
+    from uffd.pagestore.snapshot import Snapshot
+
+    blob, regions, directory = snapshot_blob
+    (directory / "served.snap").write_bytes(blob)
+    with (
+        Snapshot.open(directory / "served.snap") as snap,
+        ServerThread(snap, handshake_timeout=0.2, send_timeout=0.5) as srv,
+    ):
+
+        def check(stream: bytes) -> None:
+            with socket.create_connection(srv.address, timeout=5) as sock:
+                sock.recv(1 << 16)  # HELLO
+                with contextlib.suppress(OSError):
+                    sock.sendall(stream)
+                    sock.shutdown(socket.SHUT_WR)
+                    sock.settimeout(2)
+                    while sock.recv(1 << 16):
+                        pass
+            with ThreadedPageClient(srv.url, request_timeout=5) as client:
+                assert client.read("b", 0, 2 * PS) == regions["b"]
+
+        run(examples, hostile_streams, check)
+        assert srv.stats.active <= 1
+
+
+def _fake_server(listener: Any, stream: bytes) -> None:
+    """Accept one client: a valid HELLO and REGIONS, then ``stream`` after its first READ."""
+    conn, _ = listener.accept()
+    with conn:
+        conn.settimeout(2)
+        try:
+            conn.sendall(p.encode(p.Hello(bytes(32), False)))
+            conn.recv(1 << 16)
+            conn.sendall(p.encode(p.Regions(PS, (p.RegionEntry("mem", 16 * PS),))))
+            conn.recv(1 << 16)
+            conn.sendall(stream)
+            conn.recv(1 << 16)
+        except OSError:
+            pass
+
+
+@budget(150)
+def test_fuzz_client_with_hostile_streams(examples: int) -> None:
+    """Any byte stream in answer to a READ: the ThreadedPageClient fails that read with
+    PeerGoneError, RemoteError or TimeoutError (or returns 4096 bytes), never hangs."""
+    import socket
+
+    from uffd.pagestore.client import PeerGoneError, RemoteError, ThreadedPageClient
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    url = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+    outcomes: dict[str, int] = {}
+
+    def check(stream: bytes) -> None:
+        server = threading.Thread(target=_fake_server, args=(listener, stream), daemon=True)
+        server.start()
+        try:
+            with ThreadedPageClient(url, request_timeout=0.3) as client:
+                try:
+                    data = client.fetch("mem", 0, PS).result(5)
+                    assert len(data) == PS
+                    kind = "ok"
+                except (PeerGoneError, RemoteError, TimeoutError) as err:
+                    kind = type(err).__name__
+            outcomes[kind] = outcomes.get(kind, 0) + 1
+        finally:
+            server.join(5)
+
+    try:
+        run(examples, hostile_streams, check)
+    finally:
+        listener.close()
+    print(f"\nclient fuzz outcomes: {outcomes}")
+    assert sum(outcomes.values()) >= examples
