@@ -1,4 +1,4 @@
-"""The page store: snapshot files and the page server that serves them over TCP.
+"""The page store: snapshot files, the page server that serves them over TCP, a Redis store.
 
 One module per job:
 
@@ -6,7 +6,12 @@ One module per job:
   chunks, zero runs not stored) and raw memory files;
 - ``protocol``: the page-server wire protocol (docs/protocol.md);
 - ``server``: the asyncio page server (``uffd serve``);
-- ``client``: its clients, asyncio and threaded.
+- ``client``: its clients, asyncio and threaded;
+- ``chunkstore``: content-addressed chunks (SHA-256) and their manifest
+  (docs/chunkstore.md);
+- ``redis_store``: chunks and manifests in Redis or Redis Cluster (redis-py,
+  the ``redis`` extra): ``uffd snapshot push`` and ``pull``;
+- ``chunkcache``: a host's cache of verified chunks, memory and directory.
 
 Nothing here needs userfaultfd or the compiled extension.
 """

@@ -9,6 +9,8 @@ One module per job:
 - ``prefetch``: working sets and the adaptive prefetch chunk policy;
 - ``sources``: the page source, a snapshot file or a page server seen as one
   flat image (``FileSource``, ``RemoteSource``);
+- ``redis_source``: a snapshot in a Redis (Cluster) chunk store as the same
+  kind of source (``RedisSource``, ``redis://`` URLs);
 - ``layout``: where each byte of the restored process's memory is (host
   address, session flat offset, source offset);
 - ``report`` and ``progress``: what a session did, and its shared tally
