@@ -13,6 +13,7 @@ import concurrent.futures
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -401,7 +402,9 @@ def test_daemon_restores_processes_from_the_cluster(
         ]
         results = [finish_worker(p, WAIT) for p in procs]
         reports = daemon.reports(4, WAIT)
-        stats = daemon.daemon.source.stats
+        source = daemon.daemon.source
+        stats, hits = source.stats, source.cache.stats.memory_hits
+        summary = source.summary()
     for k, result in enumerate(results):
         assert result["sigbus"] == 0
         assert bad_pages(read_digests(tmp_path / f"d{k}"), want) == []
@@ -410,6 +413,8 @@ def test_daemon_restores_processes_from_the_cluster(
     # A fault does not wait behind a prefetch pipeline holding its chunk: it may GET it again.
     assert stored <= stats.fetched_chunks <= stored + stats.urgent_gets and stats.refused == 0
     assert gets_served(cluster) - before == stats.fetched_chunks + 1  # + the manifest
+    assert hits > stats.fetched_chunks  # the other sessions' reads came from the host cache
+    assert f"{stats.fetched_chunks} chunks" in summary and "0 refused" in summary
 
 
 @needs_redis
@@ -445,7 +450,8 @@ def test_restore_refuses_a_substituted_chunk(
 def test_handler_command_serves_a_redis_source(
     single: RedisServers, tmp_path: Path, short_tmp: str, request: pytest.FixtureRequest
 ) -> None:
-    """``uffd handler --source redis://...`` restores a process with every page right."""
+    """``uffd handler --source redis://...`` restores a process with every page right, and
+    says on exit what it fetched."""
     size = 2 << 20
     url, want = pushed(single, tmp_path, unique(request), size)
     sock = os.path.join(short_tmp, "h.sock")
@@ -454,6 +460,11 @@ def test_handler_command_serves_a_redis_source(
         (report,) = daemon.reports(1, WAIT)
     assert result["sigbus"] == 0 and report["errors"] == []
     assert bad_pages(read_digests(tmp_path / "d"), want) == []
+    # On exit the daemon logs what the source fetched: the image's 7 stored chunks (one is
+    # in the zero hole), plus those a fault fetched again beside a prefetch pipeline.
+    log = (tmp_path / "log").read_text()
+    got = re.search(r"redis://\S+: (\d+) chunks \(.* by (\d+) urgent GETs.* 0 refused", log)
+    assert got is not None and 7 <= int(got.group(1)) <= 7 + int(got.group(2)), log
 
 
 @needs_redis

@@ -34,6 +34,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import logging
 import threading
 from collections.abc import Sequence
 
@@ -43,6 +44,8 @@ from uffd.pagestore.redis_store import RedisChunkStore, StoreError, StoreURL, pa
 from uffd.restore.sources import SourceError
 
 __all__ = ["ChunkRefusedError", "RedisSource", "RedisSourceStats"]
+
+log = logging.getLogger("uffd.restore.daemon")
 
 _URGENT_WORKERS = 4  # GETs for faults in flight at once (one connection each)
 _BULK_WORKERS = 2  # prefetch pipelines in flight at once
@@ -321,9 +324,28 @@ class RedisSource:
             else:
                 flight.set_result(outcome)
 
+    def summary(self) -> str:
+        """One line: what this source fetched, from where, and what it refused or retried."""
+        st, cache = self.stats, getattr(self, "cache", None)
+        hits = "" if cache is None else (
+            f", cache hits {cache.stats.memory_hits} in memory and "
+            f"{cache.stats.directory_hits} in the directory ({cache.stats.evicted} evicted)"
+        )  # fmt: skip
+        return (
+            f"{self.label}: {st.fetched_chunks} chunks ({st.fetched_bytes / 1e6:.1f} MB) "
+            f"fetched by {st.urgent_gets} urgent GETs and {st.pipelines} pipelines, "
+            f"{st.refused} refused, {st.peer_waits} waits for another process"
+            f"{hits}, {sum(s.retries for s in self._stores)} store retries"
+        )
+
     def close(self) -> None:
-        """Fail the reads in flight, stop the workers, close the connections (idempotent)."""
+        """Fail the reads in flight, stop the workers, close the connections (idempotent).
+
+        Logs :meth:`summary` (INFO, logger ``uffd.restore.daemon``) the first time.
+        """
         with self._lock:
+            if not self._closed and hasattr(self, "manifest"):
+                log.info("%s", self.summary())
             self._closed = True
             flights, self._flights = list(self._flights.values()), {}
         for flight in flights:
