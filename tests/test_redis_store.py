@@ -409,6 +409,8 @@ def test_daemon_restores_processes_from_the_cluster(
         assert result["sigbus"] == 0
         assert bad_pages(read_digests(tmp_path / f"d{k}"), want) == []
     assert all(r["errors"] == [] for r in reports)
+    # The hole's zero chunks got the zero page in bulk, not a fetch nor a copy.
+    assert all(r["zeroed"] > 0 for r in reports)
     stored = 14  # 16 chunks of 256 KiB, 2 of them in the zero hole
     # A fault does not wait behind a prefetch pipeline holding its chunk: it may GET it again.
     assert stored <= stats.fetched_chunks <= stored + stats.urgent_gets and stats.refused == 0

@@ -199,14 +199,13 @@ class Prefetch:
         self.parts.progress.prefetch_ended()
 
     def _zero_pages(self) -> None:
-        """Give the zero page to every page a file source stores as zero, in bulk.
+        """Give the zero page to every page the source knows is zero, in bulk (a file's
+        holes, a page server's map, a chunk store's all-zero chunks).
 
         Raises:
             _Stop: the session is ending, the process is gone.
         """
         source, layout = self.parts.source, self.parts.layout
-        if not isinstance(source, (FileSource, RemoteSource)):
-            return  # a chunk store skips its zero chunks itself
         try:
             known = source.zero_runs()
         except SourceError as err:

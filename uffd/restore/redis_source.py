@@ -14,7 +14,8 @@ over the chunks and manifest :func:`uffd.pagestore.redis_store.push` wrote.
   corrupt or substituted chunk is refused (the read fails with
   :class:`ChunkRefusedError`, so the fault gets the session's fallback and
   the error is in its report) and counted in ``stats.refused``.
-- All-zero chunks are never fetched: the manifest says which they are.
+- All-zero chunks are never fetched: the manifest says which they are
+  (``zero_runs``, which prefetch maps the zero page over).
 - Chunks fetched once are kept in the host cache
   (:class:`uffd.pagestore.chunkcache.ChunkCache`) that every session of the
   source shares, and optionally in a directory that other processes share.
@@ -163,6 +164,22 @@ class RedisSource:
                 for c, part in zip(chunks, parts, strict=True)
             ]
         return _assemble(chunks, parts, offset, length)
+
+    def zero_runs(self) -> list[tuple[int, int]]:
+        """The flat runs ``(offset, length)`` of the all-zero chunks (from the manifest).
+
+        Prefetch maps the zero page over them in bulk at session start, so
+        they cost neither a fault nor memory of their own.
+        """
+        runs: list[tuple[int, int]] = []
+        for chunk in self.manifest.chunks:
+            if chunk.id is not None:
+                continue
+            if runs and runs[-1][0] + runs[-1][1] == chunk.flat:
+                runs[-1] = (runs[-1][0], runs[-1][1] + chunk.length)
+            else:
+                runs.append((chunk.flat, chunk.length))
+        return runs
 
     def read(self, offset: int, length: int) -> bytes:
         """The bytes of the flat range, waiting at most ``timeout``.
