@@ -25,7 +25,8 @@ from conftest import HPAGE, WAIT, requires, run_in_thread
 
 import uffd
 from uffd import FaultHandler, Feature, Mode, Resolution, UffdOps, mem
-from uffd.modules import FileOps
+from uffd._pump import Pump
+from uffd.modules import FileOps, NativeSource
 
 PS = mem.PAGE_SIZE
 HELPERS = Path(__file__).resolve().parent / "helpers"
@@ -282,3 +283,83 @@ def test_zeropage_on_hugetlb_is_unsupported(
         assert info.value.errno == errno.EINVAL
     finally:
         region.close()
+
+
+# -- 10: the C pump --------------------------------------------------------------------
+
+
+def test_pump_remove_fd_frees_its_pending_slots() -> None:
+    """remove_fd forgets the fd's pending faults: no fallback can later act on a reused number."""
+    region = mem.anon(PS)
+    ufd = uffd.Userfaultfd()
+    ufd.register(region.addr, PS, Mode.MISSING)
+    pump = Pump(int(WAIT * 1e9), 0)
+    try:
+        with pump.held():
+            pump.add_fd(ufd.fileno())
+            pump.map(ufd.fileno(), region.addr, region.addr + PS, PS, "zeropage", None, 0)
+            reader = run_in_thread(region.read, 0, 8)
+            (item,) = pump.wait(pump.buffer(4), 4, int(WAIT * 1000))
+            slot = item[1]
+            pump.remove_fd(ufd.fileno())
+            assert pump.fallback(slot) == -errno.ETIME  # nothing pending under that slot
+            assert pump.drain() == 0
+        ufd.close()  # releases the reader: the range goes with the fd
+        assert reader.finish() == bytes(8)
+    finally:
+        pump.close(lambda: None)
+        region.close()
+
+
+class KmsgSource(UffdOps):
+    """Pages from /dev/kmsg read at its end: the pump's pread blocks until the kernel logs."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def native_source(self, mapping: uffd.Mapping) -> NativeSource:
+        return NativeSource("file", fd=self.fd, max_run=PS)
+
+    def handle_missing(self, fault: uffd.Fault) -> Resolution:
+        return Resolution.zero()
+
+
+class Deferring(UffdOps):
+    """Defers every MISSING fault and never answers: the deadline must."""
+
+    def __init__(self) -> None:
+        self.faults: list[uffd.Fault] = []
+
+    def handle_missing(self, fault: uffd.Fault) -> Resolution:
+        self.faults.append(fault)
+        return Resolution.defer()
+
+
+def test_slow_file_source_does_not_stall_the_watchdog() -> None:
+    """A native pread that blocks (a slow disk) leaves the watchdog free: other deadlines hold."""
+    if os.geteuid() != 0 or not os.access("/dev/kmsg", os.R_OK | os.W_OK):
+        pytest.skip("needs /dev/kmsg read and write (root) for a pread that blocks")
+    kmsg = os.open("/dev/kmsg", os.O_RDONLY)
+    os.lseek(kmsg, 0, os.SEEK_END)
+    slow, waiting = mem.anon(PS), mem.anon(PS)
+    deferring = Deferring()
+    deadline = 0.3
+    handler = FaultHandler(fallback="zero", deadline=deadline).start()
+    try:
+        handler.register(waiting, Mode.MISSING, deferring)
+        handler.register(slow, Mode.MISSING, KmsgSource(kmsg))
+        t0 = time.monotonic()
+        other = run_in_thread(waiting.read, 0, 8)
+        wait_for(lambda: deferring.faults, "the deferred fault")
+        blocked = run_in_thread(slow.read, 0, 8)  # the pump preads /dev/kmsg: it blocks
+        assert other.finish() == bytes(8)  # the watchdog's fallback, at the deadline
+        assert time.monotonic() - t0 < deadline + 2.0
+    finally:
+        with open("/dev/kmsg", "w") as log:
+            log.write("pyuffd test_lifecycle: releasing a pread on /dev/kmsg\n")
+    assert len(blocked.finish()) == 8  # released by the log line (its first bytes)
+    with pytest.raises(uffd.DeadlineExceededError):
+        handler.stop()
+    os.close(kmsg)
+    slow.close()
+    waiting.close()

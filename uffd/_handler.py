@@ -1,19 +1,14 @@
 """``FaultHandler``: serve page faults of registered mappings through their ``UffdOps``.
 
-The fault path, one step per module: the fd (``_userfaultfd``) → the pump
-(``_pump``: the C pump reads and times faults without the GIL) → dispatch
-(this module: find the mapping in ``_mapping``'s tables, classify the fault,
-call its ops) → ops (``_ops``) → ``Resolution`` (``_resolution.plan``) → the
-ioctl, performed by the pump on the fault's slot. Non-cooperative events
-(fork, mremap, MADV_DONTNEED/REMOVE, munmap; userfaultfd(2)) update the
-tables in the order they were read, so a fault read after an event is always
-dispatched against the updated table.
-
-Never hang a faulting thread: a handler that raises (anything, ``SystemExit``
-too), returns None, refuses, or misses the deadline gets the fallback
-("sigbus": UFFDIO_POISON where honoured, else a zero page; or "zero"), and
-the error is re-raised from ``stop()``/``join()``. The pump's watchdog (C,
-no GIL) enforces the deadline even when no Python code can run (dispatch.md).
+The fault path, one step per module (userfaultfd(2)): the fd (``_userfaultfd``)
+→ the pump (``_pump``: C, no GIL) → dispatch (here: the mapping from
+``_mapping``'s tables, the fault's kind, its ops) → ops (``_ops``) → the
+answer (``_answer``: checked, installed by the pump on the fault's slot).
+What is served, fds and mappings, is ``_served``'s; events update it in the
+order they were read, so a fault read after an event meets the updated
+table. Never hang a faulting thread: whatever a handler does (raises, even
+``SystemExit``; returns None; refuses; misses the deadline), the fault gets
+the fallback and the error is re-raised from ``stop()`` (dispatch.md).
 """
 
 from __future__ import annotations
@@ -26,68 +21,27 @@ from types import TracebackType
 from typing import Any
 
 from uffd import mem
+from uffd._answer import Answers, PendingFault
 from uffd._constants import Feature, Ioctl, Mode
-from uffd._errors import DeadlineExceededError, UffdError, UnsupportedError, check, describe_range
-from uffd._events import FLAG_MINOR, FLAG_WP, FLAG_WRITE, PAGEFAULT, Fork, Remap, Remove, decode
-from uffd._mapping import Fault, Mapping, Tables, required_features
+from uffd._errors import UffdError, UnsupportedError, describe_range
+from uffd._events import FLAG_MINOR, FLAG_WP, FLAG_WRITE, PAGEFAULT, Fork, decode
+from uffd._mapping import Fault, Mapping, Tables, check_registrable, describe_target
 from uffd._ops import UffdOps, get_uffd_ops, kernel_grant
-from uffd._pump import DID_WAKE, EXPIRED, FD_ERROR, Outcome, Pump, did_name, did_unguarded
-from uffd._resolution import Resolution, plan
-from uffd._stats import Counters, HandlerStats
-from uffd._userfaultfd import Userfaultfd, api_answer, fd_identity, mm_gone
+from uffd._pump import EXPIRED, FD_ERROR, Pump, stopped
+from uffd._resolution import Resolution
+from uffd._served import ServedFds
+from uffd._stats import HandlerStats
+from uffd._userfaultfd import Userfaultfd, open_for_handler
 
 __all__ = ["FaultHandler"]
 
-# Features the handler negotiates on its own when the kernel has them: they
-# widen what can be registered without changing how events are delivered.
-AUTO_FEATURES = (
-    Feature.PAGEFAULT_FLAG_WP
-    | Feature.MISSING_SHMEM
-    | Feature.MISSING_HUGETLBFS
-    | Feature.MINOR_SHMEM
-    | Feature.MINOR_HUGETLBFS
-    | Feature.WP_HUGETLBFS_SHMEM
-    | Feature.POISON
-    | Feature.THREAD_ID
-)
 _FALLBACKS = ("sigbus", "zero")
-_EAGAIN_RETRIES = 16
 # Below a millisecond the watchdog (a 2 ms tick) could not tell a deadline from
 # none, and every fault would take the fallback before its handler ran.
 _MIN_DEADLINE = 1e-3
 _MAX_DEADLINE = 86400.0 * 365  # a year: the pump keeps nanoseconds in a u64
 _MAX_BATCH = 4096  # faults one pump wait hands over at most
 _REAP_INTERVAL_MS = 1000  # how often the dispatch loop looks for exited forked children
-_COPY_BIT, _ZEROPAGE_BIT, _POISON_BIT = int(Ioctl.COPY), int(Ioctl.ZEROPAGE), int(Ioctl.POISON)
-_COPY, _DEFER = Resolution.COPY, Resolution.defer()
-# A fault's ``early`` once its handler answered: resolve() then refuses.
-_FINISHED = Resolution(Resolution.REFUSE, reason="answered by its handler")
-
-
-class _Fault(Fault):
-    """A ``Fault`` with what the dispatch layer needs to answer it: fd, pump slot, read time.
-
-    ``early`` is None while its handler runs; then ``_DEFER`` once deferred,
-    ``_FINISHED`` once answered, or the answer ``resolve()`` gave first.
-    """
-
-    __slots__ = ("early", "fd", "slot", "t_ns")
-
-    def __init__(
-        self, address: int, m: Mapping, kind: str, write: bool, tid: int | None, fd: int,
-        slot: int, t_ns: int,
-    ) -> None:  # fmt: skip
-        Fault.__init__(self, address, m, kind, write, tid)
-        self.fd, self.slot, self.t_ns = fd, slot, t_ns
-        self.early: Resolution | None = None
-
-
-def _stopped_error(op: str) -> UffdError:
-    return UffdError(
-        _errno.EBADF,
-        f"FaultHandler.{op}: handler stopped (stop() has begun); it installs, wakes and "
-        "resolves nothing more",
-    )
 
 
 class FaultHandler:
@@ -148,15 +102,8 @@ class FaultHandler:
         self.deadline = float(deadline)
         self._deadline_ns = int(self.deadline * 1e9)
         self._batch = batch
-        self._fds: dict[int, Userfaultfd] = {}
-        self._identity: dict[int, tuple[int, int] | None] = {}
         self._maps = Tables()
-        self._retired: list[Mapping] = []
-        self._orphans = Counters()
         self._errors: list[BaseException] = []
-        self._deferred: dict[int, _Fault] = {}
-        self._forked: set[int] = set()  # FORK events' child fds, reaped once the child exits
-        self._retry: list[tuple[_Fault, Resolution, int]] = []
         self._lock = threading.RLock()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -165,37 +112,21 @@ class FaultHandler:
         self._events_applied = 0  # kernel events applied to the tables, for install()
         self._native_at_stop = 0  # stats after stop(): the pump is gone
         self._own_mm = uffd is None
-        if uffd is not None:
-            self.uffd = uffd  # e.g. received from a process a daemon serves
-        else:
-            if auto_features:
-                answer = api_answer()
-                features = Feature(features | (AUTO_FEATURES & (answer[0] if answer else 0)))
-            try:
-                self.uffd = Userfaultfd(features)
-            except PermissionError as err:
-                # The fd's own remedy (user_mode_only=True) is not a FaultHandler argument.
-                raise PermissionError(
-                    err.errno,
-                    f"{err.strerror}; for a FaultHandler: "
-                    "FaultHandler(uffd=Userfaultfd(user_mode_only=True))",
-                ) from None
+        # e.g. received from a process a daemon serves
+        self.uffd = uffd if uffd is not None else open_for_handler(features, auto_features)
         self.features = self.uffd.features
         try:
             self._pump = Pump(self._deadline_ns, int(spin * 1e9))
         except OSError:
             self.uffd.close()
             raise
+        self._fds = ServedFds(self._pump, self._maps, fallback == "sigbus", self._own_mm)
+        own = self.uffd if self._own_mm else None
+        self._answers = Answers(self._pump, self._maps, self._lock, own, self._record, self._lost)
         with self._pump.held():
-            self._add_fd(self.uffd)
+            self._fds.add(self.uffd)
 
     # -- registration ----------------------------------------------------
-
-    def _add_fd(self, fd: Userfaultfd) -> None:
-        self._pump.add_fd(fd.fileno())
-        self._fds[fd.fileno()] = fd
-        self._identity[fd.fileno()] = fd_identity(fd.fileno())
-        self._maps.add_fd(fd.fileno())
 
     def adopt(self, fd: Userfaultfd) -> None:
         """Serve an externally created userfaultfd too (e.g. received over SCM_RIGHTS).
@@ -204,7 +135,7 @@ class FaultHandler:
         """
         self._require_running("adopt")
         with self._lock, self._pump.held():
-            self._add_fd(fd)
+            self._fds.add(fd)
 
     def register(
         self,
@@ -242,70 +173,19 @@ class FaultHandler:
         if not mode:
             raise ValueError("register: mode must name at least one of Mode.MISSING, WP, MINOR")
         fd = uffd or self.uffd
-        addr, length, kind, page_size = _describe(target, kind, page_size, ops, registered)
+        addr, length, kind, page_size = describe_target(target, kind, page_size, ops, registered)
         ops = get_uffd_ops(kind, ops)
         mapping = Mapping(addr, addr + length, kind, mode, ops, page_size, fd)
         where = f"{kind} mapping {describe_range(addr, length)}"
-        if not ops.can_userfault(mapping, mode):
-            raise UnsupportedError(
-                f"{type(ops).__name__} refused {mode!r} on the {where}: it serves "
-                f"{ops.features!r} (features derive from its handle_* methods)",
-                op="register",
-                addr=addr,
-                length=length,
-            )
-        missing = required_features(kind, mode) & ~fd.features
-        if missing:
-            have = (
-                "the kernel has it: pass it in features="
-                if missing & fd.available == missing
-                else "the kernel lacks it"
-            )
-            raise UnsupportedError(
-                f"the handler's userfaultfd did not negotiate {missing!r}, needed for {mode!r} "
-                f"on the {where} ({have})",
-                op="register",
-                addr=addr,
-                length=length,
-            )
+        check_registrable(mapping, mode, fd, where)
         with self._lock, self._pump.held():
-            self._clear_overlap(fd, addr, addr + length, where)
+            self._fds.clear_stale(fd, addr, addr + length, fd is self.uffd and self._own_mm, where)
             granted = kernel_grant(kind, mode) if registered else fd.register(addr, length, mode)
             if granted is None:
                 raise UnsupportedError(f"the kernel refuses {mode!r} on the {where}", op="register")
             mapping.ioctls = Ioctl(ops.ioctls & granted)
-            self._pump_map(mapping)
-            self._maps.add(mapping)
+            self._fds.publish(mapping)
         return mapping
-
-    def _clear_overlap(self, fd: Userfaultfd, start: int, end: int, where: str) -> None:
-        """Refuse an overlap, unless the overlapped entries are stale (lock held).
-
-        Without EVENT_UNMAP nothing tells the handler that a registered range
-        of this process was unmapped (``Region.close()``) or mapped anew; the
-        kernel's own registration then no longer exists (smaps shows no uffd
-        flag), and the stale entries are dropped instead.
-        """
-        overlap = self._maps.overlapping(fd.fileno(), start, end)
-        if not overlap:
-            return
-        own = fd is self.uffd and self._own_mm
-        if not own or mem.userfault_registered(start, end - start):
-            raise ValueError(f"register: {where} overlaps {overlap[0]!r}")
-        self._drop(fd.fileno(), start, end)
-
-    def _fallback_of(self, m: Mapping) -> str:
-        """The pump's fallback for ``m``: poison where it may, else a zero page."""
-        ufd = self._maps.fd_of(m)
-        if self.fallback == "sigbus" and m.honoured & _POISON_BIT and ufd.features & Feature.POISON:
-            return "poison"
-        return "zeropage" if m.honoured & _ZEROPAGE_BIT else "zerocopy"
-
-    def _pump_map(self, m: Mapping) -> None:
-        """Give ``m`` (its fallback and native source) to the pump (lock and pump held)."""
-        fd = self._maps.fd_number(m)
-        native = m.ops.native_source(m)
-        self._pump.map(fd, m.start, m.end, m.page_size, self._fallback_of(m), native, m.origin)
 
     def unregister(self, mapping: Mapping) -> None:
         """UFFDIO_UNREGISTER ``mapping`` and drop it; faults pending on it are woken."""
@@ -314,12 +194,7 @@ class FaultHandler:
             if not self._maps.holds(mapping):
                 raise ValueError(f"unregister: {mapping!r} is not registered on this handler")
             self._maps.fd_of(mapping).unregister(mapping.start, mapping.length)
-            self._drop(self._maps.fd_number(mapping), mapping.start, mapping.end)
-
-    def _drop(self, fd: int, start: int, end: int) -> None:
-        """Remove [start, end) from fd's table and the pump (lock and pump held)."""
-        self._retired.extend(self._maps.drop(fd, start, end))
-        self._pump.unmap(fd, start, end)
+            self._fds.drop(self._maps.fd_number(mapping), mapping.start, mapping.end)
 
     # -- lifecycle -------------------------------------------------------
 
@@ -370,25 +245,12 @@ class FaultHandler:
                 return
             self._finished = True
             with pump.held():
-                self._detach_lost_fds()
-                for fault in self._deferred.values():
-                    did = pump.fallback(fault.slot)
-                    if did < 0 or did & 0xFF == DID_WAKE:
-                        # Its page is there already (a prefetch installed it, and
-                        # the thread went on) or nobody waits: nothing was lost.
-                        continue
-                    self._errors.append(
-                        DeadlineExceededError(
-                            f"deferred fault at {fault.address:#x} was never resolved "
-                            "before stop(); resolved by the fallback",
-                            address=fault.address,
-                            thread_id=fault.thread_id,
-                        )
-                    )
-                self._deferred.clear()
+                for n in self._fds.closed_under():
+                    self._fd_lost(n, _errno.EBADF)
+                self._errors.extend(self._answers.abandon())
                 pump.drain()
                 self._native_at_stop = pump.native_faults()
-                self._release_ranges()
+                self._fds.release_ranges()
             if stuck:
                 self._errors.append(
                     UffdError(
@@ -398,36 +260,7 @@ class FaultHandler:
                     )
                 )
         # Outside the lock: a holder still inside the pump may need it to get out.
-        pump.close(self._close_fds, 0.0 if stuck else 5.0)
-
-    def _release_ranges(self) -> None:
-        """Unregister every range (lock held): closing an fd does not, while a copy is open.
-
-        A process forked without EVENT_FORK keeps a copy of each fd, and the
-        kernel releases a userfaultfd's ranges only when the last copy closes;
-        unregistering wakes whoever waits and leaves no fault to wait for.
-        """
-        for n, ufd in self._fds.items():
-            table = self._maps.by_fd.get(n)
-            for m in table.maps if table is not None else []:
-                # The range or its process may be gone already.
-                with contextlib.suppress(OSError, ValueError):
-                    ufd.unregister(m.start, m.length)
-
-    def _close_fds(self) -> None:
-        for fd in list(self._fds.values()):
-            fd.close()
-
-    def _detach_lost_fds(self) -> None:
-        """Forget, without closing, each fd that was closed under the handler (lock held).
-
-        Closing a userfaultfd releases its faulting threads and unregisters its
-        ranges; epoll drops it silently, so a pump that never read it again
-        only notices here. Its number may belong to another file by now.
-        """
-        for n, fd in list(self._fds.items()):
-            if not fd.closed and fd_identity(n) != self._identity.get(n):
-                self._fd_lost(n, _errno.EBADF)
+        pump.close(self._fds.close_all, 0.0 if stuck else 5.0)
 
     def join(self, timeout: float | None = None) -> None:
         """Wait for the dispatch thread to end (``stop()`` elsewhere), then re-raise errors."""
@@ -492,14 +325,10 @@ class FaultHandler:
         """
         if self._thread is None or threading.current_thread() is self._thread:
             return
-        try:
-            with self._pump.held():
-                target = self._pump.events_read()
-        except UffdError:
-            return  # stopped
-        until = time.monotonic() + self.deadline
-        while self._events_applied < target and not self._stopping and time.monotonic() < until:
-            time.sleep(0.0002)
+        with contextlib.suppress(UffdError), self._pump.held():  # stopped: nothing to wait for
+            self._pump.wait_applied(
+                lambda: self._events_applied, lambda: self._stopping, self.deadline
+            )
 
     @property
     def stats(self) -> HandlerStats:
@@ -507,8 +336,8 @@ class FaultHandler:
         with self._lock:
             mappings = self._maps.all()
             live = {(m.start, m.end): m.stats for m in mappings}
-            total = self._orphans
-            for m in [*mappings, *self._retired]:
+            total = self._answers.orphans
+            for m in [*mappings, *self._fds.retired]:
                 total = total.merged(m.stats)
             native = self._native_at_stop
             if not self._finished:
@@ -529,46 +358,20 @@ class FaultHandler:
         honoured on the mapping, ValueError for a range outside it, UffdError
         ("handler stopped") once ``stop()`` has begun.
         """
-        if not mapping.honoured & _COPY_BIT:
-            raise UnsupportedError(f"install: COPY is not honoured on {mapping!r}")
         with memoryview(data) as whole, whole.cast("B") as view:
-            ps = mapping.page_size
-            if (
-                offset % ps
-                or view.nbytes % ps
-                or offset < 0
-                or offset + view.nbytes > mapping.length
-            ):
-                raise ValueError(
-                    f"install: offset {offset} + {view.nbytes} bytes is not whole pages "
-                    f"inside {mapping!r}"
-                )
+            mapping.check_install(offset, view.nbytes)
             if self._stopping:
-                raise _stopped_error("install")
+                raise stopped("install")
             with self._pump.held():
-                return self._install(mapping, offset, view, wake)
-
-    def _install(self, mapping: Mapping, offset: int, view: memoryview, wake: bool) -> int:
-        fd = self._maps.fd_number(mapping)
-        installed = pos = 0
-        while pos < view.nbytes:
-            dst = mapping.start + offset + pos
-            with view[pos:] as rest:
-                rc, done = self._pump.install(fd, dst, rest, wake, self._events_applied)
-            installed += done
-            pos += done
-            if rc == 0:
-                break
-            if rc == -_errno.EEXIST:
-                pos += mapping.page_size  # a page is there already: skip it
-            elif self._stopping:
-                raise _stopped_error("install")  # stop() unregistered the range under us
-            elif rc != -_errno.EAGAIN:
-                check(rc, "install (UFFDIO_COPY)", dst, view.nbytes - pos)
-            elif not done:
-                break  # the mappings are changing: stop here
-            # A partial copy (EAGAIN with progress) stopped at a present page.
-        return installed
+                return self._pump.install(
+                    self._maps.fd_number(mapping),
+                    mapping.start + offset,
+                    view,
+                    mapping.page_size,
+                    wake,
+                    lambda: self._events_applied,
+                    lambda: self._stopping,
+                )
 
     def wake(self, mapping: Mapping, offset: int, length: int) -> None:
         """UFFDIO_WAKE a part of ``mapping`` (after DONTWAKE installs).
@@ -576,7 +379,7 @@ class FaultHandler:
         Raises UffdError ("handler stopped") once ``stop()`` has begun.
         """
         if self._stopping:
-            raise _stopped_error("wake")
+            raise stopped("wake")
         with self._pump.held():
             self._maps.fd_of(mapping).wake(mapping.start + offset, length)
 
@@ -595,19 +398,12 @@ class FaultHandler:
             UffdError: "handler stopped": ``stop()`` has begun.
             ValueError: ``fault`` was not given to a handler by this FaultHandler.
         """
-        if not isinstance(fault, _Fault):
+        if not isinstance(fault, PendingFault):
             raise ValueError(f"resolve: {fault!r} is not a fault this handler dispatched")
         with self._pump.held():
-            with self._lock:
-                if self._stopping:
-                    raise _stopped_error("resolve")
-                if fault.early is None:
-                    fault.early = resolution  # the handler has not returned yet
-                    return True
-                if self._deferred.get(fault.slot) is not fault:
-                    return False
-                del self._deferred[fault.slot]
-            return self._apply(fault, resolution)
+            if self._stopping:
+                raise stopped("resolve")
+            return self._answers.resolve(fault, resolution)
 
     # -- dispatch --------------------------------------------------------
 
@@ -628,7 +424,9 @@ class FaultHandler:
         items = pump.buffer(self._batch)
         next_reap = 0.0
         while True:
-            timeout_ms = 100 if self._retry else _REAP_INTERVAL_MS if self._forked else -1
+            timeout_ms = (
+                100 if self._answers.retry else _REAP_INTERVAL_MS if self._fds.forked else -1
+            )
             try:
                 batch = pump.wait(items, self._batch, timeout_ms)
             except (TimeoutError, InterruptedError):
@@ -636,13 +434,13 @@ class FaultHandler:
             except UffdError as err:
                 self._record(err)
                 return
-            if self._forked and time.monotonic() >= next_reap:
+            if self._fds.forked and time.monotonic() >= next_reap:
                 # Exited children send no event: look for them now and then.
                 with self._lock:
                     self._reap_exited()
                 next_reap = time.monotonic() + _REAP_INTERVAL_MS / 1000
             if batch is None:
-                self._retry_pending()
+                self._answers.retry_pending()
                 continue
             if not batch:
                 return  # stopped
@@ -664,21 +462,14 @@ class FaultHandler:
                         self._on_event(fd, slot, event, (a, b, c))
                 except BaseException as err:  # SystemExit too: recorded, the thread serves on
                     self._record(err)
-            if self._retry:
-                self._retry_pending()
+            if self._answers.retry:
+                self._answers.retry_pending()
 
     def _dispatch(self, fd: int, slot: int, t_ns: int, flags: int, address: int, ptid: int) -> None:
         table = self._maps.by_fd.get(fd)
         m = table.find(address) if table is not None else None
         if m is None:
-            # Unregistered or moved under the fault (a REMOVE, UNMAP or REMAP raced
-            # it): wake the thread; it faults again, on what is there now. A zero
-            # page here would land in whatever the kernel has registered at this
-            # address by now (the range moved back, a new registration).
-            with contextlib.suppress(UffdError):
-                self._pump.resolve(fd, slot, "wake", address & ~(mem.PAGE_SIZE - 1), mem.PAGE_SIZE)
-            with self._lock:
-                self._orphans.record("missing", "wake", time.monotonic_ns() - t_ns)
+            self._answers.orphan(fd, slot, t_ns, address)
             return
         if flags & FLAG_MINOR:
             kind, handle = "minor", m.ops.handle_continue
@@ -687,7 +478,7 @@ class FaultHandler:
         else:
             kind, handle = "missing", m.ops.handle_missing
         write, tid = bool(flags & FLAG_WRITE), (ptid & 0xFFFFFFFF) or None
-        fault = _Fault(address & ~(m.page_size - 1), m, kind, write, tid, fd, slot, t_ns)
+        fault = PendingFault(address & ~(m.page_size - 1), m, kind, write, tid, fd, slot, t_ns)
         try:
             if handle is None:
                 raise UnsupportedError(
@@ -695,184 +486,9 @@ class FaultHandler:
                 )
             resolution = handle(fault)
         except BaseException as err:  # SystemExit and KeyboardInterrupt too: never lost
-            fault.early = _FINISHED
-            self._fail(fault, err)
+            self._answers.raised(fault, err)
             return
-        if resolution is _DEFER:
-            with self._lock:
-                # resolve() may have answered already, from another thread.
-                early, fault.early = fault.early, _DEFER
-                if early is None:
-                    self._deferred[slot] = fault
-            if early is not None:
-                self._apply(fault, early)
-            return
-        fault.early = _FINISHED
-        if resolution is None:
-            self._fail(
-                fault,
-                TypeError(f"{type(m.ops).__name__}.handle_{kind} returned None for {fault!r}"),
-            )
-        else:
-            self._apply(fault, resolution)
-
-    def _apply(self, fault: _Fault, r: Resolution, attempt: int = 0) -> bool:
-        """Install ``r`` for ``fault`` through the pump; True if installed or queued for a retry."""
-        m = fault.mapping
-        data, wp = r.data, False
-        kind = type(data)
-        if (
-            r.kind is _COPY
-            and not r.keep_wp
-            and m.honoured & _COPY_BIT
-            and (
-                (kind is bytes and len(data) >= m.page_size)
-                or (kind is memoryview and data.c_contiguous and data.nbytes >= m.page_size)
-            )
-        ):
-            how = _COPY  # the common cases: no checks beyond these
-        else:
-            try:
-                how, data, wp = plan(r, fault, bool(self._maps.fd_of(m).features & Feature.POISON))
-            except Exception as err:
-                self._fail(fault, err)
-                return False
-        try:
-            outcome = self._pump.resolve(
-                fault.fd, fault.slot, how, fault.address, m.page_size, data, wp
-            )
-        except UffdError as err:
-            self._fail(fault, err)
-            return False
-        if outcome is Outcome.INSTALLED:
-            with self._lock:  # resolve() may run on other threads
-                m.stats.record(fault.kind, r.kind, time.monotonic_ns() - fault.t_ns)
-            return True
-        return self._outcome(fault, r, how, outcome, attempt)
-
-    def _outcome(self, fault: _Fault, r: Resolution, how: str, outcome: Outcome, n: int) -> bool:
-        """Act on an outcome other than INSTALLED; True if the fault is (or will be) resolved."""
-        m = fault.mapping
-        ufd = self._maps.fd_of(m)
-        if outcome is Outcome.PRESENT:
-            # Only a WP or MINOR fault: the pump answers INSTALLED (and wakes) when
-            # EEXIST or ENOENT means someone else resolved the fault.
-            return self._present(fault, r, how)
-        if outcome is Outcome.EXPIRED:
-            return False  # the watchdog resolved it; its notice reports that
-        if outcome is Outcome.GONE or (
-            outcome is Outcome.CLOSED and ufd.closed and ufd is not self.uffd
-        ):
-            # The faulting process has exited (its fd may be reaped already): nobody
-            # waits for this page, so it is not an error. Free the slot for the watchdog.
-            self._pump.fallback(fault.slot)
-            with self._lock:
-                m.stats.record(fault.kind, "gone", time.monotonic_ns() - fault.t_ns)
-            return False
-        if outcome is Outcome.CLOSED:
-            # Closed under the running handler (os.close, or its close() while
-            # serving): the kernel has released the threads; report the fd lost.
-            self._pump.fallback(fault.slot)
-            with self._lock:
-                for number, known in list(self._fds.items()):
-                    if known is ufd:
-                        self._fd_lost(number, _errno.EBADF)
-            return False
-        if n < _EAGAIN_RETRIES:
-            # The mappings are changing: the event is queued; retry after reading it.
-            self._retry.append((fault, r, n + 1))
-            return True
-        # Still changing after every retry (a storm of forks keeps mmap_changing
-        # raised): wake the thread instead; it faults again and that fault is
-        # served like any other. Nothing is lost, so nothing is recorded.
-        try:
-            if (
-                self._pump.resolve(fault.fd, fault.slot, "wake", fault.address, m.page_size)
-                is Outcome.INSTALLED
-            ):
-                with self._lock:
-                    m.stats.record(fault.kind, "wake", time.monotonic_ns() - fault.t_ns)
-                return False
-            raise UffdError(
-                _errno.EAGAIN, f"resolving {fault!r} with {r!r}: the mappings kept changing"
-            )
-        except UffdError as err:
-            self._fail(fault, err)
-        return False
-
-    def _present(self, fault: _Fault, r: Resolution, how: str) -> bool:
-        """EEXIST for a WP or MINOR fault: the page is there, so ``r`` did not resolve it.
-
-        For a MISSING fault (or a CONTINUE) EEXIST means another install won
-        the race, and the pump has woken the thread; a WP or MINOR fault is on
-        a page that exists, and waking the thread would only fault it again,
-        forever: the pump leaves it pending. A WP fault's copy is done by
-        overwriting the page; anything else is the handler's mistake: recorded,
-        and the fallback (unprotect, continue) lets the thread on.
-        """
-        if fault.kind == "wp" and how == _COPY:
-            return self._copy_over(fault, r)
-        remedy = "Resolution.unprotect()" if fault.kind == "wp" else "Resolution.continue_()"
-        self._fail(
-            fault,
-            UnsupportedError(
-                f"{type(fault.mapping.ops).__name__}.handle_{fault.kind} answered {r!r} for "
-                f"{fault!r}, but the page is present (EEXIST), so that cannot resolve a "
-                f"{fault.kind} fault; return {remedy}"
-            ),
-        )
-        return False
-
-    def _copy_over(self, fault: _Fault, r: Resolution) -> bool:
-        """Copy-then-unprotect for a WP fault on a present page (UFFDIO_COPY said EEXIST).
-
-        No ioctl replaces a present page, so for this process's own memory the
-        page is unprotected without waking the writer, overwritten, and the
-        writer woken (``keep_wp`` was refused before: it would fault forever).
-        A write by another thread in between is overwritten: the handler's data
-        wins, as a copy would. Another process's memory is not writable from
-        here: that is recorded as an error and the fault takes the fallback.
-        """
-        m = fault.mapping
-        ufd = self._maps.fd_of(m)
-        if ufd is not self.uffd or not self._own_mm:
-            self._fail(
-                fault,
-                UnsupportedError(
-                    f"{type(m.ops).__name__}.handle_wp returned {r!r} for {fault!r}, a present "
-                    "page of another process, which cannot be overwritten from here; return "
-                    "Resolution.unprotect() (or copy only into unpopulated pages)"
-                ),
-            )
-            return False
-        try:
-            ufd.writeprotect(fault.address, m.page_size, False, wake=False)
-            with memoryview(r.data) as data:
-                mem.write_at(fault.address, data[: m.page_size])
-            done = self._pump.resolve(fault.fd, fault.slot, "wake", fault.address, m.page_size)
-        except UffdError as err:
-            self._fail(fault, err)
-            return False
-        if done is Outcome.INSTALLED:
-            with self._lock:
-                m.stats.record(fault.kind, r.kind, time.monotonic_ns() - fault.t_ns)
-            return True
-        return False  # the watchdog resolved it meanwhile; its notice reports that
-
-    def _retry_pending(self) -> None:
-        pending, self._retry = self._retry, []
-        for fault, r, attempt in pending:
-            self._apply(fault, r, attempt)
-
-    def _fail(self, fault: _Fault, err: BaseException) -> None:
-        """Record ``err`` and resolve ``fault`` by the fallback."""
-        did = self._pump.fallback(fault.slot)
-        with self._lock:
-            fault.mapping.stats.errors += 1
-            if did >= 0:
-                latency = time.monotonic_ns() - fault.t_ns
-                fault.mapping.stats.record(fault.kind, "fallback-" + did_name(did), latency)
-        self._record(err)
+        self._answers.take(fault, resolution)
 
     def _record(self, err: BaseException) -> None:
         with self._lock:
@@ -897,34 +513,12 @@ class FaultHandler:
             self._events_applied += 1
 
     def _apply_event(self, fd: int, event: Any) -> None:
-        """Update the tables for a kernel event (lock held, on the dispatch thread)."""
+        """Update what is served for a kernel event (lock held, on the dispatch thread)."""
         if isinstance(event, Fork):
-            self._reap_exited()
-            child = event.uffd
-            try:
-                self._add_fd(child)
-            except BaseException:
-                child.close()  # not served: closing it lets the child's faults through
-                raise
-            self._forked.add(child.fileno())
-            for m in self._maps.copy_for_child(fd, child):
-                self._pump_map(m)
-        elif isinstance(event, Remap):
-            moved = self._maps.move(fd, event.old, event.new, event.length)
-            # Unmap the old range from the pump (that splits a map straddling
-            # it) and map the moved pieces anew at their new addresses.
-            self._pump.unmap(fd, event.old, event.old + event.length)
-            for m in moved:
-                self._pump_map(m)
-        elif isinstance(event, Remove):
-            # The pages are gone; unregister so later accesses get zero pages.
-            if self._maps.overlapping(fd, event.start, event.end):
-                # The range or the process may be gone already.
-                with contextlib.suppress(UffdError, ValueError):
-                    self._fds[fd].unregister(event.start, event.end - event.start)
-                self._drop(fd, event.start, event.end)
-        else:  # Unmap
-            self._drop(fd, event.start, event.end)
+            self._reap_exited()  # each fork a chance to free the slots of exited children
+            self._fds.add_child(fd, event.uffd)
+        else:
+            self._fds.follow(fd, event)
 
     def _reap_exited(self) -> None:
         """Close the fds of forked children whose process has exited (lock held).
@@ -935,124 +529,27 @@ class FaultHandler:
         keeps an fd and one of the pump's 256 fd slots for the handler's
         lifetime, and FORK events fail with EMFILE after that.
         """
-        for n in [n for n in self._forked if mm_gone(n)]:
-            self._forked.discard(n)
-            waiting = [f for f in self._deferred.values() if f.fd == n]
-            waiting += [f for f, _, _ in self._retry if f.fd == n]
-            self._retry = [item for item in self._retry if item[0] not in waiting]
-            for fault in waiting:
-                # Nobody waits for these pages any more: "gone", not an error.
-                self._deferred.pop(fault.slot, None)
-                self._pump.fallback(fault.slot)  # frees the slot (ESRCH)
-                fault.mapping.stats.record(fault.kind, "gone", time.monotonic_ns() - fault.t_ns)
-            self._retire_fd(n).close()
+        for n in self._fds.exited():
+            self._answers.forget_fd(n)
+            self._fds.retire(n).close()
 
-    def _retire_fd(self, n: int) -> Userfaultfd:
-        """Stop serving fd ``n`` (lock held); its object, for the caller to close or detach."""
-        self._retired.extend(self._maps.remove_fd(n))
-        self._identity.pop(n, None)
-        self._pump.remove_fd(n)
-        return self._fds.pop(n)
+    def _lost(self, ufd: Userfaultfd) -> None:
+        """An fd closed under the running handler (EBADF from an install)."""
+        with self._lock:
+            number = self._fds.number(ufd)
+            if number is not None:
+                self._fd_lost(number, _errno.EBADF)
 
     def _fd_lost(self, fd: int, err: int) -> None:
         """Drop an fd that failed under the pump (lock held); report it if it is the handler's."""
-        if fd not in self._fds:
-            self._pump.remove_fd(fd)
-            return
-        lost = self._retire_fd(fd)
-        if err == _errno.EBADF:
-            lost.detach()  # not ours any more: never close that number, it may be reused
-        if lost is self.uffd:
-            self._errors.insert(
-                0,
-                UffdError(
-                    err,
-                    f"the handler's userfaultfd (fd {fd}) was closed under the running handler "
-                    f"([{_errno.errorcode.get(err, err)}]: closed while in use?): the kernel "
-                    "released its faulting threads and unregistered its ranges; the handler did "
-                    "not close that fd number again",
-                ),
-            )
+        report = self._fds.lose(fd, err)
+        if report is not None:
+            self._errors.insert(0, report)  # first: it explains the errors after it
 
     def _on_expired(self, fd: int, did: int, flags: int, address: int, ptid: int) -> None:
         # A fallback that failed because the faulting process has exited (ESRCH)
         # left nobody waiting: that is the process's end, not a missed deadline.
-        # The handler's own fd serves this process, which cannot have exited.
-        # A forked child's fd reaped (closed) before this notice: its process had exited.
-        own = not self.uffd.closed and fd == self.uffd.fileno()
-        gone = not did & 0xFF and (
-            (fd not in self._fds and not own) or ((not own or not self._own_mm) and mm_gone(fd))
-        )
+        gone = not did & 0xFF and self._fds.process_gone(fd)
         with self._lock:
             self._expired += 0 if gone else 1
-            for slot, fault in list(self._deferred.items()):
-                if fault.address == address & ~(fault.mapping.page_size - 1) and fault.fd == fd:
-                    del self._deferred[slot]
-                    break
-            table = self._maps.by_fd.get(fd)
-            m = table.find(address) if table is not None else None
-            if m is not None and gone:
-                m.stats.record("missing", "gone", self._deadline_ns)
-            elif m is not None:
-                m.stats.errors += 1
-                kind = "minor" if flags & FLAG_MINOR else "wp" if flags & FLAG_WP else "missing"
-                m.stats.record(kind, "fallback-" + did_name(did), self._deadline_ns)
-        if gone:
-            return
-        what = did_name(did) if did & 0xFF else "nothing (the fallback failed)"
-        if did_unguarded(did):
-            why = (
-                f"thread {ptid} of this process faulted there while the dispatch thread could not "
-                "run, most likely because the faulting thread held the GIL (plain Python or ctypes "
-                "access to registered memory); use Region.read/write/touch, which release it"
-            )
-        else:
-            why = "the handler did not answer in time"
-        self._record(
-            DeadlineExceededError(
-                f"fault at {address:#x} missed the {self.deadline:g} s deadline: {why}; "
-                f"resolved with {what}",
-                address=address,
-                thread_id=ptid or None,
-            )
-        )
-
-
-def _describe(
-    target: mem.Region | tuple[int, int],
-    kind: str | None,
-    page_size: int | None,
-    ops: UffdOps | None,
-    registered: bool,
-) -> tuple[int, int, str, int]:
-    """(addr, length, kind, page size) of a registration target, all checked.
-
-    A page size is the memory's: the base page for anon and shmem, a huge
-    page size of this host for hugetlb (for this process's memory, the one
-    smaps reports). Raises ValueError (see ``register``).
-    """
-    found = None
-    if isinstance(target, mem.Region):
-        addr, length = target.addr, target.length
-        kind, found = kind or target.kind, target.page_size
-    else:
-        addr, length = target
-        if kind is None and not registered:
-            try:
-                kind, _, _, found = mem.kind_of(addr)
-            except LookupError as err:
-                raise ValueError(f"register: {err}: map the memory first") from None
-        kind = kind or (ops.kind if ops is not None and ops.kind else "anon")
-    allowed = [found] if found else mem.page_sizes(kind)
-    page_size = page_size or allowed[0]
-    if page_size not in allowed:
-        raise ValueError(
-            f"register: page_size={page_size} is not a page size of this {kind} memory "
-            f"({', '.join(map(str, allowed))}); leave it out to use the memory's own"
-        )
-    if length <= 0 or addr % page_size or length % page_size:
-        raise ValueError(
-            f"register: {describe_range(addr, length)} is not a positive multiple of the "
-            f"{page_size}-byte page size of this {kind} memory"
-        )
-    return addr, length, kind, page_size
+        self._answers.expired(fd, did, flags, address, ptid, gone, self.deadline)

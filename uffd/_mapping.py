@@ -12,14 +12,25 @@ import bisect
 from typing import TYPE_CHECKING
 
 from uffd._constants import Feature, Ioctl, Mode
-from uffd._errors import describe_range
+from uffd._errors import UnsupportedError, describe_range
 from uffd._stats import Counters
 from uffd._userfaultfd import Userfaultfd
+from uffd.mem import Region, kind_of, page_sizes
 
 if TYPE_CHECKING:
     from uffd._ops import UffdOps
 
-__all__ = ["Fault", "Mapping", "Table", "Tables", "required_features"]
+_COPY_BIT = int(Ioctl.COPY)
+
+__all__ = [
+    "Fault",
+    "Mapping",
+    "Table",
+    "Tables",
+    "check_registrable",
+    "describe_target",
+    "required_features",
+]
 
 
 class Mapping:
@@ -87,6 +98,19 @@ class Mapping:
         """``end - start``."""
         return self.end - self.start
 
+    def check_install(self, offset: int, nbytes: int) -> None:
+        """Refuse an install of ``nbytes`` at ``offset`` that is not whole pages inside.
+
+        Raises UnsupportedError if COPY is not honoured here, ValueError for the range.
+        """
+        if not self.honoured & _COPY_BIT:
+            raise UnsupportedError(f"install: COPY is not honoured on {self!r}")
+        ps = self.page_size
+        if offset % ps or nbytes % ps or offset < 0 or offset + nbytes > self.length:
+            raise ValueError(
+                f"install: offset {offset} + {nbytes} bytes is not whole pages inside {self!r}"
+            )
+
     def _clone(self, start: int, end: int, uffd: Userfaultfd | None = None) -> Mapping:
         m = Mapping(
             start,
@@ -145,6 +169,32 @@ def required_features(kind: str, mode: Mode) -> Feature:
     if mode & Mode.WP:
         need |= Feature.PAGEFAULT_FLAG_WP | (Feature.WP_HUGETLBFS_SHMEM if file_backed else 0)
     return need
+
+
+def check_registrable(mapping: Mapping, mode: Mode, fd: Userfaultfd, where: str) -> None:
+    """Refuse ``mode`` on ``mapping`` if its ops or ``fd``'s negotiated features do not allow it.
+
+    Raises UnsupportedError saying who refused and why (``where`` names the range).
+    """
+    ops, fields = mapping.ops, {"op": "register", "addr": mapping.start, "length": mapping.length}
+    if not ops.can_userfault(mapping, mode):
+        raise UnsupportedError(
+            f"{type(ops).__name__} refused {mode!r} on the {where}: it serves "
+            f"{ops.features!r} (features derive from its handle_* methods)",
+            **fields,
+        )
+    missing = required_features(mapping.kind, mode) & ~fd.features
+    if missing:
+        have = (
+            "the kernel has it: pass it in features="
+            if missing & fd.available == missing
+            else "the kernel lacks it"
+        )
+        raise UnsupportedError(
+            f"the handler's userfaultfd did not negotiate {missing!r}, needed for {mode!r} "
+            f"on the {where} ({have})",
+            **fields,
+        )
 
 
 class Table:
@@ -255,3 +305,43 @@ class Tables:
         copies = [m._clone(m.start, m.end, child) for m in self.by_fd[fd].maps]
         self.by_fd[child.fileno()] = Table(copies)
         return copies
+
+
+def describe_target(
+    target: Region | tuple[int, int],
+    kind: str | None,
+    page_size: int | None,
+    ops: UffdOps | None,
+    registered: bool,
+) -> tuple[int, int, str, int]:
+    """(addr, length, kind, page size) of a ``FaultHandler.register`` target, all checked.
+
+    A page size is the memory's: the base page for anon and shmem, a huge
+    page size of this host for hugetlb (for this process's memory, the one
+    smaps reports). Raises ValueError (see ``register``).
+    """
+    found = None
+    if isinstance(target, Region):
+        addr, length = target.addr, target.length
+        kind, found = kind or target.kind, target.page_size
+    else:
+        addr, length = target
+        if kind is None and not registered:
+            try:
+                kind, _, _, found = kind_of(addr)
+            except LookupError as err:
+                raise ValueError(f"register: {err}: map the memory first") from None
+        kind = kind or (ops.kind if ops is not None and ops.kind else "anon")
+    allowed = [found] if found else page_sizes(kind)
+    page_size = page_size or allowed[0]
+    if page_size not in allowed:
+        raise ValueError(
+            f"register: page_size={page_size} is not a page size of this {kind} memory "
+            f"({', '.join(map(str, allowed))}); leave it out to use the memory's own"
+        )
+    if length <= 0 or addr % page_size or length % page_size:
+        raise ValueError(
+            f"register: {describe_range(addr, length)} is not a positive multiple of the "
+            f"{page_size}-byte page size of this {kind} memory"
+        )
+    return addr, length, kind, page_size

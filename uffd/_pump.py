@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno as _errno
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ __all__ = [
     "Pump",
     "did_name",
     "did_unguarded",
+    "stopped",
 ]
 
 # The pump's own notices among the items (the kernel's event codes start at 0x12).
@@ -84,6 +86,15 @@ _ITEM = record_struct(
 _COPY_MODE_WP = int(lib.UFFDIO_COPY_MODE_WP)
 _COPY_DONTWAKE = int(lib.UFFDIO_COPY_MODE_DONTWAKE)
 _CLOSE_WAIT = 5.0  # seconds close() waits for other holders before leaving the free to them
+
+
+def stopped(op: str) -> UffdError:
+    """The error of a call made once the handler's stop() has begun (api.md, section 9)."""
+    return UffdError(
+        _errno.EBADF,
+        f"FaultHandler.{op}: handler stopped (stop() has begun); it installs, wakes and "
+        "resolves nothing more",
+    )
 
 
 def did_name(did: int) -> str:
@@ -172,11 +183,7 @@ class Pump:
         """Keep the pump alive until ``release``; raises UffdError once ``close`` began."""
         with self._gate:
             if self._closing:
-                raise UffdError(
-                    _errno.EBADF,
-                    "handler stopped: the FaultHandler's stop() has begun, so it installs, "
-                    "wakes and resolves nothing more",
-                )
+                raise stopped("call")
             self._holders += 1
 
     def release(self) -> None:
@@ -330,18 +337,48 @@ class Pump:
         return int(lib.pyuffd_pump_fallback(self._ptr, slot))
 
     def install(
-        self, fd: int, dst: int, data: memoryview, wake: bool, seen: int
-    ) -> tuple[int, int]:
-        """UFFDIO_COPY ``data`` to ``dst`` for a prefetch; (0 or -errno, bytes copied).
+        self,
+        fd: int,
+        dst: int,
+        data: memoryview,
+        page_size: int,
+        wake: bool,
+        applied: Callable[[], int],
+        stopping: Callable[[], bool],
+    ) -> int:
+        """UFFDIO_COPY ``data`` to ``dst`` for a prefetch; the bytes installed.
 
-        Refused with -EAGAIN unless ``seen`` events were applied to the tables;
-        ``wake=False`` is DONTWAKE. Safe from several threads at once.
+        Pages already present are skipped. Each copy is refused (and the
+        install ends short) unless ``applied()`` events were applied to the
+        tables, every event the pump has read: a page the process dropped
+        must not come back. ``wake=False`` is DONTWAKE. Safe from several
+        threads at once.
+
+        Raises UffdError: "handler stopped" once ``stopping()`` (stop()
+        unregistered the range under the copy), or what the copy met.
         """
         done = ffi.new("int64_t *")
         mode = 0 if wake else _COPY_DONTWAKE
+        installed = pos = 0
         with ffi.from_buffer(data) as src:
-            rc = lib.pyuffd_pump_install(self._ptr, fd, dst, src, data.nbytes, mode, seen, done)
-        return int(rc), int(done[0])
+            while pos < data.nbytes:
+                rc = lib.pyuffd_pump_install(
+                    self._ptr, fd, dst + pos, src + pos, data.nbytes - pos, mode, applied(), done
+                )
+                installed += done[0]
+                pos += done[0]
+                if rc == 0:
+                    break
+                if rc == -_errno.EEXIST:
+                    pos += page_size  # a page is there already: skip it
+                elif stopping():
+                    raise stopped("install")  # stop() unregistered the range
+                elif rc != -_errno.EAGAIN:
+                    check(rc, "install (UFFDIO_COPY)", dst + pos, data.nbytes - pos)
+                elif not done[0]:
+                    break  # the mappings are changing: stop here
+                # A partial copy (EAGAIN with progress) stopped at a present page.
+        return installed
 
     def drain(self) -> int:
         """Resolve every pending fault by its fallback; how many there were."""
@@ -354,6 +391,17 @@ class Pump:
     def events_read(self) -> int:
         """Non-fault events the pump has read so far (installs wait for them to be applied)."""
         return int(lib.pyuffd_pump_events_read(self._ptr))
+
+    def wait_applied(
+        self, applied: Callable[[], int], stopping: Callable[[], bool], timeout: float
+    ) -> None:
+        """Wait (up to ``timeout`` s, or ``stopping()``) until ``applied()`` reaches the number
+        of events the pump has read so far: the tables then show every change a process
+        made before its mremap or madvise returned."""
+        target = self.events_read()
+        until = time.monotonic() + timeout
+        while applied() < target and not stopping() and time.monotonic() < until:
+            time.sleep(0.0002)
 
     def native_faults(self) -> int:
         """Faults the pump served without Python."""

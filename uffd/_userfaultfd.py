@@ -26,7 +26,7 @@ from uffd._errors import UffdError, UnsupportedError, check, describe_range
 from uffd._events import MSG_SIZE, Event, decode_events
 from uffd._native import ffi, lib
 
-__all__ = ["Userfaultfd", "explain_open_error"]
+__all__ = ["AUTO_FEATURES", "Userfaultfd", "explain_open_error", "open_for_handler"]
 
 PAGE_SIZE = mmap.PAGESIZE
 _MAX_BATCH = 4096  # events read by one read_events() call at most
@@ -584,6 +584,41 @@ def _is_hugetlb(addr: int) -> bool:
         return mem.kind_of(addr)[0] == "hugetlb"
     except LookupError:
         return False
+
+
+# Features the handler negotiates on its own when the kernel has them: they
+# widen what can be registered without changing how events are delivered.
+AUTO_FEATURES = (
+    Feature.PAGEFAULT_FLAG_WP
+    | Feature.MISSING_SHMEM
+    | Feature.MISSING_HUGETLBFS
+    | Feature.MINOR_SHMEM
+    | Feature.MINOR_HUGETLBFS
+    | Feature.WP_HUGETLBFS_SHMEM
+    | Feature.POISON
+    | Feature.THREAD_ID
+)
+
+
+def open_for_handler(features: Feature, auto_features: bool) -> Userfaultfd:
+    """The FaultHandler's own fd: ``features`` plus, with ``auto_features``, AUTO_FEATURES
+    the kernel has.
+
+    Raises PermissionError with the remedy that fits a FaultHandler, and
+    whatever ``Userfaultfd()`` raises.
+    """
+    if auto_features:
+        answer = api_answer()
+        features = Feature(features | (AUTO_FEATURES & (answer[0] if answer else 0)))
+    try:
+        return Userfaultfd(features)
+    except PermissionError as err:
+        # The fd's own remedy (user_mode_only=True) is not a FaultHandler argument.
+        raise PermissionError(
+            err.errno,
+            f"{err.strerror}; for a FaultHandler: "
+            "FaultHandler(uffd=Userfaultfd(user_mode_only=True))",
+        ) from None
 
 
 def mm_gone(fd: int) -> bool:
