@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+import time
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import uffd
+from uffd import FaultHandler, Mode, Resolution, UffdOps
 from uffd._histogram import QEMU_LATENCY_BUCKETS, LatencyHistogram, format_us
+from uffd.mem import Region
 
 LATENCIES = st.lists(st.integers(min_value=0, max_value=10**9), min_size=1, max_size=300)
 
@@ -84,6 +90,7 @@ def test_a_tail_near_a_power_of_two_is_not_reported_as_the_power() -> None:
     assert 20_960 <= hist.percentile(99) <= 20_990 * 1.01
     summary = hist.summary()
     assert summary.startswith("p50 20.") and "p99 21 ms, max 21 ms (1,000 faults)" in summary
+    assert repr(hist) == f"<LatencyHistogram {summary}>"
 
 
 def test_qemu_blocktime_json_per_thread() -> None:
@@ -139,3 +146,32 @@ def test_empty_histogram_and_bad_arguments() -> None:
 def test_format_us_uses_three_significant_digits(value: float, text: str) -> None:
     """Latencies print with at most 3 significant digits and a unit that fits."""
     assert format_us(value) == text
+
+
+class _Zero(UffdOps):
+    """Every page is zero-filled (a Python resolution, counted in the handler's stats)."""
+
+    def handle_missing(self, fault: uffd.Fault) -> Resolution:
+        return Resolution.zero()
+
+
+@pytest.mark.requires_uffd(features="THREAD_ID")
+def test_handler_stats_keep_latencies_in_a_histogram(
+    uffd_handler: FaultHandler, uffd_region_factory: Callable[..., Region]
+) -> None:
+    """FaultHandler.stats: every fault in the histogram, per faulting thread; sane percentiles."""
+    region = uffd_region_factory("anon", pages=64)
+    uffd_handler.register(region, Mode.MISSING, _Zero())
+    assert region.read(0, region.length) == bytes(region.length)
+    deadline = time.monotonic() + 5
+    # A fault is counted just after its thread is woken: wait (bounded) for the last one.
+    while uffd_handler.stats.total.latency.count < 64 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    total = uffd_handler.stats.total
+    assert total.latency.count == 64 == sum(total.latency_us_log2) == total.faults["missing"]
+    assert total.latency.min <= total.percentile_us(0.5) <= total.percentile_us(0.99)
+    assert total.percentile_us(0.99) <= total.latency.max
+    qemu = total.latency.as_qemu_blocktime()
+    assert sum(qemu["postcopy-latency-dist"]) == 64
+    assert qemu["x-pyuffd-thread-ids"] == [threading.get_native_id()]
+    assert qemu["postcopy-vcpu-blocktime"] == [total.latency.total_us // 1000]

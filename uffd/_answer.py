@@ -281,7 +281,8 @@ class Answers:
 
     def _count(self, fault: PendingFault, how: str) -> None:
         with self._lock:  # answers come from several threads
-            fault.mapping.stats.record(fault.kind, how, time.monotonic_ns() - fault.t_ns)
+            latency = time.monotonic_ns() - fault.t_ns
+            fault.mapping.stats.record(fault.kind, how, latency, fault.thread_id)
 
     # -- faults nobody answered ------------------------------------------------
 

@@ -104,6 +104,9 @@ class LatencyHistogram:
         thread.faults += 1
         thread.total_us += value
 
+    def __repr__(self) -> str:
+        return f"<LatencyHistogram {self.summary()}>"
+
     @property
     def mean(self) -> float:
         """The exact mean in µs; 0.0 when empty."""
@@ -177,7 +180,8 @@ class LatencyHistogram:
         if not self.count:
             return "no faults"
         points = ", ".join(f"p{q:g} {format_us(self.percentile(q))}" for q in (50, 90, 99))
-        return f"{points}, max {format_us(self.max)} ({self.count:,} faults)"
+        plural = "" if self.count == 1 else "s"
+        return f"{points}, max {format_us(self.max)} ({self.count:,} fault{plural})"
 
     def as_qemu_blocktime(self) -> dict[str, object]:
         """The distribution in the shape of QEMU 10.1's postcopy ``query-migrate`` fields.

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from uffd._histogram import LatencyHistogram
+
 __all__ = ["Counters", "HandlerStats"]
 
 BUCKETS = 32  # log2 microseconds: bucket b holds latencies in [2**(b-1), 2**b) µs
@@ -12,40 +14,43 @@ BUCKETS = 32  # log2 microseconds: bucket b holds latencies in [2**(b-1), 2**b) 
 
 @dataclass
 class Counters:
-    """Faults by kind, resolutions by kind, errors, and latency (log2 µs buckets)."""
+    """Faults by kind, resolutions by kind, errors, and latency (``latency``, 2 digits)."""
 
     faults: Counter[str] = field(default_factory=Counter)
     resolutions: Counter[str] = field(default_factory=Counter)
     errors: int = 0
-    latency_us_log2: list[int] = field(default_factory=lambda: [0] * BUCKETS)
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
-    def record(self, fault_kind: str, resolution: str, latency_ns: int) -> None:
+    def record(
+        self, fault_kind: str, resolution: str, latency_ns: int, thread_id: int | None = None
+    ) -> None:
         """Count one resolved fault (caller holds the handler's lock: this is on the fault path)."""
         self.faults[fault_kind] += 1
         self.resolutions[resolution] += 1
-        bucket = (latency_ns // 1000).bit_length()
-        self.latency_us_log2[bucket if bucket < BUCKETS else BUCKETS - 1] += 1
+        self.latency.record(latency_ns / 1000, thread_id)
+
+    @property
+    def latency_us_log2(self) -> list[int]:
+        """Faults per log2 bucket: b holds [2**(b-1), 2**b) µs (exact, from ``latency``)."""
+        out = [0] * BUCKETS
+        for low, _, count in self.latency.buckets():
+            out[min(low.bit_length(), BUCKETS - 1)] += count
+        return out
 
     def merged(self, other: Counters) -> Counters:
         """A new Counters holding both."""
+        latency = self.latency.copy()
+        latency.merge(other.latency)
         return Counters(
             self.faults + other.faults,
             self.resolutions + other.resolutions,
             self.errors + other.errors,
-            [a + b for a, b in zip(self.latency_us_log2, other.latency_us_log2, strict=True)],
+            latency,
         )
 
     def percentile_us(self, q: float) -> float:
-        """Upper bound (µs) of the bucket holding the ``q`` quantile (0..1); 0 when empty."""
-        total = sum(self.latency_us_log2)
-        if not total:
-            return 0.0
-        seen = 0
-        for bucket, count in enumerate(self.latency_us_log2):
-            seen += count
-            if seen >= q * total:
-                return float(2**bucket)
-        return float(2 ** (BUCKETS - 1))
+        """The ``q`` quantile (0..1) of fault latency in µs, to 2 significant digits; 0 if empty."""
+        return float(self.latency.percentile(q * 100))
 
 
 @dataclass
