@@ -8,7 +8,7 @@ What is served, fds and mappings, is ``_served``'s; events update it in the
 order they were read, so a fault read after an event meets the updated
 table. Never hang a faulting thread: whatever a handler does (raises, even
 ``SystemExit``; returns None; refuses; misses the deadline), the fault gets
-the fallback and the error is re-raised from ``stop()`` (dispatch.md).
+the fallback and the error is re-raised from ``stop()`` (docs/dispatch.md, rule 5).
 """
 
 from __future__ import annotations

@@ -158,7 +158,7 @@ class MemoryType:
 
 def _offset(mapping: Mapping, addr: int) -> int:
     """``addr``'s byte offset from the start of the range as registered (``Fault.offset``)."""
-    # _origin: a piece of a split mapping keeps the offsets of the whole range.
+    # origin: a piece of a split mapping keeps the offsets of the whole range.
     return addr - mapping.start + mapping.origin
 
 
