@@ -255,9 +255,10 @@ def _kill_busiest_master(servers: RedisServers, url: str) -> Callable[[], None]:
 
 
 def _live_worker_snapshots(directory: str, megabytes: int, gap: float) -> tuple[str, str, float]:
-    """Two snapshots of a live Python worker's writable memory, ``gap`` seconds apart; and the
-    file-write seconds of the first (the push baseline)."""
-    from uffd.pagestore.snapshot import write_snapshot
+    """Two snapshots of a live Python worker (``uffd snapshot create``'s capture, the process
+    frozen while read), ``gap`` seconds apart; and the seconds the first capture took (the
+    push baseline)."""
+    from uffd.pagestore.capture import capture_process
 
     code = (
         "import random, sys, time\n"
@@ -276,41 +277,19 @@ def _live_worker_snapshots(directory: str, megabytes: int, gap: float) -> tuple[
         assert proc.stdout is not None
         proc.stdout.readline()
         paths = []
-        write_s = 0.0
+        capture_s = 0.0
         for n in range(2):
             if n:
                 time.sleep(gap)
-            regions = _read_process_memory(proc.pid)
             path = os.path.join(directory, f"worker{n}.snap")
             t0 = time.monotonic()
-            write_snapshot(path, regions)
-            write_s = write_s or time.monotonic() - t0
+            capture_process(path, proc.pid, freeze=True)
+            capture_s = capture_s or time.monotonic() - t0
             paths.append(path)
     finally:
         proc.kill()
         proc.wait()
-    return paths[0], paths[1], write_s
-
-
-def _read_process_memory(pid: int) -> dict[str, bytes]:
-    """Every private writable mapping of ``pid``, read through /proc/PID/mem while it is stopped."""
-    os.kill(pid, 19)  # SIGSTOP: one consistent image
-    try:
-        regions: dict[str, bytes] = {}
-        with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
-            for line in maps:
-                fields = line.split()
-                if fields[1][:2] != "rw" or (len(fields) > 5 and fields[5].startswith("[v")):
-                    continue
-                lo, hi = (int(x, 16) for x in fields[0].split("-"))
-                try:
-                    mem.seek(lo)
-                    regions[fields[0]] = mem.read(hi - lo)
-                except OSError:
-                    continue
-        return regions
-    finally:
-        os.kill(pid, 18)  # SIGCONT
+    return paths[0], paths[1], capture_s
 
 
 def run_fanout(config: FanoutConfig, progress: Progress) -> dict[str, Any]:
@@ -402,8 +381,8 @@ def _dedup(
     tmp: str, cluster: RedisServers, config: FanoutConfig, progress: Progress
 ) -> dict[str, Any]:
     """Push two snapshots of a live worker ``gap`` apart: throughput and what the second reuses."""
-    first, second, write_s = _live_worker_snapshots(tmp, config.worker_mb, config.gap)
-    out: dict[str, Any] = {"file_write_s": write_s, "gap_s": config.gap}
+    first, second, capture_s = _live_worker_snapshots(tmp, config.worker_mb, config.gap)
+    out: dict[str, Any] = {"capture_s": capture_s, "gap_s": config.gap}
     for size in config.chunk_sizes or (512 << 10,):
         base = f"{cluster.url}/dedup-{size >> 10}k"
         one = _push(first, f"{base}/one", size)
@@ -411,7 +390,7 @@ def _dedup(
         out[f"{size >> 10}k"] = {
             "first": one,
             "second": two,
-            "push_vs_file_write": one["seconds"] / write_s,
+            "push_vs_capture": one["seconds"] / capture_s,
             "second_reused": 1.0 - two["uploaded_chunks"] / two["chunks"],
         }
         progress(
