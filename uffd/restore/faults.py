@@ -126,5 +126,5 @@ class SourceOps(UffdOps):
     def _count(self, resolution: Resolution) -> Resolution:
         """Count ``resolution`` as a served fault when it installs a page; return it."""
         if resolution.kind in (Resolution.COPY, Resolution.ZERO):
-            self.parts.progress.served(self.parts.layout.page_size, faulted=1)
+            self.parts.progress.fault_served()
         return resolution

@@ -1,14 +1,20 @@
-"""One session's tally: its report, prefetch plan, faulted pages and failure, under one lock.
+"""One session's tally: its report, prefetch plan, faulted pages and failure.
 
 The fault path (the FaultHandler's dispatch thread, and the page clients'
 threads for deferred faults) and the prefetch thread both update it;
-:class:`Progress` is the only place their shared state lives. Errors are
-logged on the ``uffd.restore.daemon`` logger.
+:class:`Progress` is the only place their shared state lives. The fault
+path takes no lock: it appends the fault to a queue and bumps counters
+(atomic under the GIL), and the prefetch thread, which runs at a lower
+priority and could be preempted holding a lock, applies the queue to the
+plan under its lock before it plans. Errors are logged on the
+``uffd.restore.daemon`` logger.
 """
 
 from __future__ import annotations
 
+import collections
 import importlib.util
+import itertools
 import logging
 import threading
 import time
@@ -60,6 +66,11 @@ class Progress:
         )
         self._page_size = layout.page_size
         self._faulted_pages: set[int] = set()
+        # The fault path's side, lock-free: faults not applied to the plan yet, and
+        # counters whose next() is atomic (the value is the number of calls before).
+        self._fault_queue: collections.deque[int] = collections.deque()
+        self._faults_served = itertools.count()
+        self._faults_refused = itertools.count()
         self._failed: str | None = None
         self._bar: Any = None
 
@@ -82,20 +93,40 @@ class Progress:
     # -- the fault path ------------------------------------------------------------
 
     def fault(self, flat: int) -> str | None:
-        """Record a fault at flat offset ``flat`` and steer prefetch there.
+        """Record a fault at flat offset ``flat``; prefetch steers there when it next plans.
 
         Returns why the source failed (the fault must be refused), or None.
+        Takes no lock.
         """
-        with self._lock:
-            if self.report.first_fault is None:
-                self.report.first_fault = time.monotonic() - self.t0
+        if self.report.first_fault is None:
+            self.report.first_fault = time.monotonic() - self.t0
+        self._fault_queue.append(flat)
+        return self._failed
+
+    def fault_served(self) -> None:
+        """Count a fault served with a page (takes no lock)."""
+        next(self._faults_served)
+        if not self.first_served.is_set():
+            self.first_served.set()
+
+    def refused(self) -> None:
+        """Count a fault refused because it is in no region of the handshake (no lock)."""
+        next(self._faults_refused)
+
+    def _apply_faults(self) -> None:
+        """Apply the queued faults to the plan and the faulted pages (lock held)."""
+        queue = self._fault_queue
+        while queue:
+            flat = queue.popleft()
             self._faulted_pages.add(flat // self._page_size)
             self._plan.on_fault(flat)
-            return self._failed
+            if self._bar is not None and self._bar.n < self._bar.total:
+                self._bar.update(min(self._page_size, self._bar.total - self._bar.n))
 
     def faulted_pages(self) -> list[int]:
         """Flat offsets of the pages faulted on, sorted."""
         with self._lock:
+            self._apply_faults()
             pages = sorted(self._faulted_pages)
         return [p * self._page_size for p in pages]
 
@@ -104,6 +135,7 @@ class Progress:
     def claim(self, flat: int, length: int) -> list[tuple[int, int]]:
         """The runs ``(flat, length)`` of the range not yet present, now marked present."""
         with self._lock:
+            self._apply_faults()
             runs = self._plan.missing_runs(flat, length)
             for start, n in runs:
                 self._plan.mark_present(start, n)
@@ -112,33 +144,30 @@ class Progress:
     def next_chunk(self) -> tuple[int, int] | None:
         """The next adaptive chunk ``(flat, length)`` to install, or None when all are out."""
         with self._lock:
+            self._apply_faults()
             return self._plan.next_chunk()
 
     def prefetch_ended(self) -> None:
         """Called by the prefetch thread as it ends: note completion if every page is out."""
         with self._lock:
+            self._apply_faults()
             self._note_complete()
 
     # -- accounting ----------------------------------------------------------------
 
-    def served(
-        self, nbytes: int, *, faulted: int = 0, prefetched: int = 0, ws: int = 0, zeroed: int = 0
-    ) -> None:
-        """Count ``nbytes`` installed: ``faulted`` faults served, ``prefetched`` pages by
-        prefetch (``ws`` of them from the working set), ``zeroed`` zero pages mapped in bulk."""
-        if faulted:
-            self.first_served.set()
+    def served(self, nbytes: int, *, prefetched: int = 0, ws: int = 0, zeroed: int = 0) -> None:
+        """Count ``nbytes`` installed by prefetch: ``prefetched`` pages (``ws`` of them from
+        the working set), ``zeroed`` zero pages mapped in bulk."""
         with self._lock:
+            self._apply_faults()
             r = self.report
             r.bytes += nbytes
-            r.faults += faulted
             r.prefetched += prefetched
             r.working_set += ws
             r.zeroed += zeroed
             self._note_complete()
             if self._bar is not None:
-                # A fault that lost the race to a prefetch install still counts as a
-                # fault; the bar shows memory present, so it stops at the total.
+                # The bar shows memory present: it stops at the total.
                 step = min(nbytes, self._bar.total - self._bar.n)
                 if step > 0:
                     self._bar.update(step)
@@ -167,11 +196,6 @@ class Progress:
         if log_it:
             log.error("pid %d: %s", self.report.pid, message)
 
-    def refused(self) -> None:
-        """Count a fault refused because it is in no region of the handshake."""
-        with self._lock:
-            self.report.refused += 1
-
     def finish(self) -> None:
         """Record the session's length, the pages faults installed, close the bar (ended).
 
@@ -181,6 +205,9 @@ class Progress:
         """
         r = self.report
         with self._lock:
+            self._apply_faults()
+            r.faults = next(self._faults_served)
+            r.refused = next(self._faults_refused)
             r.faulted = max(0, min(r.faults, r.pages - r.prefetched - r.zeroed))
             r.bytes = (r.faulted + r.prefetched + r.zeroed) * r.page_size
         self.report.elapsed = time.monotonic() - self.t0
