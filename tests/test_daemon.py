@@ -110,6 +110,7 @@ def test_lazy_restore_matches_the_snapshot_page_by_page(
     if not prefetch:
         # The snapshot's zero pages (every 16th) are mapped in bulk, the rest fault.
         assert report["prefetched"] == 0 and report["zeroed"] <= pages // 16
+        assert report["complete"] is not None  # noted by the last fault
         assert report["faulted"] + report["zeroed"] >= pages
     # The snapshot's zero pages are known (the file, or the page server's map): never fetched.
     assert report["zeroed"] > 0

@@ -71,6 +71,7 @@ class Progress:
         self._fault_queue: collections.deque[int] = collections.deque()
         self._faults_served = itertools.count()
         self._faults_refused = itertools.count()
+        self._prefetching = True
         self._failed: str | None = None
         self._bar: Any = None
 
@@ -104,10 +105,19 @@ class Progress:
         return self._failed
 
     def fault_served(self) -> None:
-        """Count a fault served with a page (takes no lock)."""
+        """Count a fault served with a page.
+
+        Takes no lock while the prefetch thread runs; once it has ended
+        (prefetch off, or done) nobody else holds the lock, and the fault
+        notes completion itself: every page present.
+        """
         next(self._faults_served)
         if not self.first_served.is_set():
             self.first_served.set()
+        if not self._prefetching:
+            with self._lock:
+                self._apply_faults()
+                self._note_complete()
 
     def refused(self) -> None:
         """Count a fault refused because it is in no region of the handshake (no lock)."""
@@ -150,6 +160,7 @@ class Progress:
     def prefetch_ended(self) -> None:
         """Called by the prefetch thread as it ends: note completion if every page is out."""
         with self._lock:
+            self._prefetching = False
             self._apply_faults()
             self._note_complete()
 
