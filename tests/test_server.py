@@ -102,8 +102,12 @@ class SlowSource:
 class RawConn:
     """A plain blocking socket speaking frames by hand (to misbehave on purpose)."""
 
-    def __init__(self, address: tuple[str, int]) -> None:
-        self.sock = socket.create_connection(address, timeout=WAIT)
+    def __init__(self, address: tuple[str, int], rcvbuf: int | None = None) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(WAIT)
+        self.sock.connect(address)
         self.decoder = p.FrameDecoder(max_payload=16 << 20)
         self.frames: list[p.Frame] = []
         self.hello = self.recv()
@@ -729,3 +733,39 @@ def test_fetch_into_timeout_leaves_buffer_alone() -> None:
         release.set()
         thread.join(WAIT)
         listener.close()
+
+
+def test_urgent_read_splits_a_bulk_piece_in_flight(tmp_path: Path) -> None:
+    """An urgent READ arriving while a 12 MiB bulk piece is blocked on a full socket is answered
+    at the piece's next 256 KiB frame boundary, before the piece's END; the bulk reply is
+    still complete and in order."""
+    path = tmp_path / "mem.raw"
+    image = random.Random(9).randbytes(4096 * PS)
+    path.write_bytes(image)
+    with (
+        RawMemoryFile(path, page_size=PS) as raw,
+        ServerThread(raw, max_frame=(12 << 20) + 8, max_read=12 << 20) as srv,
+    ):
+        conn = RawConn(srv.address, rcvbuf=64 << 10)
+        conn.login()
+        conn.send(p.Read(0, 0, 12 << 20, False, 1))
+        time.sleep(0.3)  # not reading: the server's sendfile blocks mid-piece
+        conn.send(p.Read(0, 1000 * PS, PS, True, 2))
+        ends: list[int] = []
+        data: dict[int, bytes] = {1: b"", 2: b""}
+        while len(ends) < 2:
+            frame = conn.recv()
+            if isinstance(frame, p.Data):
+                assert frame.offset == len(data[frame.request_id]) + (
+                    1000 * PS if frame.request_id == 2 else 0
+                )
+                data[frame.request_id] += frame.data
+            elif isinstance(frame, p.End):
+                ends.append(frame.request_id)
+                if frame.request_id == 1 and frame.served < 12 << 20:
+                    ends.pop()  # served short: ask for the rest, as a client does
+                    conn.send(p.Read(0, frame.served, (12 << 20) - frame.served, False, 1))
+        conn.close()
+    assert ends == [2, 1], ends
+    assert data[2] == image[1000 * PS : 1001 * PS]
+    assert data[1] == image[: 12 << 20]

@@ -7,17 +7,43 @@ So the socket is non-blocking and :meth:`SendPlan.advance` sends what the
 socket takes now and returns; the caller (the event loop) waits for the socket
 to become writable, with a timeout, and calls it again.
 
-Calling context: one plan per piece, advanced by one thread at a time.
+The plan is a sequence of units, each ending on a frame boundary (a DATA
+frame, with the ZERO frames before it). Setting :attr:`SendPlan.stop` (an
+urgent request arrived on the same connection) makes :meth:`advance` stop at
+the next boundary: the reply so far is well-formed and covers
+:attr:`SendPlan.covered` bytes, and the rest can be served later.
+
+Calling context: one plan per piece, advanced by one thread at a time;
+``stop`` may be set from another thread.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import os
 import socket
 
 from uffd.pagestore import protocol as p
 
-__all__ = ["SendPlan"]
+__all__ = ["Progress", "SendPlan"]
+
+
+class Progress(enum.Enum):
+    """What :meth:`SendPlan.advance` did."""
+
+    DONE = "done"  # every unit went out
+    BLOCKED = "blocked"  # the socket is full: wait until it is writable, then call again
+    STOPPED = "stopped"  # stop was set: ended on a frame boundary, ``covered`` bytes sent
+
+
+@dataclasses.dataclass
+class _Unit:
+    head: bytes  # ZERO frames, then a DATA header (or only ZERO frames, at the end)
+    file_range: tuple[int, int] | None  # (file offset, count) to sendfile after head
+    covers: int  # bytes of the request this unit answers
+    data: int  # of which page bytes
+    zeros: int  # of which zero ranges
 
 
 class SendPlan:
@@ -26,8 +52,8 @@ class SendPlan:
     ``runs`` are ``(offset, length, file offset or None)``; a present run longer
     than ``frame_bytes`` goes out as several DATA frames, each its 24-byte
     header (protocol ``version``) then ``sendfile`` of its bytes from ``fd``.
-    ``sent`` and ``zeros`` count page bytes and zero-range bytes once the plan
-    is done.
+    ``sent``, ``zeros`` and ``covered`` count page bytes, zero-range bytes and
+    request bytes of the units fully sent so far.
     """
 
     def __init__(
@@ -39,60 +65,62 @@ class SendPlan:
         version: int = p.VERSION,
     ) -> None:
         self.fd = fd
-        self.sent = 0
-        self.zeros = 0
-        # Segments: bytes to send, or (file offset, count) to sendfile.
-        self._segments: list[bytes | tuple[int, int]] = []
-        small: list[bytes] = []
+        self.sent = self.zeros = self.covered = 0
+        self.stop = False
+        self._units: list[_Unit] = []
+        head: list[bytes] = []
+        zeros = 0
         for offset, length, file_offset in runs:
             if file_offset is None:
-                small.append(p.encode(p.Zero(offset, length, request_id), version))
-                self.zeros += length
+                head.append(p.encode(p.Zero(offset, length, request_id), version))
+                zeros += length
                 continue
             for at in range(0, length, frame_bytes):
                 n = min(frame_bytes, length - at)
-                small.append(p.data_header(request_id, offset + at, n, version))
-                self._segments += [b"".join(small), (file_offset + at, n)]
-                small.clear()
-                self.sent += n
-        if small:
-            self._segments.append(b"".join(small))
+                head.append(p.data_header(request_id, offset + at, n, version))
+                self._units.append(
+                    _Unit(b"".join(head), (file_offset + at, n), zeros + n, n, zeros)
+                )
+                head.clear()
+                zeros = 0
+        if head:
+            self._units.append(_Unit(b"".join(head), None, zeros, 0, zeros))
         self._index = 0
-        self._done_in_segment = 0
+        self._done_in_head = 0
+        self._done_in_file = 0
 
-    @property
-    def done(self) -> bool:
-        """True once every segment went out."""
-        return self._index == len(self._segments)
-
-    def advance(self, sock: socket.socket) -> bool:
-        """Send as much as the non-blocking ``sock`` takes now; True when the plan is done.
+    def advance(self, sock: socket.socket) -> Progress:
+        """Send as much as the non-blocking ``sock`` takes now (see :class:`Progress`).
 
         Raises:
             OSError: the socket broke (EPIPE, ECONNRESET...), or the file ended
                 before a range was sent (truncated while open: EIO).
         """
         out = sock.fileno()
-        while self._index < len(self._segments):
-            segment = self._segments[self._index]
+        while self._index < len(self._units):
+            unit = self._units[self._index]
             try:
-                if isinstance(segment, bytes):
-                    more = self._index + 1 < len(self._segments)
-                    view = memoryview(segment)[self._done_in_segment :]
-                    n = sock.send(view, socket.MSG_MORE if more else 0)
-                    left = len(view) - n
-                else:
-                    offset, count = segment
-                    done = self._done_in_segment
-                    n = os.sendfile(out, self.fd, offset + done, count - done)
-                    if not n:
-                        raise OSError(5, "the file ended before the range was sent")
-                    left = count - done - n
+                while self._done_in_head < len(unit.head):
+                    view = memoryview(unit.head)[self._done_in_head :]
+                    self._done_in_head += sock.send(
+                        view, socket.MSG_MORE if unit.file_range is not None else 0
+                    )
+                if unit.file_range is not None:
+                    offset, count = unit.file_range
+                    while self._done_in_file < count:
+                        n = os.sendfile(
+                            out, self.fd, offset + self._done_in_file, count - self._done_in_file
+                        )
+                        if not n:
+                            raise OSError(5, "the file ended before the range was sent")
+                        self._done_in_file += n
             except BlockingIOError:
-                return False
-            if left:
-                self._done_in_segment += n
-                continue
+                return Progress.BLOCKED
             self._index += 1
-            self._done_in_segment = 0
-        return True
+            self._done_in_head = self._done_in_file = 0
+            self.sent += unit.data
+            self.zeros += unit.zeros
+            self.covered += unit.covers
+            if self.stop and self._index < len(self._units):
+                return Progress.STOPPED
+        return Progress.DONE

@@ -5,7 +5,8 @@ token, then sends LIST and pipelined READ requests. Requests wait in a
 per-client priority queue, URGENT ones (a faulting thread is blocked) ahead
 of prefetch; a long request is served one piece at a time (a frame, or up
 to 1 MiB of frames when sent from the file) and put back in the queue
-between pieces, so an urgent request never waits for more than one piece.
+between pieces; a piece sent from the file stops at its next 256 KiB frame
+when an urgent request arrives, so that one waits for at most one frame.
 Small pieces (an urgent page) are read from the page cache and written on
 the event loop; a cold urgent read goes to a pool of its own, never behind
 prefetch. Large pieces are sent from the file with ``sendfile(2)`` by a pool
@@ -54,7 +55,7 @@ from typing import Any
 
 from uffd.pagestore import protocol as p
 from uffd.pagestore._ratelog import RateLimitedLog
-from uffd.pagestore._sendplan import SendPlan
+from uffd.pagestore._sendplan import Progress, SendPlan
 from uffd.pagestore.snapshot import PageSource, SnapshotError
 
 __all__ = ["PageServer", "ServerStats", "ServerThread", "default_max_clients", "format_url"]
@@ -71,6 +72,10 @@ _INLINE_MAX = 64 << 10
 # frame holds less): one thread hop per 1 MiB READ rather than one per frame.
 # An urgent READ waits for at most one turn.
 _BULK_PIECE = 1 << 20
+# DATA frames of a bulk piece hold at most this much: an urgent READ arriving
+# on the same connection waits for at most one such frame (plus what the
+# kernel's socket buffers already hold), not for the whole piece.
+_BULK_FRAME = 256 << 10
 # A connection in its handshake is safe from eviction (to make room for a new
 # one) for this long: an honest client's handshake is one round trip.
 _HANDSHAKE_GRACE = 0.1
@@ -202,7 +207,8 @@ class _Client:
         # piece: a dup, so that a connection closed under it never leaves it
         # writing to a reused fd. None until then, or when fds ran out.
         self.raw: socket.socket | None = None
-        self.sending: asyncio.Future[bool] | None = None
+        self.sending: asyncio.Future[Progress] | None = None
+        self.plan: SendPlan | None = None
 
     def count(self, frames: tuple[p.Frame, ...] | list[p.Frame]) -> None:
         """Add ``frames`` to the server's and this connection's counters."""
@@ -416,6 +422,8 @@ class _Client:
                 request = _Request(frame.request_id, name, frame.offset, end)
                 self.pending += 1
                 self.queue.put_nowait((0 if frame.urgent else 1, next(self.seq), request))
+                if frame.urgent and self.plan is not None:
+                    self.plan.stop = True  # the bulk piece yields at its next frame
         elif isinstance(frame, p.List):
             await self.send(server.regions_frame(frame.request_id))
         elif isinstance(frame, p.Error):
@@ -529,24 +537,30 @@ class _Client:
                 return
             sock = self.raw
             assert sock is not None
-            plan = SendPlan(rid, runs, server.frame_bytes, source.fileno(), self.decoder.version)
-            while True:
-                # Kept until run() ends: a cancelled worker must not let the dup be
-                # closed under a pool thread still sending.
-                self.sending = self.loop.run_in_executor(server.executor, plan.advance, sock)
-                try:
-                    done = await asyncio.shield(self.sending)
-                except OSError as err:
-                    raise _SendFailed(f"sending to the client failed: {err}") from err
-                if done:
-                    break
-                await self.writable(sock)
+            frame = min(server.frame_bytes, _BULK_FRAME)
+            plan = SendPlan(rid, runs, frame, source.fileno(), self.decoder.version)
+            # An urgent READ arriving meanwhile stops the plan at the next frame.
+            self.plan = plan
+            try:
+                while True:
+                    # Kept until run() ends: a cancelled worker must not let the dup be
+                    # closed under a pool thread still sending.
+                    self.sending = self.loop.run_in_executor(server.executor, plan.advance, sock)
+                    try:
+                        progress = await asyncio.shield(self.sending)
+                    except OSError as err:
+                        raise _SendFailed(f"sending to the client failed: {err}") from err
+                    if progress is not Progress.BLOCKED:
+                        break
+                    await self.writable(sock)
+            finally:
+                self.plan = None
             server.stats.bytes += plan.sent
             server.stats.zero_bytes += plan.zeros
             self.bytes += plan.sent
             self.zero_bytes += plan.zeros
-            request.served += length
-            if last:
+            request.served += plan.covered
+            if last and progress is Progress.DONE:
                 # Counted before END goes out: a client that saw END sees the stats.
                 self.pending -= 1
                 self.writer.write(p.encode(p.End(request.served, rid), self.decoder.version))
