@@ -57,7 +57,8 @@ class HandlerDaemonProcess:
     """``python -m uffd handler --socket ... --source SOURCE --json`` in a child process.
 
     No working set is loaded or recorded, so every session restores from
-    scratch. ``next_report()`` reads the JSON line of the next ended session.
+    scratch; ``extra`` are more ``uffd handler`` options (the fan-out
+    workload passes its own). ``next_report()`` reads the JSON line of the next ended session.
 
     Raises (constructor):
         RuntimeError: the daemon did not say it is listening within 30 s.
