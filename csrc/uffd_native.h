@@ -51,6 +51,14 @@ struct pyuffd_harvest {
 #define PYUFFD_HARVEST_STALLED 2
 int pyuffd_dirty_harvest(int pagemap_fd, struct pyuffd_harvest *h, uint64_t *pairs, size_t cap);
 
+/*
+ * A file's page cache (uffd_memtype.c): the pages cached or swapped out in
+ * [off, off + len) (cachestat, Linux 6.5), and punching [off, off + len) out
+ * (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE).
+ */
+int64_t pyuffd_cached_pages(int fd, uint64_t off, uint64_t len);
+int pyuffd_punch_hole(int fd, uint64_t off, uint64_t len);
+
 /* GIL-free, SIGBUS-safe memory access (uffd_mem.c); *fault_addr on -EFAULT. */
 int pyuffd_mem_read(void *dst, uint64_t src, size_t n, uint64_t *fault_addr);
 int pyuffd_mem_write(uint64_t dst, const void *src, size_t n, uint64_t *fault_addr);

@@ -18,7 +18,6 @@ mapping it: a shmem memfd standing in for guest_memfd.
 
 from __future__ import annotations
 
-import ctypes
 import errno as _errno
 import mmap
 import os
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from uffd._constants import Mode
 from uffd._errors import UffdError, UnsupportedError
+from uffd._native import lib
 from uffd._resolution import Resolution
 
 if TYPE_CHECKING:
@@ -185,30 +185,6 @@ class HugetlbMemory(MemoryType):
     hugetlb = True
 
 
-# cachestat(2) (Linux 6.5) and fallocate(2) with flags have no os wrapper; the
-# compiled module is another helper's, so they are reached through libc here.
-_SYS_CACHESTAT = 451  # x86_64 and the generic syscall table alike
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-
-
-class _CachestatRange(ctypes.Structure):
-    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
-
-
-class _Cachestat(ctypes.Structure):
-    _fields_ = [
-        ("nr_cache", ctypes.c_uint64),
-        ("nr_dirty", ctypes.c_uint64),
-        ("nr_writeback", ctypes.c_uint64),
-        ("nr_evicted", ctypes.c_uint64),
-        ("nr_recently_evicted", ctypes.c_uint64),
-    ]
-
-
 def _cached_pages(fd: int, offset: int, length: int) -> int:
     """Pages of ``fd``'s page cache in ``[offset, offset + length)``, swapped-out ones included.
 
@@ -222,12 +198,10 @@ def _cached_pages(fd: int, offset: int, length: int) -> int:
             cover (hugetlbfs).
         OSError: anything else cachestat answered (EBADF, EPERM).
     """
-    span = _CachestatRange(offset, length)
-    stat = _Cachestat()
-    rc = _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(span), ctypes.byref(stat), 0)
-    if rc == 0:
-        return int(stat.nr_cache + stat.nr_evicted)
-    err = ctypes.get_errno()
+    rc = int(lib.pyuffd_cached_pages(fd, offset, length))
+    if rc >= 0:
+        return rc
+    err = -rc
     if err in (_errno.ENOSYS, _errno.EOPNOTSUPP):
         raise UnsupportedError(
             f"cachestat(2) on fd {fd}: {os.strerror(err)}; FileMemory looks pages up with it "
@@ -303,11 +277,10 @@ class FileMemory(MemoryType):
     def filemap_remove(self, folio: Folio, mapping: Mapping) -> None:
         """Punch the page out of the file, so it is missing again (FALLOC_FL_PUNCH_HOLE)."""
         ps = mapping.page_size
-        mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
-        if _libc.fallocate(self._file(), mode, folio.pgoff * ps, ps) != 0:
-            err = ctypes.get_errno()
+        rc = lib.pyuffd_punch_hole(self._file(), folio.pgoff * ps, ps)
+        if rc < 0:
             raise OSError(
-                err, f"punching page {folio.pgoff} out of fd {self.fd}: {os.strerror(err)}"
+                -rc, f"punching page {folio.pgoff} out of fd {self.fd}: {os.strerror(-rc)}"
             )
 
 
