@@ -4,7 +4,7 @@ and serves an honest client during and right after the flood.
 The server runs as a child (``python -m uffd serve -v``) with RLIMIT_NOFILE lowered
 to 128, so a few hundred connections exhaust it quickly. The flood opens
 connections as fast as it can, keeps up to 400 open and never speaks (the
-pre-authentication flood of issue 12: it needs no token). Two configurations:
+pre-authentication flood: it needs no token). Two configurations:
 the default connection cap (derived from the fd limit: 48 here), and a cap of
 1000, far above the fds, so accept() itself runs out of fds (EMFILE).
 """
