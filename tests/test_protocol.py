@@ -62,6 +62,16 @@ def test_error_codes_decode_to_enum() -> None:
     assert isinstance(unknown, p.Error) and unknown.code == 999
 
 
+def test_error_messages_name_known_codes_and_number_unknown_ones() -> None:
+    """ProtocolError and RemoteError name a known code and print an unknown one's number."""
+    from uffd.pagestore.client import RemoteError
+
+    assert str(p.ProtocolError(3, "m")) == "OUT_OF_RANGE: m"
+    assert str(p.ProtocolError(999, "m")) == "999: m"
+    assert str(RemoteError(p.ErrorCode.BUSY, "m", "h:1")) == "page server h:1: BUSY: m"
+    assert str(RemoteError(999, "m")) == "999: m"
+
+
 def header(
     kind: int, length: int, *, magic: int = 0x5546, version: int = 1, flags: int = 0
 ) -> bytes:

@@ -67,9 +67,8 @@ class RemoteError(Exception):
     """The server answered with an ERROR frame: ``code`` (an ErrorCode) and ``message``."""
 
     def __init__(self, code: int, message: str, address: str = "") -> None:
-        name = p.ErrorCode(code).name if code in p.ErrorCode._value2member_map_ else str(code)
         origin = f"page server {address}: " if address else ""
-        super().__init__(f"{origin}{name}: {message}")
+        super().__init__(f"{origin}{p.error_name(code)}: {message}")
         self.code = code
         self.message = message
 

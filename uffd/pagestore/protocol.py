@@ -64,6 +64,8 @@ __all__ = [
     "data_header",
     "decode_payload",
     "encode",
+    "error_code",
+    "error_name",
     "parse_header",
 ]
 
@@ -118,6 +120,20 @@ class ErrorCode(enum.IntEnum):
     TIMEOUT = 9
 
 
+def error_code(code: int) -> ErrorCode | int:
+    """``code`` as an ErrorCode, or the int itself if this side does not know it (newer peer)."""
+    try:
+        return ErrorCode(code)
+    except ValueError:
+        return code
+
+
+def error_name(code: int) -> str:
+    """The name of error ``code`` for a message, or its number if this side does not know it."""
+    known = error_code(code)
+    return known.name if isinstance(known, ErrorCode) else str(known)
+
+
 class ProtocolError(Exception):
     """Malformed input on the wire; ``code`` is the ErrorCode to answer with.
 
@@ -127,12 +143,11 @@ class ProtocolError(Exception):
 
     def __init__(self, code: ErrorCode | int, message: str) -> None:
         super().__init__(message)
-        self.code = ErrorCode(code) if code in ErrorCode._value2member_map_ else code
+        self.code = error_code(code)
         self.message = message
 
     def __str__(self) -> str:
-        name = self.code.name if isinstance(self.code, ErrorCode) else str(self.code)
-        return f"{name}: {self.message}"
+        return f"{error_name(self.code)}: {self.message}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -478,8 +493,7 @@ def decode_payload(kind: FrameType, flags: int, request_id: int, payload: memory
         message = bytes(payload[_ERROR.size :]).decode("utf-8")
     except UnicodeDecodeError:
         raise ProtocolError(ErrorCode.BAD_FRAME, "ERROR: the message is not UTF-8") from None
-    known = ErrorCode._value2member_map_
-    return Error(ErrorCode(code) if code in known else code, message, request_id)
+    return Error(error_code(code), message, request_id)
 
 
 def parse_header(

@@ -341,7 +341,7 @@ class _Client:
                     await self.handle(await self.next_frame())
             except _Disconnect as stop:
                 if stop.code is not None:
-                    self.reason = f"{p.ErrorCode(stop.code).name}: {stop.message}"
+                    self.reason = f"{p.error_name(stop.code)}: {stop.message}"
                     await self.send(p.Error(stop.code, stop.message))
                     await self.linger()
         except _SendFailed as err:
