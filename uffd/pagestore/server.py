@@ -397,33 +397,7 @@ class _Client:
             else:
                 await self.send(*server.presence(frame), p.End(frame.length, frame.request_id))
         elif isinstance(frame, p.Read):
-            server.stats.requests += 1
-            self.requests += 1
-            error = server.check_read(frame)
-            if error is not None:
-                await self.send(p.Error(error[0], error[1], frame.request_id))
-            elif frame.length == 0:
-                await self.send(p.End(0, frame.request_id))
-            elif self.pending >= server.max_pending:
-                await self.send(
-                    p.Error(
-                        p.ErrorCode.BUSY,
-                        f"{self.pending} requests pending, the limit is {server.max_pending}",
-                        frame.request_id,
-                    )
-                )
-            else:
-                name = server.names[frame.region]
-                end = frame.offset + min(frame.length, server.max_read)
-                if frame.urgent and await self.answer_now(
-                    frame.request_id, name, frame.offset, end
-                ):
-                    return
-                request = _Request(frame.request_id, name, frame.offset, end)
-                self.pending += 1
-                self.queue.put_nowait((0 if frame.urgent else 1, next(self.seq), request))
-                if frame.urgent and self.plan is not None:
-                    self.plan.stop = True  # the bulk piece yields at its next frame
+            await self.handle_read(frame)
         elif isinstance(frame, p.List):
             await self.send(server.regions_frame(frame.request_id))
         elif isinstance(frame, p.Error):
@@ -432,6 +406,37 @@ class _Client:
             raise _Disconnect(
                 p.ErrorCode.BAD_FRAME, f"a client may not send {frame.TYPE.name} here"
             )
+
+    async def handle_read(self, frame: p.Read) -> None:
+        """Refuse a READ, answer it here (empty, or small and urgent), or queue it for work()."""
+        server = self.server
+        server.stats.requests += 1
+        self.requests += 1
+        error = server.check_read(frame)
+        if error is not None:
+            await self.send(p.Error(error[0], error[1], frame.request_id))
+            return
+        if frame.length == 0:
+            await self.send(p.End(0, frame.request_id))
+            return
+        if self.pending >= server.max_pending:
+            await self.send(
+                p.Error(
+                    p.ErrorCode.BUSY,
+                    f"{self.pending} requests pending, the limit is {server.max_pending}",
+                    frame.request_id,
+                )
+            )
+            return
+        name = server.names[frame.region]
+        end = frame.offset + min(frame.length, server.max_read)
+        if frame.urgent and await self.answer_now(frame.request_id, name, frame.offset, end):
+            return
+        request = _Request(frame.request_id, name, frame.offset, end)
+        self.pending += 1
+        self.queue.put_nowait((0 if frame.urgent else 1, next(self.seq), request))
+        if frame.urgent and self.plan is not None:
+            self.plan.stop = True  # the bulk piece yields at its next frame
 
     async def answer_now(self, rid: int, name: str, offset: int, end: int) -> bool:
         """Answer a small urgent READ here if nothing else is being served and its pages are
