@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from helpers.frames import frames_until
 
 from uffd.pagestore import protocol as p
 from uffd.pagestore.client import PeerGoneError, ThreadedPageClient
@@ -22,6 +23,7 @@ from uffd.pagestore.server import ServerThread
 from uffd.pagestore.snapshot import RawMemoryFile, Snapshot, write_snapshot
 
 PS = 4096
+WAIT = 5.0  # seconds any one socket read may take
 
 
 def mixed(npages: int, seed: int) -> bytes:
@@ -80,16 +82,12 @@ def test_version_one_client_is_served_in_version_one(tmp_path: Path) -> None:
     data = mixed(64, 2)
     write_snapshot(path, {"mem": data})
     with Snapshot.open(path) as snap, ServerThread(snap) as srv:
-        sock = socket.create_connection(srv.address, timeout=5)
+        sock = socket.create_connection(srv.address, timeout=WAIT)
         decoder = p.FrameDecoder(versions=(1,))
         frames: list[p.Frame] = []
 
         def until(kind: type) -> p.Frame:
-            while not any(isinstance(f, kind) for f in frames):
-                frames.extend(decoder.feed(sock.recv(1 << 16)))
-            found = next(f for f in frames if isinstance(f, kind))
-            frames.remove(found)
-            return found
+            return frames_until(sock, decoder, frames, kind)
 
         hello = until(p.Hello)
         assert isinstance(hello, p.Hello) and hello.min_version == 1 and hello.max_version == 2
@@ -111,6 +109,7 @@ def test_new_client_against_a_version_one_server() -> None:
     def v1_server() -> None:
         conn, _ = listener.accept()
         with conn:
+            conn.settimeout(WAIT)
             conn.sendall(p.encode(p.Hello(bytes(32), False, min_version=1, max_version=1), 1))
             header = conn.recv(p.HEADER.size)
             seen.append(header[2])
@@ -124,7 +123,7 @@ def test_new_client_against_a_version_one_server() -> None:
             assert client.version == 1
             assert client.extents("mem") == [(0, 16 * PS, True)]
     finally:
-        thread.join(5)
+        thread.join(WAIT)
         listener.close()
     assert seen == [1]
 
@@ -136,14 +135,12 @@ def test_presence_out_of_place_is_a_violation() -> None:
     def liar() -> None:
         conn, _ = listener.accept()
         with conn:
+            conn.settimeout(WAIT)
             conn.sendall(p.encode(p.Hello(bytes(32), False)))
             conn.recv(1 << 16)
             conn.sendall(p.encode(p.Regions(PS, (p.RegionEntry("mem", 16 * PS),))))
-            decoder = p.FrameDecoder()
-            got: list[p.Frame] = []
-            while not got:
-                got += decoder.feed(conn.recv(1 << 16))
-            conn.sendall(p.encode(p.Presence(0, b"\xff" * 64, got[0].request_id)))
+            request = frames_until(conn, p.FrameDecoder(), [], p.Map)
+            conn.sendall(p.encode(p.Presence(0, b"\xff" * 64, request.request_id)))
             conn.recv(1)
 
     thread = threading.Thread(target=liar, daemon=True)
@@ -155,5 +152,5 @@ def test_presence_out_of_place_is_a_violation() -> None:
         ):
             client.extents("mem")
     finally:
-        thread.join(5)
+        thread.join(WAIT)
         listener.close()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.frames import frames_until
 
 from uffd.cli import main
 from uffd.pagestore import protocol as p
@@ -703,15 +704,13 @@ def test_fetch_into_timeout_leaves_buffer_alone() -> None:
     def late_server() -> None:
         conn, _ = listener.accept()
         with conn:
+            conn.settimeout(WAIT)
             conn.sendall(p.encode(p.Hello(bytes(32), False)))
             decoder = p.FrameDecoder()
             frames: list[p.Frame] = []
-            while not frames:  # LIST
-                frames += decoder.feed(conn.recv(4096))
+            frames_until(conn, decoder, frames, p.List)
             conn.sendall(p.encode(p.Regions(PS, (p.RegionEntry("mem", 4 * PS),))))
-            while not any(isinstance(f, p.Read) for f in frames):
-                frames += decoder.feed(conn.recv(4096))
-            read = next(f for f in frames if isinstance(f, p.Read))
+            read = frames_until(conn, decoder, frames, p.Read)
             release.wait(WAIT)
             conn.sendall(
                 p.encode(p.Data(0, b"\x55" * PS, read.request_id))
