@@ -104,7 +104,9 @@ class RedisSource:
             self.manifest = self._urgent.get_manifest()
             self.cache = cache or ChunkCache(self.url.cache_bytes, self.url.cache_dir)
         except (StoreError, ValueError, OSError) as err:
-            self.close()
+            # Only connections exist yet: close() is for a source that was built.
+            for store in self._stores:
+                store.close()
             raise SourceError(f"{self.label}: {err}") from err
         self.page_size = self.manifest.page_size
         self.length = self.manifest.length
@@ -140,6 +142,9 @@ class RedisSource:
 
         Done at once when every chunk it needs is zero or in memory, or when
         the source is closed (then with the error).
+
+        Calling context: any thread; never blocks on the store (the fault
+        path's dispatch thread calls it, the pools do the GETs).
         """
         chunks = self.manifest.covering(offset, length)
         parts: list[bytes | concurrent.futures.Future[bytes] | None] = []
@@ -343,16 +348,14 @@ class RedisSource:
 
     def summary(self) -> str:
         """One line: what this source fetched, from where, and what it refused or retried."""
-        st, cache = self.stats, getattr(self, "cache", None)
-        hits = "" if cache is None else (
-            f", cache hits {cache.stats.memory_hits} in memory and "
-            f"{cache.stats.directory_hits} in the directory ({cache.stats.evicted} evicted)"
-        )  # fmt: skip
+        st, cache = self.stats, self.cache.stats
         return (
             f"{self.label}: {st.fetched_chunks} chunks ({st.fetched_bytes / 1e6:.1f} MB) "
             f"fetched by {st.urgent_gets} urgent GETs and {st.pipelines} pipelines, "
-            f"{st.refused} refused, {st.peer_waits} waits for another process"
-            f"{hits}, {sum(s.retries for s in self._stores)} store retries"
+            f"{st.refused} refused, {st.peer_waits} waits for another process, "
+            f"cache hits {cache.memory_hits} in memory and {cache.directory_hits} in the "
+            f"directory ({cache.evicted} evicted), "
+            f"{sum(s.retries for s in self._stores)} store retries"
         )
 
     def close(self) -> None:
@@ -361,16 +364,15 @@ class RedisSource:
         Logs :meth:`summary` (INFO, logger ``uffd.restore.daemon``) the first time.
         """
         with self._lock:
-            if not self._closed and hasattr(self, "manifest"):
+            if not self._closed:
                 log.info("%s", self.summary())
             self._closed = True
             flights, self._flights = list(self._flights.values()), {}
         for flight in flights:
             with contextlib.suppress(concurrent.futures.InvalidStateError):
                 flight.set_exception(SourceError(f"{self.label}: the source was closed"))
-        for pool in (getattr(self, "_urgent_pool", None), getattr(self, "_bulk_pool", None)):
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._urgent_pool, self._bulk_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
         for store in self._stores:
             store.close()
 
