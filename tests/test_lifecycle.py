@@ -299,7 +299,7 @@ def test_pump_remove_fd_frees_its_pending_slots() -> None:
             pump.add_fd(ufd.fileno())
             pump.map(ufd.fileno(), region.addr, region.addr + PS, PS, "zeropage", None, 0)
             reader = run_in_thread(region.read, 0, 8)
-            (item,) = pump.wait(pump.buffer(4), 4, int(WAIT * 1000))
+            (item,) = pump.wait(pump.buffer(4), int(WAIT * 1000))
             slot = item[1]
             pump.remove_fd(ufd.fileno())
             assert pump.fallback(slot) == -errno.ETIME  # nothing pending under that slot

@@ -420,21 +420,19 @@ class FaultHandler:
                 self._finish(stuck=False)
 
     def _serve(self) -> None:
-        pump = self._pump
+        pump, forked, answers = self._pump, self._fds.forked, self._answers
         items = pump.buffer(self._batch)
         next_reap = 0.0
         while True:
-            timeout_ms = (
-                100 if self._answers.retry else _REAP_INTERVAL_MS if self._fds.forked else -1
-            )
+            timeout_ms = 100 if answers.retry else _REAP_INTERVAL_MS if forked else -1
             try:
-                batch = pump.wait(items, self._batch, timeout_ms)
+                batch = pump.wait(items, timeout_ms)
             except (TimeoutError, InterruptedError):
                 batch = None
             except UffdError as err:
                 self._record(err)
                 return
-            if self._fds.forked and time.monotonic() >= next_reap:
+            if forked and time.monotonic() >= next_reap:
                 # Exited children send no event: look for them now and then.
                 with self._lock:
                     self._reap_exited()
@@ -478,7 +476,8 @@ class FaultHandler:
         else:
             kind, handle = "missing", m.ops.handle_missing
         write, tid = bool(flags & FLAG_WRITE), (ptid & 0xFFFFFFFF) or None
-        fault = PendingFault(address & ~(m.page_size - 1), m, kind, write, tid, fd, slot, t_ns)
+        fault = PendingFault(address & ~(m.page_size - 1), m, kind, write, tid)
+        fault.fd, fault.slot, fault.t_ns, fault.early = fd, slot, t_ns, None
         try:
             if handle is None:
                 raise UnsupportedError(
@@ -488,7 +487,7 @@ class FaultHandler:
         except BaseException as err:  # SystemExit and KeyboardInterrupt too: never lost
             self._answers.raised(fault, err)
             return
-        self._answers.take(fault, resolution)
+        self._answers.apply(fault, resolution)
 
     def _record(self, err: BaseException) -> None:
         with self._lock:

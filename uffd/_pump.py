@@ -83,6 +83,9 @@ _ITEM = record_struct(
     ffi.offsetof("struct pyuffd_item", "msg"),
     ffi.sizeof("struct pyuffd_item"),
 )
+_ITEM_SIZE = _ITEM.size
+_resolve = lib.pyuffd_pump_resolve
+_OP_COPY = lib.PYUFFD_OP_COPY
 _COPY_MODE_WP = int(lib.UFFDIO_COPY_MODE_WP)
 _COPY_DONTWAKE = int(lib.UFFDIO_COPY_MODE_DONTWAKE)
 _CLOSE_WAIT = 5.0  # seconds close() waits for other holders before leaving the free to them
@@ -278,11 +281,12 @@ class Pump:
 
     # -- the fault path (callers hold the pump) -----------------------------
 
-    def buffer(self, n: int) -> Any:
-        """A buffer for ``wait`` holding up to ``n`` items."""
-        return ffi.new("struct pyuffd_item[]", n)
+    def buffer(self, n: int) -> tuple[Any, memoryview]:
+        """A buffer for ``wait`` holding up to ``n`` items (the cdata and a view of it)."""
+        items = ffi.new("struct pyuffd_item[]", n)
+        return items, memoryview(ffi.buffer(items))
 
-    def wait(self, items: Any, n: int, timeout_ms: int) -> list[tuple[int, ...]]:
+    def wait(self, buffer: tuple[Any, memoryview], timeout_ms: int) -> list[tuple[int, ...]]:
         """Block (GIL released) until faults or events arrive; decoded items, oldest first.
 
         Each item is (fd, slot, t_ns, event, w0, w1, w2): the userfaultfd, the
@@ -296,13 +300,31 @@ class Pump:
             InterruptedError: a signal interrupted the wait.
             UffdError: the wait failed.
         """
-        got = lib.pyuffd_pump_wait(self._ptr, items, n, timeout_ms)
+        items, view = buffer
+        got = lib.pyuffd_pump_wait(self._ptr, items, len(items), timeout_ms)
+        if got >= 0:
+            return list(_ITEM.iter_unpack(view[: got * _ITEM_SIZE]))
         if got == -_errno.ETIMEDOUT:
             raise TimeoutError
         if got == -_errno.EINTR:
             raise InterruptedError
         check(got, "fault pump wait")
-        return list(_ITEM.iter_unpack(ffi.buffer(items, got * _ITEM.size)))
+        return []
+
+    def copy(self, fd: int, slot: int, address: int, length: int, data: Any) -> Outcome:
+        """``resolve(..., "copy", ...)`` for bytes or a contiguous memoryview: the fast path."""
+        if type(data) is bytes:
+            rc = _resolve(self._ptr, fd, slot, _OP_COPY, address, data, length, 0, self._done)
+        else:
+            src = ffi.from_buffer(data)
+            try:
+                rc = _resolve(self._ptr, fd, slot, _OP_COPY, address, src, length, 0, self._done)
+            finally:
+                ffi.release(src)  # never left to a traceback's frame (CPython 3.11 gc)
+        outcome = _OUTCOMES.get(rc)
+        if outcome is None:
+            check(rc, f"resolving the fault at {address:#x} by copy", address, length)
+        return outcome  # type: ignore[return-value]
 
     def resolve(
         self, fd: int, slot: int, how: str, address: int, length: int, data: Any = None,

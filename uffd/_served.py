@@ -44,7 +44,9 @@ class ServedFds:
         self._own: Userfaultfd | None = None
         self._fds: dict[int, Userfaultfd] = {}
         self._identity: dict[int, tuple[int, int] | None] = {}
-        self._forked: set[int] = set()  # FORK events' child fds, reaped once the child exits
+        # FORK events' child fds, reaped once the child exits; a plain attribute,
+        # tested by the dispatch loop on every pass.
+        self.forked: set[int] = set()
         self.retired: list[Mapping] = []
 
     def __contains__(self, n: int) -> bool:
@@ -56,11 +58,6 @@ class ServedFds:
     def __iter__(self) -> Iterator[Userfaultfd]:
         return iter(list(self._fds.values()))
 
-    @property
-    def forked(self) -> bool:
-        """Some forked child's fd is served (the dispatch loop then probes for exits)."""
-        return bool(self._forked)
-
     def add(self, ufd: Userfaultfd, *, forked: bool = False) -> None:
         """Serve ``ufd``: watched by the pump, with an empty table."""
         n = ufd.fileno()
@@ -70,19 +67,19 @@ class ServedFds:
         self._identity[n] = fd_identity(n)
         self._maps.add_fd(n)
         if forked:
-            self._forked.add(n)
+            self.forked.add(n)
 
     def retire(self, n: int) -> Userfaultfd:
         """Stop serving fd ``n``; its object, for the caller to close or detach."""
         self.retired.extend(self._maps.remove_fd(n))
         self._identity.pop(n, None)
-        self._forked.discard(n)
+        self.forked.discard(n)
         self._pump.remove_fd(n)
         return self._fds.pop(n)
 
     def exited(self) -> list[int]:
         """The forked children's fds whose process has exited."""
-        return [n for n in self._forked if mm_gone(n)]
+        return [n for n in self.forked if mm_gone(n)]
 
     def closed_under(self) -> list[int]:
         """The fds closed under the handler (their number names another file, or none)."""
