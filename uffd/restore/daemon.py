@@ -538,8 +538,17 @@ class HandlerDaemon:
             self._refuse(_describe(cred), refusal)
             return
         try:
+            # The next session's connections, prepared once this one's first fault is in.
+            warm = self.source.warm if isinstance(self.source, RemoteSource) else None
             session = Session(
-                fd, mappings, cred, self.source, self.options, self._session_ended, pidfd=pidfd
+                fd,
+                mappings,
+                cred,
+                self.source,
+                self.options,
+                self._session_ended,
+                pidfd=pidfd,
+                after_first=warm,
             )
         except Exception as err:
             self._refuse(_describe(cred), err)
@@ -553,8 +562,6 @@ class HandlerDaemon:
                 self._sessions.remove(session)
             self._refuse(_describe(cred), err)
             return
-        if isinstance(self.source, RemoteSource):
-            self.source.warm()  # the next session's connections, now this one is served
         if log.isEnabledFor(logging.INFO):
             log.info(
                 "serving %s: %s, %s, page size %s",

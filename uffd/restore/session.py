@@ -44,6 +44,8 @@ __all__ = ["RestoreOptions", "Session"]
 
 log = logging.getLogger("uffd.restore.daemon")
 
+_FIRST_FAULT_FIRST = 0.05  # seconds the prefetch thread's start waits for the first fault
+
 
 @dataclasses.dataclass(frozen=True)
 class RestoreOptions:
@@ -71,7 +73,9 @@ class Session:
 
     Owns ``fd`` (the process's userfaultfd) and ``pidfd`` (the process's
     pidfd from SO_PEERPIDFD, or -1: then one from pidfd_open of its pid) from
-    the constructor on, even when that raises. ``source`` is the daemon's; the session reads through
+    the constructor on, even when that raises. ``after_first`` runs on the
+    session's watch thread once its first fault is served (or 50 ms passed):
+    work the first fault should not wait for. ``source`` is the daemon's; the session reads through
     ``source.session()``. ``on_end(session)`` runs once the session has
     ended, on the thread that ended it.
 
@@ -94,8 +98,11 @@ class Session:
         on_end: Callable[[Session], None],
         *,
         pidfd: int = -1,
+        after_first: Callable[[], None] | None = None,
     ) -> None:
         self._pidfd = pidfd
+        self._after_first = after_first
+        self._prefetch: Prefetch | None = None
         try:
             self.layout = GuestLayout(mappings)
             self._ufd: Userfaultfd | None = userfaultfd_from_fd(fd)
@@ -165,16 +172,17 @@ class Session:
             self.progress.finish()
             self._close_resources()
             raise
-        self._spawn(self._watch, "uffd-session-watch")
-        # Always: the zero pages a file source knows of are mapped even without prefetch.
-        prefetch = Prefetch(
+        # Always: the zero pages a source knows of are mapped even without prefetch.
+        # Started by the watch thread once the first fault is served: starting a
+        # thread costs its first fault time (a switch, the GIL).
+        self._prefetch = Prefetch(
             parts,
             working_set=options.working_set,
             adaptive=options.prefetch,
             inflight_bytes=options.inflight_bytes,
             timeout=options.source_timeout,
         )
-        self._spawn(prefetch.run, "uffd-prefetch")
+        self._spawn(self._watch, "uffd-session-watch")
 
     @property
     def report(self) -> SessionReport:
@@ -182,8 +190,12 @@ class Session:
         return self.progress.report
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
+        """Start a thread of the session, unless it is ending (``end()`` joins them all)."""
         thread = threading.Thread(target=target, name=f"{name}-{self.cred.pid}", daemon=True)
-        self._threads.append(thread)
+        with self._lock:
+            if self._ended:
+                return
+            self._threads.append(thread)
         thread.start()
 
     def _watch(self) -> None:
@@ -194,6 +206,11 @@ class Session:
         (at once, and again when faults the handler does not know of show
         up), so faults there are refused instead of woken forever.
         """
+        self.progress.first_served.wait(_FIRST_FAULT_FIRST)
+        if self._prefetch is not None:
+            self._spawn(self._prefetch.run, "uffd-prefetch")
+        if self._after_first is not None:
+            self._after_first()
         poller = select.poll()
         if self._pidfd >= 0:
             poller.register(self._pidfd, select.POLLIN)
@@ -256,14 +273,15 @@ class Session:
         """Stop serving (idempotent): join the threads, stop the handler, report to ``on_end``."""
         with self._lock:
             ending, self._ended = self._ended, True
+            threads = list(self._threads)
         if ending:
             # Another thread is ending the session: wait for it unless it is ours.
-            if threading.current_thread() not in self._threads:
+            if threading.current_thread() not in threads:
                 self._finished.wait(30.0)
             return
         self._ending.set()
         current = threading.current_thread()
-        for thread in self._threads:
+        for thread in threads:
             if thread is not current:
                 thread.join(10.0)
         if self.handler is not None:
