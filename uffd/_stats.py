@@ -27,7 +27,7 @@ class Counters:
         """Count one resolved fault (caller holds the handler's lock: this is on the fault path)."""
         self.faults[fault_kind] += 1
         self.resolutions[resolution] += 1
-        self.latency.record(latency_ns / 1000, thread_id)
+        self.latency.record(latency_ns // 1000, thread_id)
 
     @property
     def latency_us_log2(self) -> list[int]:
