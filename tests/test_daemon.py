@@ -116,13 +116,17 @@ def test_lazy_restore_matches_the_snapshot_page_by_page(
     assert report["zeroed"] > 0
 
 
-def test_regions_map_to_their_offsets_in_the_source(short_tmp: str) -> None:
-    """Three regions at a handshake offset are filled from that part of a two-region snapshot."""
+@pytest.mark.parametrize("remote", [False, True], ids=["file", "page-server"])
+def test_regions_map_to_their_offsets_in_the_source(short_tmp: str, remote: bool) -> None:
+    """Three regions at a handshake offset are filled from that part of a two-region snapshot,
+    from the file or from a page server (prefetch reads that span both source regions)."""
     path = os.path.join(short_tmp, "two.snap")
     image = pattern(3 << 20, seed=9)
     write_snapshot(path, {"low": image[: 1 << 20], "high": image[1 << 20 :]})
     sock = os.path.join(short_tmp, "h.sock")
-    with DaemonThread(sock, path, working_set=None) as daemon:
+    with contextlib.ExitStack() as stack:
+        source = stack.enter_context(ServerProcess(path)).url if remote else path
+        daemon = stack.enter_context(DaemonThread(sock, source, working_set=None))
         result, got = restore(sock, short_tmp, "--regions", "3", "--offset", str(512 << 10))
         (report,) = daemon.reports(1)
     assert report["regions"] == 3 and not report["errors"]

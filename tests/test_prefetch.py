@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import os
@@ -19,6 +20,7 @@ from uffd.restore.prefetch import (
     WorkingSetError,
     working_set_path,
 )
+from uffd.restore.prefetch_thread import _RingReads
 
 PS = 4096
 MIB = 1 << 20
@@ -221,3 +223,18 @@ def test_working_set_for_another_layout_is_refused(tmp_path: os.PathLike[str]) -
     WorkingSet(PS, 16 * PS).save(path)
     with pytest.raises(WorkingSetError, match="recorded for 65536 bytes"):
         WorkingSet.load(path, page_size=PS, length=32 * PS)
+
+
+def test_the_prefetch_ring_hands_out_space_first_in_first_out() -> None:
+    """The receive ring places reads after the newest, wraps to the start when the end is
+    full, and never overlaps a read still in flight."""
+    ring = _RingReads.__new__(_RingReads)
+    ring.size = 100
+    ring._used = collections.deque()
+    assert ring._alloc(101) is None and ring._alloc(40) == 0
+    ring._used.extend([(0, 40), (40, 40)])
+    assert ring._alloc(30) is None  # 20 left at the end, none before the oldest
+    ring._used.popleft()  # the oldest installed: [0, 40) free again
+    assert ring._alloc(20) == 80 and ring._alloc(30) == 0 and ring._alloc(41) is None
+    ring._used.append((0, 30))  # wrapped: free space is [30, 40) only
+    assert ring._alloc(10) == 30 and ring._alloc(11) is None
