@@ -32,6 +32,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from _helpers import (
@@ -56,7 +57,7 @@ from uffd.restore.firecracker import recv_handshake, userfaultfd_from_fd
 SEED = 3
 
 
-def _copy(mem_fd: int, store_fd: int, base: int, ranges: list[tuple[int, int]]) -> int:
+def _copy(mem_fd: int, store_fd: int, base: int, ranges: Sequence[tuple[int, int]]) -> int:
     """Copy address ranges of the source's memory into the store; returns pages copied."""
     pages = 0
     for start, length in ranges:

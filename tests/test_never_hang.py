@@ -1,4 +1,4 @@
-"""Never hang a faulting thread (dispatch.md, rule 5), and deferred resolution.
+"""Never hang a faulting thread (docs/dispatch.md, rule 5), and deferred resolution.
 
 A handler that raises, returns None, refuses, sleeps past the deadline, or
 never answers a deferred fault; a thread that faults while holding the GIL;
