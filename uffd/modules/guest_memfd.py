@@ -41,6 +41,13 @@ class GuestMemfdOps(UffdOps):
     A failed pwrite is the fault's error (recorded, re-raised from
     ``FaultHandler.stop()``); the part of the page that reached the file is
     punched out again and the fault takes the handler's fallback.
+
+    Calling context: the handlers (and so ``fill``) run on the
+    FaultHandler's dispatch thread while the faulting thread waits; the
+    counters are that thread's to write.
+
+    Requires Linux 5.14 (UFFD_FEATURE_MINOR_SHMEM) and 6.5 (cachestat(2),
+    which looks pages up without mapping them).
     """
 
     kind = "shmem"
