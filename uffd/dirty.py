@@ -214,13 +214,13 @@ class DirtyTracker:
     and ``stop`` take turns (a lock): a ``stop()`` from another thread waits
     for a harvest in progress, which returns its result, and later harvests
     raise ValueError. The memory may be written from any thread or process
-    meanwhile. A write that lands
-    between two harvests (``collect()`` or ``collect_into()``) is reported
-    by exactly the next one. A write racing with a harvest is reported by a
-    harvest that returns after the store, and the racing one may report its
-    page early too (the kernel grants write access before the store lands;
-    a store that finds the page protected again faults again): under
-    concurrent writes a page can show up in two harvests, never in none.
+    meanwhile. A write that lands between two harvests (``collect()`` or
+    ``collect_into()``) is reported by exactly the next one. A write racing
+    with a harvest is reported by a harvest that returns after the store,
+    and the racing one may report its page early too (the kernel grants
+    write access before the store lands; a store that finds the page
+    protected again faults again): under concurrent writes a page can show
+    up in two harvests, never in none.
     Writes before ``start()`` are not reported; pages unmapped while
     tracked are dropped from the reports.
 
@@ -446,7 +446,7 @@ class DirtyTracker:
             raise TypeError(
                 f"DirtyTracker.collect_into: out must be a DirtyRanges, not {type(out).__name__}"
             )
-        words = out._array
+        words = out.array
         try:
             # Resizing is refused while the array is exported: find out before
             # the scan write-protects pages that could then not be stored.
@@ -472,7 +472,7 @@ class DirtyTracker:
         """Harvest into ``out``'s array: in place while it has room, then through the spill."""
         h = self._harvest
         h.pos, h.ranges, h.bytes = self._addr, 0, 0
-        words = out._array
+        words = out.array
         cap = len(words) // 2
         try:
             while True:
