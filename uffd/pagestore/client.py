@@ -883,16 +883,16 @@ class ThreadedPageClient:
                 (offset,) = _OFFSET.unpack(self._recv_head(data_prefix))
                 size = length - data_prefix
                 part = self._inflight.get(rid)
-                if part is None or part.fetch.failed:
-                    # Late (its request timed out) or its fetch failed: not ours to write.
-                    if part is None:
-                        self._late(rid, kind)
-                    else:
-                        self._place(part, offset, size)
+                if part is None:
+                    self._late(rid, kind)  # its request timed out
                     self._discard(size)
                     continue
+                # Placed (range-checked) even when its fetch failed and it is not written.
                 start = self._place(part, offset, size)
-                self._recv_into(part.fetch.view[start : start + size], part.fetch)
+                if part.fetch.failed:
+                    self._discard(size)
+                else:
+                    self._recv_into(part.fetch.view[start : start + size], part.fetch)
                 continue
             payload = self._recv_head(length) if length <= 64 else self._recv_payload(length)
             frame = p.decode_payload(kind, flags, rid, payload)
