@@ -245,7 +245,12 @@ class FileMemory(MemoryType):
         return (self.offset + _offset(mapping, addr)) // mapping.page_size
 
     def get_folio_noalloc(self, pgoff: int) -> Folio | None:
-        """The page at ``pgoff`` if the file's cache holds it, else None; reads nothing."""
+        """The page at ``pgoff`` if the file's cache holds it, else None; reads nothing.
+
+        Raises:
+            UnsupportedError: no cachestat(2) (Linux < 6.5), or hugetlbfs.
+            ValueError: this FileMemory has no file.
+        """
         present = _cached_pages(self._file(), pgoff * mmap.PAGESIZE, mmap.PAGESIZE)
         return Folio(pgoff) if present else None
 
@@ -275,7 +280,12 @@ class FileMemory(MemoryType):
             )
 
     def filemap_remove(self, folio: Folio, mapping: Mapping) -> None:
-        """Punch the page out of the file, so it is missing again (FALLOC_FL_PUNCH_HOLE)."""
+        """Punch the page out of the file, so it is missing again (FALLOC_FL_PUNCH_HOLE).
+
+        Raises:
+            OSError: fallocate(2) refused (EOPNOTSUPP: the file cannot punch holes).
+            ValueError: this FileMemory has no file.
+        """
         ps = mapping.page_size
         rc = lib.pyuffd_punch_hole(self._file(), folio.pgoff * ps, ps)
         if rc < 0:

@@ -721,7 +721,11 @@ class PageServer:
 
     @property
     def address(self) -> tuple[str, int]:
-        """(host, port) the server listens on; only after :meth:`start`."""
+        """(host, port) the server listens on.
+
+        Raises:
+            ValueError: :meth:`start` has not run yet.
+        """
         if self._listener is None:
             raise ValueError("the server is not started")
         host, port = self._listener.getsockname()[:2]
