@@ -52,28 +52,30 @@ try:
 except ImportError:
     redis = None
 
-needs_redis = pytest.mark.skipif(
-    MISSING is not None or redis is None,
-    reason=MISSING or "redis-py is not installed (pip install 'pyuffd[redis]')",
+# Why the Redis tests cannot run here, or None.
+NO_REDIS = MISSING or (
+    "redis-py is not installed (pip install 'pyuffd[redis]')" if redis is None else None
 )
+needs_redis = pytest.mark.skipif(NO_REDIS is not None, reason=NO_REDIS or "")
+
+
+def _servers(cluster: bool) -> Iterator[RedisServers]:
+    if NO_REDIS:
+        pytest.skip(NO_REDIS)
+    with redis_servers(cluster=cluster) as servers:
+        yield servers
 
 
 @pytest.fixture(scope="session")
 def single() -> Iterator[RedisServers]:
     """One redis-server for the session."""
-    if MISSING or redis is None:
-        pytest.skip(MISSING or "redis-py is not installed")
-    with redis_servers(cluster=False) as servers:
-        yield servers
+    yield from _servers(cluster=False)
 
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[RedisServers]:
     """A 3-master + 3-replica Redis Cluster for the session."""
-    if MISSING or redis is None:
-        pytest.skip(MISSING or "redis-py is not installed")
-    with redis_servers(cluster=True) as servers:
-        yield servers
+    yield from _servers(cluster=True)
 
 
 @pytest.fixture(params=["single", "cluster"])
