@@ -3,10 +3,12 @@
 A fault's page comes from the source. A file answers at once: the page is
 copied in from the file's read-only mapping (``Resolution.copy`` of a view:
 one UFFDIO_COPY from the page cache), and a page the snapshot stores as zero
-gets the zero page. A page server answers later: the page is received
-straight into a page buffer, the fault is deferred (``Resolution.defer()``)
-and resolved by ``FaultHandler.resolve`` when the reply arrives, which lets
-faults from several threads be fetched at once. Any other source (a chunk
+gets the zero page. A page server's page is received into a page
+buffer on the dispatch thread itself, over the session's fault-only
+connection (:mod:`uffd.restore.urgent`: no thread hop per fault). When that
+connection is busy or broken, the fault is deferred (``Resolution.defer()``)
+and resolved by ``FaultHandler.resolve`` when the first connection's reply
+arrives. Any other source (a chunk
 store) hands back a future of bytes, used the same way. A fault outside the
 handshake's regions, or any fault after the source failed, is refused: the
 FaultHandler resolves it by its fallback policy and reports it.
@@ -36,6 +38,9 @@ class SourceOps(UffdOps):
 
     def __init__(self, parts: SessionParts) -> None:
         self.parts = parts
+        # Half the deadline: a server that stopped answering leaves the other half to the
+        # deferred path, and the dispatch thread is back to serve the next fault.
+        self._sync_timeout = parts.handler.deadline / 2
 
     def handle_missing(self, fault: Fault) -> Resolution:
         """The faulting page: from the file at once, or deferred to a page server's reply."""
@@ -76,8 +81,12 @@ class SourceOps(UffdOps):
     def _from_server(
         self, source: RemoteSource, fault: Fault, offset: int, size: int
     ) -> Resolution:
-        """Receive the page into a buffer of its own on the urgent connection; defer the fault."""
+        """Receive the page into a buffer of its own: on this thread over the faults' own
+        connection, else (it is busy or broken) deferred to the first connection's reply."""
+        # A buffer per fault: an install retried later (EAGAIN) still holds its page.
         page = memoryview(bytearray(size))
+        if source.read_now(offset, page, self._sync_timeout):
+            return self._count(Resolution.copy(page))
         future = source.fetch_into(offset, page, urgent=True)
         future.add_done_callback(lambda f: self._reply(source, fault, f, page))
         return Resolution.defer()

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from uffd.restore.priority import lower_thread_priority
+from uffd.restore.urgent import UrgentLink
 
 if TYPE_CHECKING:
     from uffd.restore.redis_source import RedisSource
@@ -250,12 +251,14 @@ class RemoteSource:
         self._spare: RemoteSource | None = None
         self._closed = False
         self._clients = [self._connect()]
+        self._link: UrgentLink | None = None
         if bulk:
             try:
                 self._clients.append(self._connect_bulk())
             except BaseException:
                 self.close()
                 raise
+            self._link = self._connect_link()
         self.last_used = time.monotonic()
         first = self._clients[0]
         self.page_size = first.page_size
@@ -269,6 +272,17 @@ class RemoteSource:
             return ThreadedPageClient(self.url, token=self.token, request_timeout=self.timeout)
         except Exception as err:
             raise SourceError(f"page server {self.url}: {err}") from err
+
+    def _connect_link(self) -> UrgentLink | None:
+        """The faults' synchronous connection (``read_now``); None over TLS or when it fails
+        (faults then take the deferred path on the first connection)."""
+        if not self.url.startswith("tcp://"):
+            return None
+        try:
+            return UrgentLink(self.url, token=self.token, timeout=self.timeout)
+        except Exception as err:
+            log.debug("no urgent connection to %s, faults are deferred: %s", self.url, err)
+            return None
 
     def _connect_bulk(self) -> Any:
         """The prefetch connection, made from a thread of lower priority (its reader inherits it).
@@ -381,6 +395,24 @@ class RemoteSource:
             f.add_done_callback(done)
         return out
 
+    def read_now(self, offset: int, view: memoryview, timeout: float) -> bool:
+        """Receive the flat range [offset, +len(view)) into ``view`` on this thread; True if done.
+
+        On the faults' own connection (a session's, over plain TCP), waiting
+        at most ``timeout`` s. False: not read here (no such connection, it
+        is busy or broken, the range spans two regions, the server refused
+        the read): use :meth:`fetch_into`, which reports the failure.
+        """
+        link = self._link
+        if link is None:
+            return False
+        pieces = self._layout.pieces(offset, len(view))
+        if len(pieces) != 1:
+            return False
+        self.last_used = time.monotonic()
+        name, inside, _ = pieces[0]
+        return link.read_into(name, inside, view, timeout)
+
     def zero_runs(self) -> list[tuple[int, int]]:
         """The flat runs ``(offset, length)`` the page server says are zero pages.
 
@@ -444,6 +476,10 @@ class RemoteSource:
             region = client.regions[0]
             if region.length:
                 client.fetch(region.name, 0, self.page_size, urgent=False)
+        if self._link is not None and self._layout.lengths[0]:
+            self._link.read_into(
+                self._layout.names[0], 0, memoryview(bytearray(self.page_size)), self.timeout
+            )
 
     def close(self) -> None:
         """Close the connections and the spare session (idempotent)."""
@@ -452,6 +488,8 @@ class RemoteSource:
             spare, self._spare = self._spare, None
         if spare is not None:
             spare.close()
+        if self._link is not None:
+            self._link.close()
         for client in self._clients:
             client.close()
 
