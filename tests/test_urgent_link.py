@@ -26,8 +26,8 @@ from uffd.restore.urgent import UrgentLink
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
 
-from _helpers import PAGE, ServerProcess, pattern  # noqa: E402
-from frames import frames_until  # noqa: E402
+from _helpers import PAGE, ServerProcess, pattern
+from frames import frames_until
 
 SIZE = 3 << 20  # over the server's 1 MiB max_read: a whole read takes several READs
 WAIT = 10.0

@@ -223,10 +223,13 @@ class FileSource:
 class RemoteSource:
     """A page server as a flat image.
 
-    Faults and prefetch use two connections (``session()`` opens both), so a
-    faulting thread's one-page read never queues behind megabytes of prefetch
-    data already in flight on the same TCP stream; the prefetch connection's
-    reader thread runs at a lower priority (:mod:`uffd.restore.priority`). ``fetch`` returns a
+    Faults and prefetch use connections of their own (``session()`` opens
+    them), so a faulting thread's one-page read never queues behind megabytes
+    of prefetch data already in flight on the same TCP stream; the prefetch
+    connection's reader thread runs at a lower priority
+    (:mod:`uffd.restore.priority`). A session's faults are read on the
+    dispatch thread itself (``read_now``, :mod:`uffd.restore.urgent`), the
+    first connection serving them when that one is busy or broken. ``fetch`` returns a
     future; ``read`` waits for it (at most ``timeout``). ``session()`` hands
     out a spare set of connections prepared in the background (``warm()``),
     so a new session's first fault does not wait for TCP, HELLO and LIST.
