@@ -25,6 +25,7 @@ import select
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ import psutil
 
 from uffd.bench.reference import _SRC_DIR, _compile, default_build_dir
 
-__all__ = ["HandlerDaemonProcess", "run_daemon_restore", "vmm_binary"]
+__all__ = ["HandlerDaemonProcess", "PipeLines", "run_daemon_restore", "vmm_binary"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -51,6 +52,38 @@ def vmm_binary(build_dir: Path | None = None) -> Path:
 def _cpu_s(proc: psutil.Process) -> float:
     times = proc.cpu_times()
     return float(times.user + times.system)
+
+
+class PipeLines:
+    """The lines a child writes to the pipe ``fd``, each wait bounded.
+
+    Reads the fd itself and splits the lines here: a buffered file's
+    ``readline`` after ``select`` keeps a second line that came in the same
+    read in its buffer, where ``select`` never sees it (two session reports
+    at once), and blocks on a line that has not ended yet.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._buffer = b""
+        self._eof = False
+
+    def readline(self, timeout: float) -> str:
+        """The next line with its newline; "" at EOF (the last line may lack its newline).
+
+        Raises:
+            TimeoutError: no whole line (nor EOF) came in ``timeout`` s.
+        """
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer and not self._eof:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._fd], [], [], left)[0]:
+                raise TimeoutError(f"no line in {timeout} s")
+            chunk = os.read(self._fd, 1 << 16)
+            self._eof = not chunk
+            self._buffer += chunk
+        line, newline, self._buffer = self._buffer.partition(b"\n")
+        return (line + newline).decode()
 
 
 class HandlerDaemonProcess:
@@ -87,17 +120,18 @@ class HandlerDaemonProcess:
             text=True,
         )
         self.ps = psutil.Process(self.proc.pid)
+        assert self.proc.stdout is not None
+        self._lines = PipeLines(self.proc.stdout.fileno())
         line = self._line(30.0)
         if not line.startswith("listening on "):
             self.close()
             raise RuntimeError(f"the handler daemon did not start: {line.strip()!r}")
 
     def _line(self, timeout: float) -> str:
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not ready:
-            raise RuntimeError(f"the handler daemon printed nothing in {timeout} s")
-        return self.proc.stdout.readline()
+        try:
+            return self._lines.readline(timeout)
+        except TimeoutError:
+            raise RuntimeError(f"the handler daemon printed no line in {timeout} s") from None
 
     def next_report(self, timeout: float = 30.0) -> dict[str, Any]:
         """The next session's report (the daemon's ``--json`` line).
