@@ -318,6 +318,18 @@ static void verify(const char *base, size_t pages, int first_only,
 
 /* --- the textbook handler -------------------------------------------- */
 
+/*
+ * This thread's CPU time: unlike the wall clock it leaves out the time other
+ * processes had the CPU, so it stays steady on a shared host.
+ */
+static uint64_t thread_cpu_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ULL + ts.tv_nsec;
+}
+
 struct handler {
 	int uffd;
 	int cpu;
@@ -326,6 +338,7 @@ struct handler {
 	const char *src;
 	long faults;
 	long eexist;
+	uint64_t cpu_ns; /* the handler thread's CPU time over its whole life */
 };
 
 static void *handler_main(void *arg)
@@ -357,6 +370,7 @@ static void *handler_main(void *arg)
 
 			if (ioctl(h->uffd, UFFDIO_ZEROPAGE, &zp))
 				err(1, "UFFDIO_ZEROPAGE(stop page)");
+			h->cpu_ns = thread_cpu_ns();
 			return NULL;
 		}
 		copy = (struct uffdio_copy){
@@ -499,6 +513,8 @@ static void run_uffd_touch(const struct opts *o, const char *src, int rep)
 	set_metric("pages_per_s", rep, o->pages * 1e9 / elapsed);
 	set_metric("elapsed_ns", rep, elapsed);
 	set_metric("faults", rep, h.faults);
+	set_metric("handler_cpu_ns", rep, h.cpu_ns);
+	set_metric("cpu_us_per_fault", rep, h.cpu_ns / 1e3 / h.faults);
 	if (shuffled) {
 		double sum = 0;
 		size_t k;
@@ -632,18 +648,6 @@ static size_t pagemap_sweep(int pagemap, char *base, size_t len, int wp,
 			return bytes / page_size;
 		arg.start = arg.walk_end;
 	}
-}
-
-/*
- * This thread's CPU time: unlike the wall clock it leaves out the time other
- * processes had the CPU, so it stays steady on a shared host.
- */
-static uint64_t thread_cpu_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ULL + ts.tv_nsec;
 }
 
 /*

@@ -28,6 +28,7 @@ import random
 import statistics
 import struct
 import threading
+import time
 from array import array
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,7 @@ class _Handler:
         self.stop_page = stop_page
         self.cpu = cpu
         self.faults = 0
+        self.cpu_ns = 0  # the thread's CPU time over its whole life, taken as it stops
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="naive-uffd-handler", daemon=True)
 
@@ -158,6 +160,7 @@ class _Handler:
             page = address & ~(_PAGE - 1)
             if page == self.stop_page:
                 fcntl.ioctl(self.fd, _UFFDIO_ZEROPAGE, struct.pack("QQQq", page, _PAGE, 0, 0))
+                self.cpu_ns = time.thread_time_ns()
                 return
             struct.pack_into(
                 "QQQQq", copy, 0, page, self.src_addr + (page - self.base), _PAGE, 0, 0
@@ -286,6 +289,8 @@ def _run_once(
         _verify(base, pages, workload)
         figures = _figures(pages, elapsed_ns, fault_ns)
         figures["faults"] = handler.faults
+        figures["handler_cpu_ns"] = float(handler.cpu_ns)
+        figures["cpu_us_per_fault"] = handler.cpu_ns / 1e3 / max(1, handler.faults)
         return figures
     finally:
         _libc.munmap(base, length)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "CPU_WORKLOADS",
     "RATIOS",
     "Ratio",
     "chart_unavailable",
@@ -124,6 +125,25 @@ RATIOS: tuple[Ratio, ...] = (
     ),
     Ratio(
         "sequential: C / notouch pages/s", "sequential", "c-ref", "notouch", "pages_per_s", "higher"
+    ),
+    Ratio(
+        "sparse: native handler CPU at 100 faults/s",
+        "sparse",
+        "native",
+        None,
+        "cpu_percent",
+        "lower",
+        5.0,
+        "% of a CPU",
+    ),
+    Ratio(
+        "sparse: python handler CPU at 100 faults/s",
+        "sparse",
+        "python",
+        None,
+        "cpu_percent",
+        "lower",
+        unit="% of a CPU",
     ),
     Ratio("threads: python / C pages/s", "threads", "python", "c-ref", "pages_per_s", "higher"),
     Ratio("threads: native / C pages/s", "threads", "native", "c-ref", "pages_per_s", "higher"),
@@ -258,8 +278,13 @@ RATIOS: tuple[Ratio, ...] = (
     ),
 )
 
+# The workloads whose handlers report cpu_us_per_fault beside the C reference's.
+CPU_WORKLOADS = ("random", "sequential", "threads")
+_CPU_METRIC = "cpu_us_per_fault"
+
 # The figure each workload's table row leads with, and how to show it.
 _HEADLINE = {
+    "sparse": ("cpu_percent", 1.0, "% CPU"),
     "random": ("fault_ns_median", 1e-3, "µs/fault"),
     "sequential": ("pages_per_s", 1e-3, "kpages/s"),
     "threads": ("pages_per_s", 1e-3, "kpages/s"),
@@ -278,55 +303,72 @@ def _measured(entry: dict[str, Any], metric: str) -> bool:
     return not entry.get("error") and not entry.get("skipped") and metric in entry["median"]
 
 
+def _cpu_ratios(results: dict[str, Any]) -> list[Ratio]:
+    """A ratio per handler of :data:`CPU_WORKLOADS`: its CPU µs per fault over the C reference's."""
+    handlers = dict.fromkeys(
+        (e["workload"], e["handler"])
+        for e in results["results"]
+        if e["workload"] in CPU_WORKLOADS and e["handler"] != "c-ref"
+    )
+    return [
+        Ratio(f"{w}: {h} / C CPU per fault", w, h, "c-ref", _CPU_METRIC, "lower")
+        for w, h in handlers
+    ]
+
+
+def _ratio(
+    r: Ratio, placement: str, found: dict[tuple[str, str, str], dict[str, Any]]
+) -> dict[str, Any] | None:
+    """Ratio ``r`` at ``placement`` as a results dict, or None if either side was not measured."""
+    entry = found.get((r.workload, placement, r.handler))
+    if entry is None or not _measured(entry, r.metric):
+        return None
+    runs = [run[r.metric] for run in entry["runs"]]
+    if r.baseline is None:
+        value = entry["median"][r.metric]
+        spread = [min(runs), max(runs)]
+    else:
+        base = found.get((r.workload, placement, r.baseline))
+        if base is None or not _measured(base, r.metric):
+            return None
+        value = entry["median"][r.metric] / base["median"][r.metric]
+        base_runs = [run[r.metric] for run in base["runs"]]
+        pairs = [a / b for a, b in zip(runs, base_runs, strict=False)] or [value]
+        spread = [min(pairs), max(pairs)]
+    status = None
+    if r.target is not None:
+        met = value <= r.target if r.better == "lower" else value >= r.target
+        status = "PASS" if met else "MISS"
+    return {
+        "name": r.name,
+        "workload": r.workload,
+        "placement": placement,
+        "handler": r.handler,
+        "baseline": r.baseline,
+        "metric": r.metric,
+        "value": value,
+        "spread": spread,
+        "target": r.target,
+        "unit": r.unit,
+        "better": r.better,
+        "status": status,
+    }
+
+
 def compute_ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every ratio of :data:`RATIOS` that the results hold, per placement.
+    """Every ratio of :data:`RATIOS` that the results hold, per placement, then the CPU ratios.
 
     Each is a dict: name, workload, placement, handler, baseline, metric,
     value, spread ([low, high] over paired repeats, or over repeats for an
     absolute value), target, unit, better, and status ("PASS", "MISS", or
-    None without a target).
+    None without a target). The CPU ratios (metric ``cpu_us_per_fault``,
+    named "WORKLOAD: HANDLER / C CPU per fault") compare every handler of
+    :data:`CPU_WORKLOADS` with the C reference.
     """
     found = _entries(results)
-    out = []
     placements = sorted({e["placement"] for e in results["results"]})
-    for r in RATIOS:
-        for placement in placements:
-            entry = found.get((r.workload, placement, r.handler))
-            if entry is None or not _measured(entry, r.metric):
-                continue
-            runs = [run[r.metric] for run in entry["runs"]]
-            if r.baseline is None:
-                value = entry["median"][r.metric]
-                spread = [min(runs), max(runs)]
-            else:
-                base = found.get((r.workload, placement, r.baseline))
-                if base is None or not _measured(base, r.metric):
-                    continue
-                value = entry["median"][r.metric] / base["median"][r.metric]
-                base_runs = [run[r.metric] for run in base["runs"]]
-                pairs = [a / b for a, b in zip(runs, base_runs, strict=False)] or [value]
-                spread = [min(pairs), max(pairs)]
-            status = None
-            if r.target is not None:
-                met = value <= r.target if r.better == "lower" else value >= r.target
-                status = "PASS" if met else "MISS"
-            out.append(
-                {
-                    "name": r.name,
-                    "workload": r.workload,
-                    "placement": placement,
-                    "handler": r.handler,
-                    "baseline": r.baseline,
-                    "metric": r.metric,
-                    "value": value,
-                    "spread": spread,
-                    "target": r.target,
-                    "unit": r.unit,
-                    "better": r.better,
-                    "status": status,
-                }
-            )
-    return out
+    ratios = (_ratio(r, p, found) for r in (*RATIOS, *_cpu_ratios(results)) for p in placements)
+    return [r for r in ratios if r is not None]
 
 
 def _fmt(value: float) -> str:
@@ -351,18 +393,29 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def format_report(results: dict[str, Any]) -> str:
-    """The results as text: one row per workload/placement/handler, then the ratios with targets."""
+    """The results as text: one row per workload/placement/handler, then the ratios with targets.
+
+    The CPU ratios are shown in the rows (column "x C"), not again among the ratios.
+    """
+    ratios = results.get("ratios", [])
+    cpu_vs_c = {
+        (r["workload"], r["placement"], r["handler"]): r["value"]
+        for r in ratios
+        if r["metric"] == _CPU_METRIC
+    }
     rows = []
     for e in results["results"]:
         metric, scale, unit = _HEADLINE.get(e["workload"], ("pages_per_s", 1e-3, "kpages/s"))
         if e.get("skipped") or e.get("error"):
             why = f"skipped: {e['skipped']}" if e.get("skipped") else f"ERROR: {e['error']}"
-            rows.append([e["workload"], e["placement"], e["handler"], why[:70], "", "", ""])
+            rows.append([e["workload"], e["placement"], e["handler"], why[:70], *[""] * 5])
             continue
         if metric not in e["median"]:
             metric, scale, unit = "pages_per_s", 1e-3, "kpages/s"
         runs = [run[metric] * scale for run in e["runs"]]
         pps = e["median"].get("pages_per_s")
+        cpu = e["median"].get(_CPU_METRIC)
+        vs_c = cpu_vs_c.get((e["workload"], e["placement"], e["handler"]))
         rows.append(
             [
                 e["workload"],
@@ -371,13 +424,22 @@ def format_report(results: dict[str, Any]) -> str:
                 f"{_fmt(e['median'][metric] * scale)} {unit}",
                 f"{_fmt(min(runs))}..{_fmt(max(runs))}",
                 f"{pps / 1e3:.1f}" if pps else "",
+                _fmt(cpu) if cpu else "",
+                f"{_fmt(vs_c)} x" if vs_c else "",
                 str(len(e["runs"])),
             ]
         )
-    lines = ["Results (median of the repeats; spread = lowest..highest repeat)", ""]
-    lines += _table(["workload", "placement", "handler", "median", "spread", "kpages/s", "n"], rows)
+    lines = [
+        "Results (median of the repeats; spread = lowest..highest repeat;",
+        "CPU µs/fault = the handler's threads' CPU time / faults served, x C = over c-ref's)",
+        "",
+    ]
+    header = ["workload", "placement", "handler", "median", "spread", "kpages/s"]
+    lines += _table([*header, "CPU µs/fault", "x C", "n"], rows)
     ratio_rows = []
-    for r in results.get("ratios", []):
+    for r in ratios:
+        if r["metric"] == _CPU_METRIC:
+            continue
         target = (
             ""
             if r["target"] is None
@@ -503,6 +565,7 @@ def write_chart(results: dict[str, Any], path: str | os.PathLike[str]) -> Path |
                 "random": "random single-page faults",
                 "sequential": "sequential first touch",
                 "threads": f"{results['config'].get('threads', 4)} faulting threads",
+                "sparse": "sparse faults (the rate achieved; the figure is CPU %)",
                 "restore": "lazy restore over loopback (background install)",
                 "restore-daemon": "lazy restore through uffd serve + uffd handler",
                 "dirty": "dirty tracking harvest (pages scanned)",

@@ -16,6 +16,9 @@ Workloads, handlers and placements:
   prefetch), with the limits measured in the same run: ``notouch`` (first
   touch with no userfaultfd) and ``bulkcopy`` (UFFDIO_COPY in 2 MiB calls);
 - ``threads``: 4 threads faulting their own slices at once;
+- ``sparse``: one fault every 10 ms for 3 s (python, native), same CPU and
+  cross CPU: the handler's CPU in % of one CPU while faults are sparse (the
+  pump polls after each fault before it sleeps: this is what that costs);
 - ``restore``: lazy restore of 1 GiB from a page server on loopback by the
   library's own driver, with a worker touching random pages meanwhile
   (unpinned: three threads and a server process share the CPUs): the
@@ -30,6 +33,11 @@ Workloads, handlers and placements:
 - ``fanout``: 1, 4, 16 restores at once of one 256 MiB image from ``uffd
   serve``, a single Redis and a 3+3 Redis Cluster (:mod:`uffd.bench.fanout`;
   its figures go to ``results["fanout"]``, ratios to the page server).
+
+Every handler of random, sequential, threads and sparse also reports
+``cpu_us_per_fault``: its own threads' CPU time over the run divided by
+the faults it served (:mod:`uffd.bench.cpucost` says how), with the ratio
+to the C reference's in the same run for the first three.
 
 Targets are reported as ratios with PASS/MISS, never asserted.
 """
@@ -58,6 +66,7 @@ ALL_WORKLOADS = (
     "random",
     "sequential",
     "threads",
+    "sparse",
     "restore",
     "restore-daemon",
     "dirty",
@@ -68,6 +77,7 @@ _TOUCH_HANDLERS = {
     "sequential": ("c-ref", "naive", "python", "native", "prefetch", "native-prefetch"),
     "threads": ("c-ref", "naive", "python", "native", "native-prefetch"),
 }
+_SPARSE_HANDLERS = ("python", "native")
 _LIMITS = ("notouch", "bulkcopy")
 # Where `make bench` writes by default: docs/bench of the source tree.
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "docs" / "bench"
@@ -94,6 +104,8 @@ class Config:
     restore_chunk: int = 4 << 20
     restore_window: int = 4
     restore_pace_us: int = 1000
+    sparse_rate: float = 100.0
+    sparse_seconds: float = 3.0
     fanout: fanout.FanoutConfig = dataclasses.field(default_factory=fanout.FanoutConfig)
     quick: bool = False
 
@@ -107,6 +119,7 @@ def quick_config(**overrides: Any) -> Config:
         "dirty_repeat": 2,
         "repeat": 2,
         "restore_chunk": 1 << 20,
+        "sparse_seconds": 0.2,
         "fanout": fanout.FanoutConfig.quick(),
         "quick": True,
     }
@@ -250,6 +263,35 @@ def _touch_workload(
                     return workloads.run_limit(lim, config.pages, where, build_dir=build_dir)
 
                 col.run(entries[lim], f"{workload} {name} {lim} {rep + 1}/{config.repeat}", limit)
+
+
+def _sparse_workload(
+    config: Config, placements: dict[str, Any], col: _Collector, build_dir: Path
+) -> None:
+    """The handlers' CPU % while faults come one per 1/sparse_rate s, same CPU and cross CPU."""
+    params = {"rate": config.sparse_rate, "seconds": config.sparse_seconds}
+    for name in ("same", "cross"):
+        spec = placements[name]
+        entries = {h: col.entry("sparse", name, h, **params) for h in _SPARSE_HANDLERS}
+        if "unavailable" in spec:
+            for e in entries.values():
+                col.skip(e, spec["unavailable"])
+            continue
+        where = _placement.Placement(spec["handler_cpu"], spec["toucher_cpu"])
+        for rep in range(config.repeat):
+            for h, entry in entries.items():
+                col.run(
+                    entry,
+                    f"sparse {name} {h} {rep + 1}/{config.repeat}",
+                    functools.partial(
+                        workloads.run_sparse,
+                        h,
+                        where,
+                        rate=config.sparse_rate,
+                        seconds=config.sparse_seconds,
+                        build_dir=build_dir,
+                    ),
+                )
 
 
 def _restore_workload(config: Config, col: _Collector, build_dir: Path) -> None:
@@ -444,6 +486,8 @@ def run_suite(
         progress(f"{workload}:")
         if workload in _TOUCH_HANDLERS:
             _touch_workload(workload, config, placements, col, build_dir)
+        elif workload == "sparse":
+            _sparse_workload(config, placements, col, build_dir)
         elif workload == "restore":
             _restore_workload(config, col, build_dir)
         elif workload == "restore-daemon":

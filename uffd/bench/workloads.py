@@ -57,6 +57,8 @@ from uffd._handler import FaultHandler
 from uffd._mapping import Fault, Mapping
 from uffd._ops import UffdOps
 from uffd._resolution import Resolution
+from uffd._stats import HandlerStats
+from uffd.bench import cpucost
 from uffd.bench.naive_ctypes import _figures, _libtouch, _pattern, _touch, run_naive
 from uffd.bench.placement import Placement
 from uffd.bench.reference import default_build_dir, run_reference
@@ -73,6 +75,7 @@ __all__ = [
     "run_fetch_only",
     "run_limit",
     "run_restore",
+    "run_sparse",
     "run_touch",
     "serve_process",
 ]
@@ -179,6 +182,52 @@ class PrefetchOps(UffdOps):
         return Resolution.copy(self._view[fault.offset : fault.offset + ps])
 
 
+def _pyuffd_ops(handler: str, source: PatternSource) -> UffdOps:
+    """The ops of a FaultHandler-based handler (python, native, prefetch, native-prefetch)."""
+    if handler == "prefetch":
+        return PrefetchOps(source.buffer)
+    if handler == "native":
+        # One page per fault: the pump's own cost, comparable with the C handler's.
+        return BufferOps(source.buffer, native=True, prefetch=PAGE)
+    if handler == "native-prefetch":
+        return BufferOps(source.buffer, native=True)
+    return BufferOps(source.buffer, native=False)
+
+
+def _start_handler(region: mem.Region, ops: UffdOps, cpu: int) -> tuple[FaultHandler, set[int]]:
+    """A started FaultHandler serving ``region``, its threads pinned to ``cpu``.
+
+    Returns it with the ids of the threads that appeared while it started
+    (its dispatch thread and the pump's watchdog): the handler's CPU time is
+    theirs (:mod:`uffd.bench.cpucost`), not the process's, which counts the
+    toucher too.
+    """
+    before = cpucost.thread_ids()
+    with _pinned(cpu):
+        fh = FaultHandler(fallback="zero")
+        try:
+            fh.register(region, ops=ops)
+            fh.start()
+        except BaseException:
+            fh.stop()
+            raise
+    if isinstance(ops, PrefetchOps):
+        ops.bind(fh)
+    return fh, cpucost.thread_ids() - before
+
+
+def _cpu_figures(cpu_ns: int, stats: HandlerStats) -> dict[str, float]:
+    """Fault counts and the handler's CPU time per fault served."""
+    python = float(sum(stats.total.faults.values()))
+    native = float(stats.native_faults)
+    return {
+        "faults_python": python,
+        "faults_native": native,
+        "handler_cpu_ns": float(cpu_ns),
+        "cpu_us_per_fault": cpu_ns / 1e3 / max(1.0, python + native),
+    }
+
+
 def _run_pyuffd(
     workload: str,
     handler: str,
@@ -193,29 +242,14 @@ def _run_pyuffd(
     pages = source.pages
     region = _anon(pages)
     try:
-        if handler == "prefetch":
-            ops: UffdOps = PrefetchOps(source.buffer)
-        elif handler == "native":
-            # One page per fault: the pump's own cost, comparable with the C handler's.
-            ops = BufferOps(source.buffer, native=True, prefetch=PAGE)
-        elif handler == "native-prefetch":
-            ops = BufferOps(source.buffer, native=True)
-        else:
-            ops = BufferOps(source.buffer, native=False)
-        with _pinned(placement.handler_cpu):
-            fh = FaultHandler(fallback="zero")
-            try:
-                fh.register(region, ops=ops)
-                fh.start()
-            except BaseException:
-                fh.stop()
-                raise
+        ops = _pyuffd_ops(handler, source)
+        fh, tids = _start_handler(region, ops, placement.handler_cpu)
         try:
-            if isinstance(ops, PrefetchOps):
-                ops.bind(fh)
+            cpu0 = cpucost.threads_cpu_ns(tids)
             rc, elapsed_ns, fault_ns = _touch(
                 lib, workload, region.addr, pages, threads, placement.toucher_cpu, seed
             )
+            cpu_ns = cpucost.threads_cpu_ns(tids) - cpu0
             _rc(rc, f"libtouch ({workload})")
             figures = _figures(pages, elapsed_ns, fault_ns)
             stats = fh.stats
@@ -224,14 +258,77 @@ def _run_pyuffd(
         _verify(region, pages, f"{handler} handler, {workload}")
     finally:
         region.close()
-    figures["faults_python"] = float(sum(stats.total.faults.values()))
-    figures["faults_native"] = float(stats.native_faults)
+    figures.update(_cpu_figures(cpu_ns, stats))
     if stats.expired:
         raise RuntimeError(
             f"{handler} handler, {workload}: {stats.expired} faults missed the deadline"
         )
     if isinstance(ops, PrefetchOps):
         figures["pages_prefetched"] = ops.installed / PAGE
+    return figures
+
+
+def run_sparse(
+    handler: str,
+    placement: Placement,
+    *,
+    rate: float = 100.0,
+    seconds: float = 3.0,
+    build_dir: Path | None = None,
+) -> dict[str, float]:
+    """The handler's CPU cost while faults are sparse: one fault every 1/``rate`` s.
+
+    The pump polls for a while after each fault before it sleeps; this
+    measures what that costs when faults come seldom. The toucher touches
+    ``rate * seconds`` pages in order, one libtouch call per page, sleeping
+    until each one's due time. Figures: cpu_percent (the handler threads'
+    CPU time over the wall time, in % of one CPU), cpu_us_per_fault,
+    pages_per_s (the fault rate achieved), fault_us_median.
+
+    Raises:
+        ValueError: an unknown handler, or rate/seconds not positive.
+        RuntimeError, OSError: the handler failed or a page is wrong.
+    """
+    if handler not in _PYUFFD_HANDLERS:
+        raise ValueError(f"unknown handler {handler!r}; choose from {', '.join(_PYUFFD_HANDLERS)}")
+    if rate <= 0 or seconds <= 0:
+        raise ValueError(f"rate and seconds must be positive, got {rate!r}, {seconds!r}")
+    lib = _libtouch(build_dir if build_dir is not None else default_build_dir())
+    pages = max(1, round(rate * seconds))
+    source = PatternSource(pages)
+    region = _anon(pages)
+    one = ctypes.c_uint64()
+    fault_ns = []
+    try:
+        ops = _pyuffd_ops(handler, source)
+        fh, tids = _start_handler(region, ops, placement.handler_cpu)
+        try:
+            cpu0 = cpucost.threads_cpu_ns(tids)
+            t0 = time.perf_counter_ns()
+            for i in range(pages):
+                due = t0 + round(i * 1e9 / rate)
+                wait = due - time.perf_counter_ns()
+                if wait > 0:
+                    time.sleep(wait / 1e9)
+                rc = lib.touch_pages(
+                    region.addr + i * PAGE, 1, PAGE, None, None, placement.toucher_cpu, one
+                )
+                _rc(rc, "libtouch (sparse)")
+                fault_ns.append(one.value)
+            # The last fault's spin is part of its cost: wait one interval before reading.
+            time.sleep(1 / rate)
+            wall_ns = time.perf_counter_ns() - t0
+            cpu_ns = cpucost.threads_cpu_ns(tids) - cpu0
+            stats = fh.stats
+        finally:
+            fh.stop()
+        _verify(region, pages, f"{handler} handler, sparse")
+    finally:
+        region.close()
+    figures = _cpu_figures(cpu_ns, stats)
+    figures["cpu_percent"] = 100.0 * cpu_ns / wall_ns
+    figures["pages_per_s"] = pages * 1e9 / wall_ns
+    figures["fault_us_median"] = statistics.median(fault_ns) / 1e3
     return figures
 
 
