@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import requires_syscall
 
-from uffd.bench import report
+from uffd.bench import cpucost, report
 from uffd.bench.suite import ALL_WORKLOADS, quick_config, run_suite, write_outputs
 from uffd.cli import build_parser
 from uffd.cli import main as cli_main
@@ -119,6 +121,75 @@ def test_ratios_are_computed_against_the_same_run(results: dict[str, Any]) -> No
         else:
             met = r["value"] <= spec.target if spec.better == "lower" else r["value"] >= spec.target
             assert r["status"] == ("PASS" if met else "MISS")
+
+
+_LIMIT_HANDLERS = {"notouch", "bulkcopy"}
+
+
+def test_every_touch_handler_reports_its_cpu_per_fault(results: dict[str, Any]) -> None:
+    """Each handler of random/sequential/threads/sparse has a positive CPU µs per fault, and each
+    one but the C reference a ratio to the C reference's at its placement, shown in the table."""
+    ratios = {
+        (r["workload"], r["placement"], r["handler"]): r
+        for r in results["ratios"]
+        if r["metric"] == "cpu_us_per_fault"
+    }
+    checked = 0
+    for e in results["results"]:
+        if e["workload"] not in (*report.CPU_WORKLOADS, "sparse") or e["skipped"]:
+            continue
+        if e["handler"] in _LIMIT_HANDLERS:
+            continue
+        for run in e["runs"]:
+            assert run["handler_cpu_ns"] > 0 and run["cpu_us_per_fault"] > 0, e["handler"]
+        checked += 1
+        if e["workload"] in report.CPU_WORKLOADS and e["handler"] != "c-ref":
+            r = ratios[(e["workload"], e["placement"], e["handler"])]
+            assert r["baseline"] == "c-ref" and r["value"] > 0
+    assert checked >= 4 + 6 + 5 + 2
+    text = report.format_report(results)
+    assert "CPU µs/fault" in text and "x C" in text
+
+
+def test_sparse_faults_report_the_handlers_cpu_share(results: dict[str, Any]) -> None:
+    """sparse paces faults at the configured rate and reports the handler's CPU % of one CPU."""
+    rate = results["config"]["sparse_rate"]
+    for e in results["results"]:
+        if e["workload"] != "sparse" or e["skipped"]:
+            continue
+        for run in e["runs"]:
+            assert run["cpu_percent"] > 0
+            # Paced by sleeps: never faster than asked (a slow host only lowers the rate).
+            assert 0 < run["pages_per_s"] <= rate * 1.05
+    by_name = {(r["name"], r["placement"]): r for r in results["ratios"]}
+    target = by_name[("sparse: native handler CPU at 100 faults/s", "same")]
+    assert target["unit"] == "% of a CPU" and target["status"] in ("PASS", "MISS")
+
+
+def test_thread_cpu_clock_counts_a_running_thread_only() -> None:
+    """threads_cpu_ns grows while a listed thread burns CPU and counts it 0 once it has exited."""
+    started, done = threading.Event(), threading.Event()
+
+    def burn() -> None:
+        until = time.thread_time_ns() + 20_000_000
+        while time.thread_time_ns() < until:
+            pass
+        started.set()
+        done.wait(10)
+
+    thread = threading.Thread(target=burn)
+    thread.start()
+    assert started.wait(10)
+    assert thread.native_id in cpucost.thread_ids()
+    assert cpucost.threads_cpu_ns([thread.native_id]) >= 20_000_000
+    done.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    # join() returns as Python lets go of the thread, a moment before the kernel's thread exits.
+    deadline = time.monotonic() + 5
+    while cpucost.threads_cpu_ns([thread.native_id]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cpucost.threads_cpu_ns([thread.native_id]) == 0
 
 
 def test_restore_daemon_runs_the_product_path(results: dict[str, Any]) -> None:
