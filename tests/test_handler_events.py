@@ -147,14 +147,23 @@ def test_munmap_drops_mapping(served: Callable, region_factory: Regions) -> None
         "the hole in the table",
     )
     assert_pages(region.read(2 * PAGE, 2 * PAGE), PAGE, pattern_at(2), "after the hole")
-    # Unmap what is left piece by piece, never the whole range again: the hole's
-    # page may belong to another mapping by now (ASan put a new thread's data
-    # there, and region.close() unmapping it crashed that thread).
-    run_in_thread(lib.munmap, ffi.cast("void *", start), PAGE).finish()
-    run_in_thread(lib.munmap, ffi.cast("void *", start + 2 * PAGE), 2 * PAGE).finish()
-    region._closed = True  # unmapped above: teardown must not unmap the range again
+    close_around_hole(region, PAGE, PAGE)
     wait_for(lambda: spans(handler) == [(other.addr, other.addr + other.length)], "region gone")
     assert other.read(0, other.length) == bytes(other.length)
+
+
+def close_around_hole(region: mem.Region, hole: int, length: int) -> None:
+    """Unmap what is left of ``region`` around the hole at ``hole`` (offset), piece by piece.
+
+    Never the whole range again (what ``region.close()`` would do): the hole's
+    page may belong to another mapping by now. Under ASan a new thread's data
+    landed there, and unmapping it crashed that thread.
+    """
+    start = region.addr
+    run_in_thread(lib.munmap, ffi.cast("void *", start), hole).finish()
+    rest = hole + length
+    run_in_thread(lib.munmap, ffi.cast("void *", start + rest), region.length - rest).finish()
+    region._closed = True  # unmapped above: teardown must not unmap the range again
 
 
 @NATIVE
@@ -170,6 +179,7 @@ def test_split_mapping_forked_child(native: bool, served: Callable) -> None:
         lambda: [m for m in handler.mappings if m._uffd is not handler.uffd], "copies"
     )
     assert [(m.start, m.end) for m in copies] == spans(handler)
+    close_around_hole(region, PAGE, PAGE)
 
 
 def _map_anon(addr: int | None = None, prot: int | None = None) -> int:
