@@ -236,3 +236,42 @@ def test_serve_cli_with_tls_and_the_plaintext_opt_in(
         opted.terminate()
         _, err = opted.communicate(timeout=10)
     assert b"WITHOUT TLS" in err
+
+
+def test_handler_cli_restores_over_mutual_tls(
+    pki: Path, snap_file: tuple[Path, bytes], tmp_path: Path
+) -> None:
+    """``uffd handler --source tls://... --tls-ca --tls-cert --tls-key`` restores a worker
+    process from a page server that requires client certificates: every page checked."""
+    import sys
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    sys.path.insert(0, str(examples))
+    from _helpers import DaemonProcess, digests_of, finish_worker, read_digests, spawn_restore
+
+    sock, digests = tmp_path / "h.sock", tmp_path / "digests"
+    tls = ["--tls-ca", str(pki / "ca.pem")]
+    client = [*tls, "--tls-cert", str(pki / "client.pem"), "--tls-key", str(pki / "client.key")]
+    with (
+        Snapshot.open(snap_file[0]) as snap,
+        ServerThread(snap, ssl=server_context(pki, client_ca=True)) as server,
+    ):
+        url = f"tls://localhost:{server.address[1]}"
+        with DaemonProcess(sock, url, *client, "--no-working-set", log_path=tmp_path / "log") as d:
+            result = finish_worker(spawn_restore(sock, NPAGES * PS, digests=digests), 60)
+            (report,) = d.reports(1)
+        assert read_digests(digests) == digests_of(snap_file[1])
+        assert result["sigbus"] == 0 and report["errors"] == []
+        assert server.stats.tls_failures == 0
+    wrong = subprocess.run(
+        [sys.executable, "-m", "uffd", "handler", "--socket", str(sock), "--source", url,
+         "--tls-cert", str(pki / "client.pem")],
+        capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert wrong.returncode == 2 and b"--tls-cert and --tls-key go together" in wrong.stderr
+    plain = subprocess.run(
+        [sys.executable, "-m", "uffd", "handler", "--socket", str(sock), "--source",
+         str(snap_file[0]), *tls],
+        capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert plain.returncode == 2 and b"need a tls://HOST:PORT --source" in plain.stderr

@@ -6,12 +6,36 @@ import argparse
 import contextlib
 import logging
 import signal
+import ssl
 import sys
 
 from uffd.cli._token import UsageError, read_token
 from uffd.cli._types import seconds
 from uffd.restore.daemon import HandlerDaemon, SourceError, log
 from uffd.restore.progress import progress_bars_available
+
+
+def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The page-server client's TLS context from --tls-ca/--tls-cert/--tls-key, or None.
+
+    Raises:
+        UsageError: a flag without its pair, a TLS flag on a non-tls:// source,
+            or a file that cannot be loaded (the message names it).
+    """
+    if args.tls_ca is None and args.tls_cert is None and args.tls_key is None:
+        return None
+    if not args.source.startswith("tls://"):
+        raise UsageError("--tls-ca, --tls-cert and --tls-key need a tls://HOST:PORT --source")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UsageError("--tls-cert and --tls-key go together")
+    try:
+        context = ssl.create_default_context(cafile=args.tls_ca)
+        if args.tls_cert is not None:
+            context.load_cert_chain(args.tls_cert, args.tls_key)
+    except (OSError, ssl.SSLError) as err:
+        files = ", ".join(f for f in (args.tls_ca, args.tls_cert, args.tls_key) if f)
+        raise UsageError(f"cannot load the TLS files ({files}): {err}") from None
+    return context
 
 
 def _cmd_handler(args: argparse.Namespace) -> int:
@@ -27,6 +51,7 @@ def _cmd_handler(args: argparse.Namespace) -> int:
     log.setLevel(logging.INFO)
     try:
         token = read_token(args.token_file)
+        context = _tls_context(args)
     except UsageError as err:
         print(f"uffd handler: {err}", file=sys.stderr)
         return 2
@@ -46,6 +71,7 @@ def _cmd_handler(args: argparse.Namespace) -> int:
             args.socket,
             args.source,
             token=token,
+            ssl=context,
             allow_uids=args.allow_uid,
             fallback=args.fallback,
             deadline=args.deadline,
@@ -101,11 +127,19 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument(
         "--source",
         required=True,
-        metavar="SNAPSHOT|tcp://HOST:PORT|redis://HOST:PORT/NAME",
-        help="a snapshot or raw memory file, a page server, or a snapshot pushed to Redis "
+        metavar="SNAPSHOT|tcp://HOST:PORT|tls://HOST:PORT|redis://HOST:PORT/NAME",
+        help="a snapshot or raw memory file, a page server (tls:// verifies it: --tls-ca), "
+        "or a snapshot pushed to Redis "
         "(Cluster) with 'uffd snapshot push' (rediss:// for TLS; docs/chunkstore.md)",
     )
     p.add_argument("--token-file", metavar="F", help="file holding the page server's token")
+    p.add_argument(
+        "--tls-ca",
+        metavar="PEM",
+        help="CA that signed a tls:// page server's certificate (default: the system's CAs)",
+    )
+    p.add_argument("--tls-cert", metavar="PEM", help="client certificate, for mutual TLS")
+    p.add_argument("--tls-key", metavar="PEM", help="the client certificate's private key")
     p.add_argument(
         "--allow-uid",
         type=int,

@@ -54,6 +54,7 @@ import os
 import queue
 import select
 import socket
+import ssl as _ssl
 import stat
 import sys
 import tempfile
@@ -109,9 +110,11 @@ _LOG_EVERY = 10.0  # seconds: a repeated accept() failure is logged at most this
 class HandlerDaemon:
     """Listens on a Unix socket and restores every process that hands it a userfaultfd.
 
-    ``source``: a path (snapshot or raw memory file) or ``tcp://HOST:PORT``,
-    or an already open FileSource/RemoteSource (then not closed here, nor
-    the spare connections a RemoteSource keeps ready for new sessions).
+    ``source``: a path (snapshot or raw memory file), ``tcp://HOST:PORT`` or
+    ``tls://HOST:PORT`` (``ssl``: the client context that verifies the page
+    server and may carry a client certificate; default the system's CAs), a
+    ``redis://`` chunk store, or an already open source (then not closed here,
+    nor the spare connections a RemoteSource keeps ready for new sessions).
     ``allow_uids``: peers accepted by SO_PEERCRED uid (default: this
     process's effective uid and root); when given, only those. ``fallback``,
     ``deadline``: as FaultHandler's. ``prefetch``: run the adaptive
@@ -140,6 +143,7 @@ class HandlerDaemon:
         source: str | FlatSource,
         *,
         token: bytes | None = None,
+        ssl: _ssl.SSLContext | None = None,
         allow_uids: Iterable[int] | None = None,
         fallback: str = "sigbus",
         deadline: float = 2.0,
@@ -161,7 +165,7 @@ class HandlerDaemon:
         )
         self._owns_source = isinstance(source, str)
         self.source = (
-            open_flat_source(source, token=token, timeout=source_timeout)
+            open_flat_source(source, token=token, timeout=source_timeout, ssl=ssl)
             if isinstance(source, str)
             else source
         )

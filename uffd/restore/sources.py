@@ -23,6 +23,7 @@ import contextlib
 import logging
 import mmap
 import os
+import ssl as _ssl
 import threading
 import time
 from collections.abc import Sequence
@@ -244,11 +245,18 @@ class RemoteSource:
     remote = True
 
     def __init__(
-        self, url: str, *, token: bytes | None = None, timeout: float = 10.0, bulk: bool = False
+        self,
+        url: str,
+        *,
+        token: bytes | None = None,
+        timeout: float = 10.0,
+        bulk: bool = False,
+        ssl: _ssl.SSLContext | None = None,
     ) -> None:
         self.url = url
         self.label = url
         self.token = token
+        self.ssl = ssl
         self.timeout = timeout
         self._lock = threading.Lock()
         self._spare: RemoteSource | None = None
@@ -272,7 +280,9 @@ class RemoteSource:
         from uffd.pagestore.client import ThreadedPageClient
 
         try:
-            return ThreadedPageClient(self.url, token=self.token, request_timeout=self.timeout)
+            return ThreadedPageClient(
+                self.url, token=self.token, request_timeout=self.timeout, ssl=self.ssl
+            )
         except Exception as err:
             raise SourceError(f"page server {self.url}: {err}") from err
 
@@ -334,7 +344,9 @@ class RemoteSource:
         return self._open_session()
 
     def _open_session(self) -> RemoteSource:
-        return RemoteSource(self.url, token=self.token, timeout=self.timeout, bulk=True)
+        return RemoteSource(
+            self.url, token=self.token, timeout=self.timeout, bulk=True, ssl=self.ssl
+        )
 
     def warm(self) -> None:
         """Prepare a spare ``session()`` on a background thread, unless one is ready."""
@@ -500,16 +512,23 @@ class RemoteSource:
 FlatSource: TypeAlias = "FileSource | RemoteSource | RedisSource"
 
 
-def open_flat_source(spec: str, *, token: bytes | None = None, timeout: float = 10.0) -> FlatSource:
-    """A source from ``SNAPSHOT`` (a file path), ``tcp://HOST:PORT`` (a page server) or
+def open_flat_source(
+    spec: str,
+    *,
+    token: bytes | None = None,
+    timeout: float = 10.0,
+    ssl: _ssl.SSLContext | None = None,
+) -> FlatSource:
+    """A source from ``SNAPSHOT`` (a file path), ``tcp://HOST:PORT`` or ``tls://HOST:PORT``
+    (a page server; ``ssl`` verifies it, default: the system's CAs) or
     ``redis[s]://HOST:PORT/NAME`` (a chunk store: :mod:`uffd.restore.redis_source`).
 
     Raises:
         SourceError: the page server or store cannot be reached or refused us.
         OSError, ValueError: the file cannot be opened or is malformed.
     """
-    if spec.startswith("tcp://"):
-        return RemoteSource(spec, token=token, timeout=timeout)
+    if spec.startswith(("tcp://", "tls://")):
+        return RemoteSource(spec, token=token, timeout=timeout, ssl=ssl)
     if spec.startswith(("redis://", "rediss://")):
         from uffd.restore.redis_source import RedisSource
 
