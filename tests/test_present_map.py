@@ -12,6 +12,7 @@ import os
 import random
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -128,7 +129,15 @@ def test_new_client_against_a_version_one_server() -> None:
     assert seen == [1]
 
 
-def test_presence_out_of_place_is_a_violation() -> None:
+@pytest.mark.parametrize(
+    ("answer", "match"),
+    [
+        (lambda rid: p.Presence(0, b"\xff" * 64, rid), "past the MAP's range"),
+        (lambda rid: p.Data(0, b"\x55" * PS, rid), "page data in answer to a MAP"),
+    ],
+    ids=["bitmap-past-range", "page-data"],
+)
+def test_presence_out_of_place_is_a_violation(answer: Callable[[int], p.Frame], match: str) -> None:
     """A server answering a MAP with page data, or a bitmap past the range: PeerGoneError."""
     listener = socket.create_server(("127.0.0.1", 0))
 
@@ -140,7 +149,7 @@ def test_presence_out_of_place_is_a_violation() -> None:
             conn.recv(1 << 16)
             conn.sendall(p.encode(p.Regions(PS, (p.RegionEntry("mem", 16 * PS),))))
             request = frames_until(conn, p.FrameDecoder(), [], p.Map)
-            conn.sendall(p.encode(p.Presence(0, b"\xff" * 64, request.request_id)))
+            conn.sendall(p.encode(answer(request.request_id)))
             conn.recv(1)
 
     thread = threading.Thread(target=liar, daemon=True)
@@ -148,7 +157,7 @@ def test_presence_out_of_place_is_a_violation() -> None:
     try:
         with (
             ThreadedPageClient(f"tcp://127.0.0.1:{listener.getsockname()[1]}") as client,
-            pytest.raises(PeerGoneError, match="past the MAP's range"),
+            pytest.raises(PeerGoneError, match=match),
         ):
             client.extents("mem")
     finally:
