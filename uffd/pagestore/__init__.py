@@ -11,7 +11,12 @@ One module per job:
   (docs/chunkstore.md);
 - ``redis_store``: chunks and manifests in Redis or Redis Cluster (redis-py,
   the ``redis`` extra): ``uffd snapshot push`` and ``pull``;
-- ``chunkcache``: a host's cache of verified chunks, memory and directory.
+- ``chunkcache``: a host's cache of verified chunks, memory and directory;
+- ``capture``: a snapshot of a live process's memory (``uffd snapshot create``).
+
+Private helpers: ``_sendplan`` (the server's bulk reply as non-blocking
+sendfile turns), ``_ratelog`` (its logging, which a flood of connections
+cannot flood) and ``_tls`` (TLS on memory BIOs for the threaded client).
 
 Nothing here needs userfaultfd or the compiled extension.
 """
