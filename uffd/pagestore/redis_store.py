@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 
 from uffd.pagestore.chunkstore import (
     DEFAULT_CHUNK_SIZE,
+    Chunk,
     Manifest,
     ManifestError,
     cut,
@@ -485,14 +486,12 @@ def pull(
     store = RedisChunkStore(url, timeout=timeout)
     try:
         manifest = store.get_manifest()
-        buffers = {r.name: mmap.mmap(-1, max(r.length, 1)) for r in manifest.regions}
-        places: dict[str, list[tuple[str, int, int]]] = {}
-        for region in manifest.regions:
-            for i, cid in enumerate(region.chunks):
-                if cid is not None:
-                    off = i * manifest.chunk_size
-                    length = min(manifest.chunk_size, region.length - off)
-                    places.setdefault(cid, []).append((region.name, off, length))
+        # The flat image (regions end to end), where the manifest's chunks lie.
+        image = mmap.mmap(-1, max(manifest.length, 1))
+        places: dict[str, list[Chunk]] = {}
+        for chunk in manifest.chunks:
+            if chunk.id is not None:
+                places.setdefault(chunk.id, []).append(chunk)
         ids = list(places)
         per_batch = max(1, batch_bytes // manifest.chunk_size)
         fetched = 0
@@ -501,21 +500,26 @@ def pull(
             for cid, data in zip(batch, store.get_many(batch), strict=True):
                 verify_chunk(cid, data, store.url.label)
                 fetched += len(data)
-                for name, off, length in places[cid]:
-                    if len(data) != length:
+                for chunk in places[cid]:
+                    if len(data) != chunk.length:
                         raise ManifestError(
                             f"{store.url.label}: chunk {cid[:16]}... is {len(data)} bytes where "
-                            f"region {name!r} needs {length}"
+                            f"the manifest places {chunk.length} at image offset {chunk.flat}"
                         )
-                    buffers[name][off : off + length] = data
-        regions = {r.name: memoryview(buffers[r.name])[: r.length] for r in manifest.regions}
+                    image[chunk.flat : chunk.flat + chunk.length] = data
+        flat = memoryview(image)
+        regions: dict[str, memoryview] = {}
+        at = 0
+        for region in manifest.regions:
+            regions[region.name] = flat[at : at + region.length]
+            at += region.length
         try:
             write_snapshot(path, regions, page_size=manifest.page_size)
         finally:
             for view in regions.values():
                 view.release()
-            for buf in buffers.values():
-                buf.close()
+            flat.release()
+            image.close()
     finally:
         store.close()
     return PullReport(os.fspath(path), len(ids), fetched, time.monotonic() - t0)
