@@ -9,6 +9,7 @@ import signal
 import ssl
 import sys
 
+from uffd.cli._logging import configure_logging
 from uffd.cli._token import UsageError, read_token
 from uffd.cli._types import seconds
 from uffd.restore.daemon import HandlerDaemon, SourceError, log
@@ -39,15 +40,7 @@ def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
 
 
 def _cmd_handler(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=logging.DEBUG
-        if args.verbose > 1
-        else logging.INFO
-        if args.verbose
-        else logging.WARNING,
-        format="uffd handler: %(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.verbose, "uffd handler: %(levelname)s: %(message)s")
     log.setLevel(logging.INFO)
     try:
         token = read_token(args.token_file)

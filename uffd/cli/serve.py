@@ -10,6 +10,7 @@ import socket
 import ssl
 import sys
 
+from uffd.cli._logging import configure_logging
 from uffd.cli._token import UsageError, read_token
 from uffd.cli._types import port, positive_int, seconds
 from uffd.pagestore.server import PageServer
@@ -42,16 +43,8 @@ def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     return context
 
 
-def _configure_logging(verbose: int) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 def _cmd_serve(args: argparse.Namespace) -> int:
-    _configure_logging(args.verbose)
+    configure_logging(args.verbose, "%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         token = read_token(args.token_file)
         context = _tls_context(args)

@@ -195,6 +195,7 @@ class HandlerDaemon:
         self.reports: list[SessionReport] = []
         self.refused: list[str] = []
         self._recorded_lock = threading.Lock()
+        self._print_lock = threading.Lock()
         self._recorded = recorded
         self.dropped = 0
         self._pending: queue.Queue[socket.socket | None] = queue.Queue(MAX_QUEUED)
@@ -592,9 +593,14 @@ class HandlerDaemon:
                     )
         report = session.report
         if self.json_reports:
-            print(json.dumps({"session": report.to_json()}), flush=True)
+            line = json.dumps({"session": report.to_json()})
         else:
-            print(f"uffd handler: {report.summary()}", flush=True)
+            line = f"uffd handler: {report.summary()}"
+        # One write under a lock: print() writes the text and the newline
+        # apart, so two sessions ending at once could interleave their lines.
+        with self._print_lock:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
         with self._cond:
             self.reports.append(report)
             self._cond.notify_all()
