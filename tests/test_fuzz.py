@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import os
 import random
 import struct
 import threading
@@ -358,6 +359,57 @@ def check_handshake(data: bytes) -> None:
 def test_fuzz_firecracker_handshake(examples: int) -> None:
     """Random bytes, random JSON and near-valid mapping lists: mappings or HandshakeError."""
     run(examples, handshakes, check_handshake)
+
+
+nested = st.integers(1, 100_000).map(lambda depth: b"[" * depth + b"]" * depth)
+handshake_streams = st.tuples(
+    st.one_of(handshakes, nested, st.binary(min_size=60_000, max_size=70_000)),
+    st.integers(0, 2),  # fds sent along with the first piece
+    st.integers(1, 4),  # pieces the bytes are split into
+)
+
+
+def check_recv_handshake(case: tuple[bytes, int, int]) -> None:
+    """recv_handshake on a real socket: a result, or HandshakeError and every fd closed."""
+    import array
+    import socket
+
+    from uffd.restore.firecracker import HandshakeError, recv_handshake
+
+    data, nfds, pieces = case
+    before = len(os.listdir("/proc/self/fd"))
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    sent = [os.eventfd(0) for _ in range(nfds)]
+    try:
+        step = max(1, -(-len(data) // pieces))
+        chunks = [data[i : i + step] for i in range(0, len(data), step)] or [b""]
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", sent))] if sent else []
+        theirs.setblocking(False)
+        with contextlib.suppress(BlockingIOError, BrokenPipeError, ConnectionResetError):
+            theirs.sendmsg([chunks[0]], rights)
+            for chunk in chunks[1:]:
+                theirs.send(chunk)
+        theirs.shutdown(socket.SHUT_WR)
+        try:
+            fd, mappings, _ = recv_handshake(ours, timeout=0.5)
+        except HandshakeError as err:
+            assert err.field and str(err).startswith("handshake: ")
+        else:
+            os.close(fd)
+            assert mappings and nfds == 1
+    finally:
+        for fd in sent:
+            os.close(fd)
+        ours.close()
+        theirs.close()
+    assert len(os.listdir("/proc/self/fd")) == before, "recv_handshake leaked an fd"
+
+
+@budget(500)
+def test_fuzz_recv_handshake_over_a_socket(examples: int) -> None:
+    """Hostile streams (random bytes, JSON, 100,000-deep nesting, 64 KiB floods, split sends,
+    0-2 fds) through recv_handshake itself: only HandshakeError, no fd left open."""
+    run(examples, handshake_streams, check_recv_handshake)
 
 
 # -- the public argument checks --------------------------------------------------------------------
