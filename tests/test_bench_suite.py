@@ -146,13 +146,14 @@ def test_every_touch_handler_reports_its_cpu_per_fault(results: dict[str, Any]) 
         if e["workload"] in report.CPU_WORKLOADS and e["handler"] != "c-ref":
             r = ratios[(e["workload"], e["placement"], e["handler"])]
             assert r["baseline"] == "c-ref" and r["value"] > 0
-    assert checked >= 4 + 6 + 5 + 2
+    assert checked >= 4 + 6 + 5 + 3
     text = report.format_report(results)
     assert "CPU µs/fault" in text and "x C" in text
 
 
 def test_sparse_faults_report_the_handlers_cpu_share(results: dict[str, Any]) -> None:
-    """sparse paces faults at the configured rate and reports the handler's CPU % of one CPU."""
+    """sparse paces faults at the configured rate and reports the handler's CPU % of one CPU,
+    with and without the pump's spin."""
     rate = results["config"]["sparse_rate"]
     for e in results["results"]:
         if e["workload"] != "sparse" or e["skipped"]:
@@ -164,6 +165,8 @@ def test_sparse_faults_report_the_handlers_cpu_share(results: dict[str, Any]) ->
     by_name = {(r["name"], r["placement"]): r for r in results["ratios"]}
     target = by_name[("sparse: native handler CPU at 100 faults/s", "same")]
     assert target["unit"] == "% of a CPU" and target["status"] in ("PASS", "MISS")
+    # The spin's own cost: the same handler with spin=0, measured beside it.
+    assert by_name[("sparse: native / native with spin=0, CPU", "same")]["value"] > 0
 
 
 def test_thread_cpu_clock_counts_a_running_thread_only() -> None:

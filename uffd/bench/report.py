@@ -137,6 +137,14 @@ RATIOS: tuple[Ratio, ...] = (
         "% of a CPU",
     ),
     Ratio(
+        "sparse: native / native with spin=0, CPU",
+        "sparse",
+        "native",
+        "native-nospin",
+        "cpu_percent",
+        "lower",
+    ),
+    Ratio(
         "sparse: python handler CPU at 100 faults/s",
         "sparse",
         "python",

@@ -16,9 +16,10 @@ Workloads, handlers and placements:
   prefetch), with the limits measured in the same run: ``notouch`` (first
   touch with no userfaultfd) and ``bulkcopy`` (UFFDIO_COPY in 2 MiB calls);
 - ``threads``: 4 threads faulting their own slices at once;
-- ``sparse``: one fault every 10 ms for 3 s (python, native), same CPU and
-  cross CPU: the handler's CPU in % of one CPU while faults are sparse (the
-  pump polls after each fault before it sleeps: this is what that costs);
+- ``sparse``: one fault every 10 ms for 3 s (python, native, and native
+  with ``spin=0``), same CPU and cross CPU: the handler's CPU in % of one
+  CPU while faults are sparse (the pump polls after each fault before it
+  sleeps: this is what that costs);
 - ``restore``: lazy restore of 1 GiB from a page server on loopback by the
   library's own driver, with a worker touching random pages meanwhile
   (unpinned: three threads and a server process share the CPUs): the
@@ -77,7 +78,12 @@ _TOUCH_HANDLERS = {
     "sequential": ("c-ref", "naive", "python", "native", "prefetch", "native-prefetch"),
     "threads": ("c-ref", "naive", "python", "native", "native-prefetch"),
 }
-_SPARSE_HANDLERS = ("python", "native")
+# sparse handler name: (FaultHandler-based handler, its spin; None: the default).
+_SPARSE_HANDLERS: dict[str, tuple[str, float | None]] = {
+    "python": ("python", None),
+    "native": ("native", None),
+    "native-nospin": ("native", 0.0),
+}
 _LIMITS = ("notouch", "bulkcopy")
 # Where `make bench` writes by default: docs/bench of the source tree.
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "docs" / "bench"
@@ -285,10 +291,11 @@ def _sparse_workload(
                     f"sparse {name} {h} {rep + 1}/{config.repeat}",
                     functools.partial(
                         workloads.run_sparse,
-                        h,
+                        _SPARSE_HANDLERS[h][0],
                         where,
                         rate=config.sparse_rate,
                         seconds=config.sparse_seconds,
+                        spin=_SPARSE_HANDLERS[h][1],
                         build_dir=build_dir,
                     ),
                 )

@@ -194,9 +194,12 @@ def _pyuffd_ops(handler: str, source: PatternSource) -> UffdOps:
     return BufferOps(source.buffer, native=False)
 
 
-def _start_handler(region: mem.Region, ops: UffdOps, cpu: int) -> tuple[FaultHandler, set[int]]:
+def _start_handler(
+    region: mem.Region, ops: UffdOps, cpu: int, spin: float | None = None
+) -> tuple[FaultHandler, set[int]]:
     """A started FaultHandler serving ``region``, its threads pinned to ``cpu``.
 
+    ``spin`` is its ``spin`` (None: FaultHandler's default).
     Returns it with the ids of the threads that appeared while it started
     (its dispatch thread and the pump's watchdog): the handler's CPU time is
     theirs (:mod:`uffd.bench.cpucost`), not the process's, which counts the
@@ -204,7 +207,11 @@ def _start_handler(region: mem.Region, ops: UffdOps, cpu: int) -> tuple[FaultHan
     """
     before = cpucost.thread_ids()
     with _pinned(cpu):
-        fh = FaultHandler(fallback="zero")
+        fh = (
+            FaultHandler(fallback="zero")
+            if spin is None
+            else FaultHandler(fallback="zero", spin=spin)
+        )
         try:
             fh.register(region, ops=ops)
             fh.start()
@@ -274,6 +281,7 @@ def run_sparse(
     *,
     rate: float = 100.0,
     seconds: float = 3.0,
+    spin: float | None = None,
     build_dir: Path | None = None,
 ) -> dict[str, float]:
     """The handler's CPU cost while faults are sparse: one fault every 1/``rate`` s.
@@ -281,9 +289,11 @@ def run_sparse(
     The pump polls for a while after each fault before it sleeps; this
     measures what that costs when faults come seldom. The toucher touches
     ``rate * seconds`` pages in order, one libtouch call per page, sleeping
-    until each one's due time. Figures: cpu_percent (the handler threads'
-    CPU time over the wall time, in % of one CPU), cpu_us_per_fault,
-    pages_per_s (the fault rate achieved), fault_us_median.
+    until each one's due time. ``spin`` is the FaultHandler's (None: its
+    default; 0 turns the polling off, the baseline of what it costs).
+    Figures: cpu_percent (the handler threads' CPU time over the wall time,
+    in % of one CPU), cpu_us_per_fault, pages_per_s (the fault rate
+    achieved), fault_us_median.
 
     Raises:
         ValueError: an unknown handler, or rate/seconds not positive.
@@ -301,7 +311,7 @@ def run_sparse(
     fault_ns = []
     try:
         ops = _pyuffd_ops(handler, source)
-        fh, tids = _start_handler(region, ops, placement.handler_cpu)
+        fh, tids = _start_handler(region, ops, placement.handler_cpu, spin)
         try:
             cpu0 = cpucost.threads_cpu_ns(tids)
             t0 = time.perf_counter_ns()
