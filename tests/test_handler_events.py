@@ -229,3 +229,4 @@ def test_partial_mremap_moves_one_piece(
         hole = track_region(mem.Region(start + PAGE, PAGE, PAGE, "anon", None, True))
         handler.register(hole)
         assert run_in_thread(hole.read, 0, PAGE).finish() == bytes(PAGE)
+        close_around_hole(region, PAGE, PAGE)  # the hole is `hole`'s to unmap
