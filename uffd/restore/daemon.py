@@ -333,7 +333,7 @@ class HandlerDaemon:
         handshake thread are closed and counted (``dropped``).
         """
         # Faults first: the threads started from here on (handshakes, sessions, fault
-        # handlers, urgent page clients) inherit this thread's priority.
+        # handlers, page clients, prefetch) inherit this thread's priority.
         raise_thread_priority()
         if isinstance(self.source, RemoteSource):
             self.source.warm()  # the first session's connections, ready before it comes

@@ -1,7 +1,8 @@
 """Install a restored process's memory in the background, ahead of its faults: :class:`Prefetch`.
 
-Three passes on one thread per session, the last at a lower priority
-than the fault path (:mod:`uffd.restore.priority`):
+Three passes on one thread per session, at the fault path's niceness (a
+nicer thread would hold the daemon's one GIL while it waits for a time
+slice: :mod:`uffd.restore.priority`):
 
 0. at once, the zero pages the snapshot knows of (a file source's holes and
    unstored pages, or the page server's stored-page map) get the zero page
@@ -43,7 +44,6 @@ from uffd._constants import Ioctl
 from uffd._errors import MappingChangedError, NoMappingError, PageExistsError, UffdError
 from uffd._mapping import Mapping
 from uffd.restore.parts import SessionParts
-from uffd.restore.priority import lower_thread_priority
 from uffd.restore.sources import FileSource, FlatSource, RemoteSource, SourceError
 
 __all__ = ["Prefetch"]
@@ -189,7 +189,6 @@ class Prefetch:
             if self.working_set:
                 # What the process is about to touch: as urgent as its faults.
                 self._pipeline(iter(self._working_set_runs()), ws=True)
-            lower_thread_priority()  # the rest only uses what the faults leave
             if self.adaptive:
                 self._pipeline(self._chunks(), ws=False)
         except _Stop:

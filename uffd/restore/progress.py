@@ -4,8 +4,8 @@ The fault path (the FaultHandler's dispatch thread, and the page clients'
 threads for deferred faults) and the prefetch thread both update it;
 :class:`Progress` is the only place their shared state lives. The fault
 path takes no lock: it appends the fault to a queue and bumps counters
-(atomic under the GIL), and the prefetch thread, which runs at a lower
-priority and could be preempted holding a lock, applies the queue to the
+(atomic under the GIL), and the prefetch thread, which could be
+preempted holding a lock, applies the queue to the
 plan under its lock before it plans. Errors are logged on the
 ``uffd.restore.daemon`` logger.
 """

@@ -29,7 +29,6 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from uffd.restore.priority import lower_thread_priority
 from uffd.restore.urgent import UrgentLink
 
 if TYPE_CHECKING:
@@ -226,9 +225,7 @@ class RemoteSource:
 
     Faults and prefetch use connections of their own (``session()`` opens
     them), so a faulting thread's one-page read never queues behind megabytes
-    of prefetch data already in flight on the same TCP stream; the prefetch
-    connection's reader thread runs at a lower priority
-    (:mod:`uffd.restore.priority`). A session's faults are read on the
+    of prefetch data already in flight on the same TCP stream. A session's faults are read on the
     dispatch thread itself (``read_now``, :mod:`uffd.restore.urgent`), the
     first connection serving them when that one is busy or broken. ``fetch`` returns a
     future; ``read`` waits for it (at most ``timeout``). ``session()`` hands
@@ -265,7 +262,7 @@ class RemoteSource:
         self._link: UrgentLink | None = None
         if bulk:
             try:
-                self._clients.append(self._connect_bulk())
+                self._clients.append(self._connect())
             except BaseException:
                 self.close()
                 raise
@@ -296,29 +293,6 @@ class RemoteSource:
         except Exception as err:
             log.debug("no urgent connection to %s, faults are deferred: %s", self.url, err)
             return None
-
-    def _connect_bulk(self) -> Any:
-        """The prefetch connection, made from a thread of lower priority (its reader inherits it).
-
-        Raises:
-            SourceError: the page server cannot be reached or refused us.
-        """
-        result: list[Any] = []
-        failed: list[BaseException] = []
-
-        def connect() -> None:
-            lower_thread_priority()
-            try:
-                result.append(self._connect())
-            except BaseException as err:
-                failed.append(err)
-
-        thread = threading.Thread(target=connect, name="uffd-bulk-connect", daemon=True)
-        thread.start()
-        thread.join()
-        if failed:
-            raise failed[0]
-        return result[0]
 
     @property
     def idle(self) -> bool:
