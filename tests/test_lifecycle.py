@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from _dispatch_helpers import page_pattern, wait_for
 from conftest import HPAGE, WAIT, requires, run_in_thread
+from helpers.lifecycle_scenarios import Deferring
 
 import uffd
 from uffd import FaultHandler, Feature, Mode, Resolution, UffdOps, mem
@@ -329,17 +330,6 @@ class KmsgSource(UffdOps):
 
     def handle_missing(self, fault: uffd.Fault) -> Resolution:
         return Resolution.zero()
-
-
-class Deferring(UffdOps):
-    """Defers every MISSING fault and never answers: the deadline must."""
-
-    def __init__(self) -> None:
-        self.faults: list[uffd.Fault] = []
-
-    def handle_missing(self, fault: uffd.Fault) -> Resolution:
-        self.faults.append(fault)
-        return Resolution.defer()
 
 
 def test_slow_file_source_does_not_stall_the_watchdog() -> None:

@@ -84,17 +84,8 @@ def private_writable_ranges(pid: int) -> list[MemoryRange]:
 
 
 def _read_maps(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/maps") as maps:
-            return maps.read().splitlines()
-    except FileNotFoundError:
-        raise ProcessLookupError(errno.ESRCH, f"no process {pid}") from None
-    except PermissionError:
-        raise PermissionError(
-            errno.EACCES,
-            f"cannot read /proc/{pid}/maps: capturing another user's process needs "
-            "root (or CAP_SYS_PTRACE)",
-        ) from None
+    with os.fdopen(_open_proc(pid, "maps")) as maps:
+        return maps.read().splitlines()
 
 
 def capture_process(
