@@ -88,6 +88,10 @@ _resolve = lib.pyuffd_pump_resolve
 _OP_COPY = lib.PYUFFD_OP_COPY
 _COPY_MODE_WP = int(lib.UFFDIO_COPY_MODE_WP)
 _COPY_DONTWAKE = int(lib.UFFDIO_COPY_MODE_DONTWAKE)
+# Bytes per UFFDIO_COPY of an install: a fault read meanwhile waits for the ioctl to end
+# (measured, 1 GiB restore from a file: fault read 186 us after it was raised with 4 MiB
+# copies, 35 us with 256 KiB, 7 us with 128 KiB, at the same restore rate).
+_INSTALL_STEP = 128 << 10
 _CLOSE_WAIT = 5.0  # seconds close() waits for other holders before leaving the free to them
 
 
@@ -370,37 +374,51 @@ class Pump:
     ) -> int:
         """UFFDIO_COPY ``data`` to ``dst`` for a prefetch; the bytes installed.
 
-        Pages already present are skipped. Each copy is refused (and the
-        install ends short) unless ``applied()`` events were applied to the
-        tables, every event the pump has read: a page the process dropped
-        must not come back. ``wake=False`` is DONTWAKE. Safe from several
-        threads at once.
+        One C call (``pyuffd_install_run``, GIL released) copies the run in
+        steps of ``_INSTALL_STEP``, so a fault read meanwhile waits for one
+        step, never for the run. Pages already present are skipped. Each
+        step is refused (and the install ends short) unless ``applied()``
+        events were applied to the tables, every event the pump has read: a
+        page the process dropped must not come back; the run goes on only
+        if more were applied since. ``wake=False`` is DONTWAKE. Safe from
+        several threads at once.
 
         Raises UffdError: "handler stopped" once ``stopping()`` (stop()
-        unregistered the range under the copy), or what the copy met.
+        unregistered the range under the copy), or what the copy met (its
+        ``done``: the bytes installed before it).
         """
-        done = ffi.new("int64_t *")
+        installed = ffi.new("int64_t *")
+        reached = ffi.new("uint64_t *")
         mode = 0 if wake else _COPY_DONTWAKE
-        installed = pos = 0
+        step = max(_INSTALL_STEP - _INSTALL_STEP % page_size, page_size)
+        total = pos = 0
         with ffi.from_buffer(data) as src:
             while pos < data.nbytes:
-                rc = lib.pyuffd_pump_install(
-                    self._ptr, fd, dst + pos, src + pos, data.nbytes - pos, mode, applied(), done
+                seen = applied()
+                rc = lib.pyuffd_install_run(
+                    self._ptr,
+                    fd,
+                    dst + pos,
+                    src + pos,
+                    data.nbytes - pos,
+                    step,
+                    page_size,
+                    mode,
+                    seen,
+                    installed,
+                    reached,
                 )
-                installed += done[0]
-                pos += done[0]
+                total += installed[0]
+                pos += reached[0]
                 if rc == 0:
                     break
-                if rc == -_errno.EEXIST:
-                    pos += page_size  # a page is there already: skip it
-                elif stopping():
+                if stopping():
                     raise stopped("install")  # stop() unregistered the range
-                elif rc != -_errno.EAGAIN:
-                    check(rc, "install (UFFDIO_COPY)", dst + pos, data.nbytes - pos)
-                elif not done[0]:
-                    break  # the mappings are changing: stop here
-                # A partial copy (EAGAIN with progress) stopped at a present page.
-        return installed
+                if rc != -_errno.EAGAIN:
+                    check(rc, "install (UFFDIO_COPY)", dst + pos, data.nbytes - pos, done=total)
+                if applied() == seen:
+                    break  # the mappings are changing: the rest is left to faults
+        return total
 
     def drain(self) -> int:
         """Resolve every pending fault by its fallback; how many there were."""

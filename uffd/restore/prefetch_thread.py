@@ -23,9 +23,11 @@ tables populated first with MADV_POPULATE_READ): one copy, page cache to the
 process. From a page server, runs are received straight into a page-aligned
 ring buffer (``inflight_bytes``, several reads in flight) and installed from
 there in order; from another source (a chunk store), as the bytes it hands
-back. Each install is one ``FaultHandler.install`` (UFFDIO_COPY
-with DONTWAKE) per registered piece and one UFFDIO_WAKE. Installs are best
-effort: a page not installed is left to its fault. ioctl_userfaultfd(2).
+back. Each install is one ``FaultHandler.install`` per registered piece:
+one C call that copies it in 128 KiB UFFDIO_COPY steps without the GIL
+(csrc/uffd_install.c), each step waking the threads that faulted on its
+pages. Installs are best effort: a page not installed is left to its fault.
+ioctl_userfaultfd(2).
 """
 
 from __future__ import annotations
@@ -50,10 +52,6 @@ __all__ = ["Prefetch"]
 
 _FIRST_FAULT_WAIT = 0.05  # seconds prefetch waits for the first fault to be served
 _MAX_INFLIGHT = 32  # prefetch reads in flight to a page server (it queues 64 per client)
-# Bytes per UFFDIO_COPY: a fault raised meanwhile waits for the ioctl to end (measured,
-# 1 GiB restore from a file: fault read 186 us after it was raised with 4 MiB copies,
-# 35 us with 256 KiB, 7 us with 128 KiB, at the same restore rate).
-_INSTALL_STEP = 128 << 10
 
 
 class _Stop(Exception):
@@ -366,27 +364,21 @@ class Prefetch:
         gets its old contents back; a short install leaves the rest to its
         faults. Once applied, a removed or unmapped range is gone from the
         handler's table, or answers ENOENT if it went after the table was
-        read, and is skipped. One UFFDIO_WAKE per piece installed.
+        read, and is skipped.
 
         Raises:
             _Stop: the process or the handler is gone.
         """
         handler = self.parts.handler
-        step = max(_INSTALL_STEP, self.parts.layout.page_size)
         installed = 0
         for m, at, start, n in self._pieces(flat, len(data)):
-            done = 0
             with self._guard():
-                # In steps: a fault in the same process waits for the whole of one ioctl.
-                # A step short of pages already there, or of mappings that are changing,
-                # leaves them to faults.
-                for off in range(0, n, step):
-                    piece = data[start + off : start + min(n, off + step)]
-                    done += handler.install(m, at + off, piece)
-            if done:
-                with contextlib.suppress(UffdError, ValueError):
-                    handler.wake(m, at, n)
-            installed += done
+                # One call per piece: the C loop copies it in short steps without the GIL,
+                # each waking the threads that faulted on its pages meanwhile.
+                try:
+                    installed += handler.install(m, at, data[start : start + n], wake=True)
+                except NoMappingError as err:
+                    installed += err.done  # gone meanwhile: what was installed before counts
         return installed
 
     def _zero(self, flat: int, length: int) -> int:
@@ -429,15 +421,13 @@ class Prefetch:
 
     @contextlib.contextmanager
     def _guard(self) -> Iterator[None]:
-        """Skip a piece gone from under us; stop when the process or handler is gone.
+        """Stop when the process or the handler is gone.
 
         Raises:
             _Stop: the process (ESRCH) or the handler (EBADF, ValueError) is gone.
         """
         try:
             yield
-        except NoMappingError:
-            return
         except UffdError as err:
             if err.errno in (errno.ESRCH, errno.EBADF):
                 raise _Stop from None
