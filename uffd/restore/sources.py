@@ -29,6 +29,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from uffd._native import ffi, lib
 from uffd.restore.urgent import UrgentLink
 
 if TYPE_CHECKING:
@@ -121,6 +122,8 @@ class FileSource:
             self._reader.close()
             raise
         self._view = memoryview(self._map) if self._map is not None else memoryview(b"")
+        with ffi.from_buffer(self._view) as buf:
+            self._addr = int(ffi.cast("uintptr_t", buf))
         self._zeros_lock = threading.Lock()
         self._zeros: list[tuple[int, int]] | None = None
 
@@ -168,15 +171,16 @@ class FileSource:
         """Map the page-cache pages of the file range into the mapping in one call.
 
         MADV_POPULATE_READ (Linux 5.14): a copy from the mapping then takes
-        no page fault per page. Best effort: an older kernel, or a failed read
-        (the copy reports it), is no error here.
+        no page fault per page. Called without the GIL (it may read the disk),
+        so the fault path's Python runs meanwhile. Best effort: an older
+        kernel, or a failed read (the copy reports it), is no error here.
         """
-        if self._map is None:
+        if self._map is None or self._map.closed:
             return
         start = file_offset - file_offset % mmap.PAGESIZE
         end = min(file_offset + length, len(self._map))
-        with contextlib.suppress(OSError, ValueError):
-            self._map.madvise(_MADV_POPULATE_READ, start, end - start)
+        if end > start:
+            lib.madvise(ffi.cast("void *", self._addr + start), end - start, _MADV_POPULATE_READ)
 
     def view(self, file_offset: int, length: int) -> memoryview:
         """The file's bytes [file_offset, +length) as a view of the read-only mapping."""
