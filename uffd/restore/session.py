@@ -44,7 +44,7 @@ __all__ = ["RestoreOptions", "Session"]
 
 log = logging.getLogger("uffd.restore.daemon")
 
-_FIRST_FAULT_FIRST = 0.05  # seconds the prefetch thread's start waits for the first fault
+_FIRST_FAULT_FIRST = 0.05  # seconds start() waits for the first fault before its slower steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +79,8 @@ class Session:
     ``source.session()``. ``on_end(session)`` runs once the session has
     ended, on the thread that ended it.
 
-    Calling context: constructed and started on a handshake thread; ``end()``
+    Calling context: constructed and started on a handshake thread (``start()``
+    returns once the first fault is served, or after 50 ms); ``end()``
     from any thread (the watch thread when the process exits, the daemon when
     it stops); it returns once the session has ended.
 
@@ -131,6 +132,10 @@ class Session:
     def start(self) -> None:
         """Open the session's source, serve the fd, register the regions, start the threads.
 
+        The fault handler serves before anything else is set up: the pidfd,
+        the prefetch plan and the watch thread come once the first fault is
+        served (or 50 ms passed).
+
         Raises:
             HandshakeError: a region lies outside the source, its page size is
                 not a multiple of the source's, or huge pages of a size other
@@ -163,8 +168,6 @@ class Session:
             if options.progress:
                 self.progress.show_bar(f"restore pid {self.cred.pid}")
             handler.start()
-            if self._pidfd < 0:
-                self._pidfd = _pidfd_open(self.cred.pid)
         except BaseException:
             if self.handler is not None:
                 with contextlib.suppress(Exception):
@@ -172,9 +175,13 @@ class Session:
             self.progress.finish()
             self._close_resources()
             raise
+        # Nothing more until the first fault is served (or 50 ms passed): the process
+        # faults at once, and every step here (a pidfd, objects, a thread start) would
+        # hold the GIL the dispatch thread needs to serve it, on a cold cache.
+        self.progress.first_served.wait(_FIRST_FAULT_FIRST)
+        if self._pidfd < 0:
+            self._pidfd = _pidfd_open(self.cred.pid)
         # Always: the zero pages a source knows of are mapped even without prefetch.
-        # Started by the watch thread once the first fault is served: starting a
-        # thread costs its first fault time (a switch, the GIL).
         self._prefetch = Prefetch(
             parts,
             working_set=options.working_set,
@@ -206,7 +213,6 @@ class Session:
         (at once, and again when faults the handler does not know of show
         up), so faults there are refused instead of woken forever.
         """
-        self.progress.first_served.wait(_FIRST_FAULT_FIRST)
         if self._prefetch is not None:
             self._spawn(self._prefetch.run, "uffd-prefetch")
         if self._after_first is not None:
