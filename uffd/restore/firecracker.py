@@ -216,6 +216,15 @@ def parse_mappings(
         raise HandshakeError("json", f"not UTF-8 ({err.reason} at byte {err.start})") from None
     except json.JSONDecodeError as err:
         raise HandshakeError("json", f"not valid JSON ({err.msg} at byte {err.pos})") from None
+    return _mappings_of(doc, default_page_size)
+
+
+def _mappings_of(doc: Any, default_page_size: int) -> list[GuestRegionUffdMapping]:
+    """The checked mappings of the parsed handshake ``doc`` (see :func:`parse_mappings`).
+
+    Raises:
+        HandshakeError: the first problem found.
+    """
     if not isinstance(doc, list):
         raise HandshakeError("mappings", f"must be a JSON array, not {type(doc).__name__}")
     if not doc:
@@ -327,13 +336,16 @@ def peer_pidfd(sock: socket.socket) -> int:
         return -1
 
 
-def _complete(data: bytes) -> bool:
-    """True if ``data`` is one whole JSON value (possibly invalid in content)."""
+_INCOMPLETE = object()
+
+
+def _loaded(data: bytes) -> Any:
+    """``data`` parsed when it is one whole JSON value, else ``_INCOMPLETE`` (more may come,
+    or it is invalid: :func:`parse_mappings` says which once nothing more comes)."""
     try:
-        json.loads(data)
+        return json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    return True
+        return _INCOMPLETE
 
 
 def recv_handshake(
@@ -358,6 +370,7 @@ def recv_handshake(
     cred = peer_credentials(sock)
     fds: list[int] = []
     buf = bytearray()
+    doc: Any = _INCOMPLETE
     ctrunc = False
     deadline = time.monotonic() + timeout
     try:
@@ -385,7 +398,9 @@ def recv_handshake(
                 break
             buf += data
             _check_depth(bytes(buf))
-            if _complete(bytes(buf)):
+            # Parsed once, here: on the way to the session's first fault.
+            doc = _loaded(bytes(buf))
+            if doc is not _INCOMPLETE:
                 break
         if len(buf) > max_bytes:
             raise HandshakeError("message", f"longer than {max_bytes} bytes; refused")
@@ -399,8 +414,10 @@ def recv_handshake(
             raise HandshakeError(
                 "fd", "no file descriptor arrived (SCM_RIGHTS with the userfaultfd is required)"
             )
-        # Incomplete data at EOF is reported by the parser (truncated JSON).
-        mappings = parse_mappings(bytes(buf))
+        # Incomplete or invalid data at EOF is reported by the parser (truncated JSON).
+        mappings = (
+            parse_mappings(bytes(buf)) if doc is _INCOMPLETE else _mappings_of(doc, mmap.PAGESIZE)
+        )
     except BaseException:
         for fd in fds:
             os.close(fd)
