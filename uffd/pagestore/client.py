@@ -594,6 +594,11 @@ class ThreadedPageClient:
         """True once :meth:`close` has run."""
         return self._closed
 
+    @property
+    def broken(self) -> bool:
+        """True once the connection is gone (closed here, or by the server): reads fail."""
+        return self._closed or self._gone is not None
+
     def fetch(
         self, region: str | int, offset: int, length: int, *, urgent: bool = True
     ) -> concurrent.futures.Future[bytes]:

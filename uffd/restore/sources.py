@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from uffd._native import ffi, lib
 from uffd.restore.urgent import UrgentLink
+from uffd.restore.warm import WarmSpare
 
 if TYPE_CHECKING:
     from uffd.restore.redis_source import RedisSource
@@ -233,8 +234,10 @@ class RemoteSource:
     dispatch thread itself (``read_now``, :mod:`uffd.restore.urgent`), the
     first connection serving them when that one is busy or broken. ``fetch`` returns a
     future; ``read`` waits for it (at most ``timeout``). ``session()`` hands
-    out a spare set of connections prepared in the background (``warm()``),
-    so a new session's first fault does not wait for TCP, HELLO and LIST.
+    out a spare set of connections kept ready in the background (``warm()``,
+    :mod:`uffd.restore.warm`), so a new session's first fault does not wait
+    for TCP, HELLO and LIST; a spare the server closed (it restarted) is
+    never handed out.
 
     Calling context: any thread. The futures complete on the page clients'
     event-loop threads.
@@ -260,7 +263,7 @@ class RemoteSource:
         self.ssl = ssl
         self.timeout = timeout
         self._lock = threading.Lock()
-        self._spare: RemoteSource | None = None
+        self._warm: WarmSpare[RemoteSource] | None = None
         self._closed = False
         self._clients = [self._connect()]
         self._link: UrgentLink | None = None
@@ -303,18 +306,30 @@ class RemoteSource:
         """True after 10 s without a read (well before the server drops an idle client)."""
         return time.monotonic() - self.last_used > _KEEPALIVE
 
+    @property
+    def stale(self) -> bool:
+        """True once a connection is known to be closed or broken (the server restarted)."""
+        link = self._link
+        return any(client.broken for client in self._clients) or (link is not None and link.stale)
+
+    @property
+    def spare_ready(self) -> bool:
+        """True while a spare ``session()`` is connected and waiting (``warm()`` keeps one)."""
+        warm = self._warm
+        return warm is not None and warm.ready
+
     def session(self) -> RemoteSource:
         """Connections for one session, faults and prefetch apart: the spare when it is fresh.
 
         The caller owns and closes the result, and calls ``warm()`` once the
-        session is served (starting the thread that prepares the next spare
-        costs a thread switch the first fault should not wait for).
+        session is served (opening the next spare costs CPU and the GIL the
+        first fault should not wait for).
 
         Raises:
             SourceError: no spare was ready and the server cannot be reached.
         """
-        with self._lock:
-            spare, self._spare = self._spare, None
+        warm = self._warm
+        spare = warm.take() if warm is not None else None
         if spare is not None and not spare.idle:
             return spare
         if spare is not None:
@@ -327,23 +342,20 @@ class RemoteSource:
         )
 
     def warm(self) -> None:
-        """Prepare a spare ``session()`` on a background thread, unless one is ready."""
+        """Keep a spare ``session()`` ready: the first call starts its keeper thread, later
+        ones have it open the next spare now (after a session took one)."""
         with self._lock:
-            if self._spare is not None or self._closed:
+            if self._closed:
                 return
-        threading.Thread(target=self._fill_spare, name="uffd-spare-connect", daemon=True).start()
-
-    def _fill_spare(self) -> None:
-        try:
-            spare: RemoteSource | None = self._open_session()
-        except Exception as err:
-            log.debug("no spare connection to the page server: %s", err)
-            return
-        with self._lock:
-            if self._spare is None and not self._closed:
-                self._spare, spare = spare, None
-        if spare is not None:
-            spare.close()
+            warm, started = self._warm, self._warm is not None
+            if warm is None:
+                warm = self._warm = WarmSpare(
+                    self._open_session, label=self.url, interval=_KEEPALIVE / 2
+                )
+        if started:
+            warm.refill()
+        else:
+            warm.start()
 
     def fetch_into(
         self, offset: int, view: memoryview, *, urgent: bool = True
@@ -478,9 +490,9 @@ class RemoteSource:
         """Close the connections and the spare session (idempotent)."""
         with self._lock:
             self._closed = True
-            spare, self._spare = self._spare, None
-        if spare is not None:
-            spare.close()
+            warm, self._warm = self._warm, None
+        if warm is not None:
+            warm.close()
         if self._link is not None:
             self._link.close()
         for client in self._clients:

@@ -17,6 +17,7 @@ of one read (an ERROR frame for its request) leaves the link usable.
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import struct
 import threading
@@ -74,6 +75,21 @@ class UrgentLink:
     def broken(self) -> bool:
         """True once the connection failed or was closed: ``read_into`` then returns False."""
         return self._broken
+
+    @property
+    def stale(self) -> bool:
+        """True when the link is broken, or the server closed it or sent something unasked
+        while no read is in progress (a restart): an idle link receives nothing."""
+        if self._broken:
+            return True
+        if not self._lock.acquire(blocking=False):
+            return False  # a read is in progress: it finds out itself
+        try:
+            return bool(select.select([self._sock], [], [], 0)[0])
+        except (OSError, ValueError):
+            return True
+        finally:
+            self._lock.release()
 
     def read_into(self, region: str, offset: int, view: memoryview, timeout: float) -> bool:
         """Receive the bytes [offset, +len(view)) of ``region`` into ``view``; True when done.

@@ -1,0 +1,137 @@
+"""The daemon's spare page-server connections (uffd.restore.warm) with a real daemon and server.
+
+A session takes connections opened ahead of it; they must serve the right
+pages, be replaced when the server restarts, be closed when the daemon
+stops, and never be needed: a server down at the daemon's start leaves no
+spare, and sessions still work once it is back.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from uffd.pagestore.snapshot import write_snapshot
+from uffd.restore.daemon import HandlerDaemon
+from uffd.restore.sources import RemoteSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+
+from _helpers import (
+    ServerProcess,
+    bad_pages,
+    digests_of_source,
+    finish_worker,
+    pattern,
+    read_digests,
+    spawn_restore,
+)
+
+WAIT = 30.0
+SIZE = 1 << 20
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[str]:
+    """A short temporary directory (Unix socket paths are limited to 107 bytes)."""
+    with tempfile.TemporaryDirectory(prefix="uffd-w-", dir="/tmp") as path:
+        yield path
+
+
+@pytest.fixture
+def snapshot(short_tmp: str) -> str:
+    """A 1 MiB snapshot of the known pattern."""
+    path = os.path.join(short_tmp, "w.snap")
+    write_snapshot(path, {"memory": pattern(SIZE)})
+    return path
+
+
+def _until(what: str, check: Callable[[], bool], timeout: float = WAIT) -> None:
+    """Wait (bounded) until ``check()``; fail naming ``what`` if it never holds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout} s")
+        time.sleep(0.01)
+
+
+def _restore_checked(daemon: HandlerDaemon, sock: str, tmp: str, snapshot: str, n: int) -> None:
+    """One worker restored through ``daemon``: every page right, a report without errors."""
+    digests = os.path.join(tmp, f"digests-{n}")
+    finish_worker(spawn_restore(sock, SIZE, "--order", "random", digests=digests), timeout=WAIT)
+    report = daemon.wait_reports(n, WAIT)[n - 1]
+    assert report.errors == []
+    assert not bad_pages(read_digests(digests), digests_of_source(snapshot, SIZE))
+
+
+def _port(url: str) -> str:
+    return url.rsplit(":", 1)[1]
+
+
+def test_a_session_on_the_warm_spare_gets_every_page(short_tmp: str, snapshot: str) -> None:
+    """The daemon connects a spare before any session; the session that takes it reads every
+    page right, and a new spare is connected after that session's first fault."""
+    sock = os.path.join(short_tmp, "h.sock")
+    with ServerProcess(snapshot) as server, HandlerDaemon(sock, server.url, working_set=None) as d:
+        assert isinstance(d.source, RemoteSource)
+        _until("a spare before the first session", lambda: d.source.spare_ready)
+        _restore_checked(d, sock, short_tmp, snapshot, 1)
+        _until("the next spare after the session", lambda: d.source.spare_ready)
+        _restore_checked(d, sock, short_tmp, snapshot, 2)
+
+
+def test_a_restarted_server_is_met_with_fresh_connections(short_tmp: str, snapshot: str) -> None:
+    """The server restarts between two sessions: the spare it closed is never handed out, the
+    next session reads every page right, and a fresh spare replaces it."""
+    sock = os.path.join(short_tmp, "h.sock")
+    server = ServerProcess(snapshot)
+    try:
+        with HandlerDaemon(sock, server.url, working_set=None) as d:
+            assert isinstance(d.source, RemoteSource)
+            _restore_checked(d, sock, short_tmp, snapshot, 1)
+            _until("a spare after the first session", lambda: d.source.spare_ready)
+            server.close()
+            server = ServerProcess(snapshot, "--port", _port(server.url))
+            _restore_checked(d, sock, short_tmp, snapshot, 2)
+            _until("a fresh spare from the new server", lambda: d.source.spare_ready)
+            _restore_checked(d, sock, short_tmp, snapshot, 3)
+    finally:
+        server.close()
+
+
+def _threads(prefix: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith(prefix)]
+
+
+def test_daemon_stop_closes_the_spare(short_tmp: str, snapshot: str) -> None:
+    """Closing the daemon closes its spare connections and stops their keeper, within seconds:
+    no thread and no fd of theirs is left behind."""
+    sock = os.path.join(short_tmp, "h.sock")
+    with ServerProcess(snapshot) as server:
+        fds = len(os.listdir("/proc/self/fd"))
+        daemon = HandlerDaemon(sock, server.url, working_set=None).start()
+        try:
+            assert isinstance(daemon.source, RemoteSource)
+            _until("a spare", lambda: daemon.source.spare_ready)
+            assert _threads("uffd-warm-spare")
+        finally:
+            started = time.monotonic()
+            daemon.close()
+        assert time.monotonic() - started < 5.0
+        _until("the keeper and clients gone", lambda: not _threads("uffd-warm-spare"), 5.0)
+        assert not _threads("uffd-page-client")
+        assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def _free_port() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
