@@ -21,6 +21,7 @@ from uffd._native import ffi, lib
 import uffd
 from uffd import FaultHandler, Feature, Mode, UffdError, mem
 from uffd._pump import Pump
+from uffd.restore.prefetch_thread import joined
 
 STEP = 4 * PAGE
 PM_PRESENT = 1 << 63
@@ -228,3 +229,12 @@ def test_the_loop_runs_without_the_gil(pump: Pump, registered: Registered) -> No
     # Holding the GIL for the whole loop would leave this thread no tick inside its window.
     assert len(inside) > 100, f"{len(inside)} ticks in {window[1] - window[0]:.3f} s"
     assert region.read(region.length - PAGE, PAGE) == data[-PAGE:]
+
+
+def test_contiguous_runs_are_joined_up_to_the_limit() -> None:
+    """Chunks that follow each other are joined (never past the limit); a jump starts anew."""
+    k = 64 << 10
+    runs = [(0, k), (k, 2 * k), (3 * k, 4 * k), (7 * k, 8 * k), (100 * k, k), (101 * k, k)]
+    assert list(joined(iter(runs), 8 * k)) == [(0, 7 * k), (7 * k, 8 * k), (100 * k, 2 * k)]
+    assert list(joined(iter(runs), k)) == runs
+    assert list(joined(iter([]), k)) == []
