@@ -93,11 +93,11 @@ class _Reads:
         raise NotImplementedError
 
     def data(self) -> memoryview:
-        """The oldest read's bytes (its future is done)."""
+        """The oldest read's bytes (its future is done), or more: see ``_RingReads``."""
         raise NotImplementedError
 
     def done(self) -> None:
-        """The oldest read is installed: forget it."""
+        """What ``data()`` handed out is installed: forget its reads."""
         self.inflight.popleft()
 
     def drain(self, timeout: float) -> None:
@@ -122,6 +122,7 @@ class _RingReads(_Reads):
         self.size = size
         self._view = memoryview(mmap.mmap(-1, size))
         self._used: collections.deque[tuple[int, int]] = collections.deque()
+        self._taken = 1  # reads the last data() joined
 
     def _alloc(self, n: int) -> int | None:
         used = self._used
@@ -145,12 +146,27 @@ class _RingReads(_Reads):
         return True
 
     def data(self) -> memoryview:
+        """The oldest read's bytes joined with the reads after it that are done and follow
+        it both in the ring and in the flat space: one install call for all of them."""
         at, n = self._used[0]
+        flat = self.inflight[0][0]
+        count = 1
+        while count < len(self.inflight):
+            next_flat, future = self.inflight[count]
+            next_at, next_n = self._used[count]
+            if next_flat != flat + n or next_at != at + n or not future.done():
+                break
+            if future.exception() is not None:
+                break  # its error is raised once it is the oldest
+            n += next_n
+            count += 1
+        self._taken = count
         return self._view[at : at + n]
 
     def done(self) -> None:
-        super().done()
-        self._used.popleft()
+        for _ in range(self._taken):
+            self.inflight.popleft()
+            self._used.popleft()
 
 
 class _BytesReads(_Reads):
