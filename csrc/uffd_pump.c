@@ -45,6 +45,9 @@ struct map {
 	uint64_t max_run; /* native sources: the most bytes one fault may install */
 	uint64_t run;     /* the current run: doubles while faults are sequential */
 	uint64_t next;    /* where the next sequential fault would be */
+	struct pyuffd_link *link; /* REMOTE: region's pages over link, at src_offset + offset */
+	uint32_t region;
+	uint64_t timeout_ns; /* REMOTE: the longest one fault waits for the server */
 };
 
 struct pyuffd_pump {
@@ -75,7 +78,9 @@ struct pyuffd_pump {
 	uint64_t bounce_len;
 	int *srcs; /* dups of FILE source fds, owned by the pump (see pyuffd_pump_map) */
 	int nsrcs, srcs_cap;
-	int reading; /* a FILE source is being read with the lock released */
+	struct pyuffd_link **links; /* REMOTE links the maps use, one reference each */
+	int nlinks, links_cap;
+	int reading; /* a FILE or REMOTE source is being read with the lock released */
 };
 
 static uint64_t now_ns(void)
@@ -274,9 +279,10 @@ static int do_fallback(struct pyuffd_pump *p, int fd, uint64_t addr, uint64_t fl
 }
 
 /*
- * Close the FILE source dups no map uses any more (lock held). Deferred while
- * a source is read with the lock released: that read may be on one of them,
- * and a number closed under it could be reused by another file meanwhile.
+ * Close the FILE source dups and drop the REMOTE links no map uses any more
+ * (lock held). Deferred while a source is read with the lock released: that
+ * read may be on one of them, and a number closed under it could be reused
+ * by another file meanwhile (a link freed under its reader).
  */
 static void sweep_srcs(struct pyuffd_pump *p)
 {
@@ -289,6 +295,15 @@ static void sweep_srcs(struct pyuffd_pump *p)
 		if (!used) {
 			close(p->srcs[i]);
 			p->srcs[i] = p->srcs[--p->nsrcs];
+		}
+	}
+	for (int i = p->nlinks - 1; i >= 0; i--) {
+		int used = 0;
+		for (int j = 0; j < p->nmaps && !used; j++)
+			used = p->maps[j].source == PYUFFD_SOURCE_REMOTE && p->maps[j].link == p->links[i];
+		if (!used) {
+			pyuffd_link_put(p->links[i]);
+			p->links[i] = p->links[--p->nlinks];
 		}
 	}
 }
@@ -324,13 +339,55 @@ static int fill_bounce(struct pyuffd_pump *p, int source, int src_fd, uint64_t o
 }
 
 /*
+ * Serve a MISSING fault of a REMOTE map: one page read over its link into
+ * the bounce buffer with the lock released (the watchdog keeps enforcing
+ * every other fault's deadline meanwhile, and never reads the socket: only
+ * this thread, inside pyuffd_pump_wait, serves natively), then UFFDIO_COPY
+ * and wake at once. The wait is bounded by the map's timeout, and ends on
+ * pyuffd_pump_stop or a kill. 1 if served; 0 hands the fault to Python
+ * (the link died, is busy, the server refused the read, or the map changed
+ * meanwhile), whose deadline still counts from when the fault was read.
+ */
+static int serve_remote(struct pyuffd_pump *p, int fd, struct map *m, uint64_t page, uint64_t t_read)
+{
+	uint64_t ps = m->page_size, start = m->start;
+	struct pyuffd_link *link = m->link;
+	if (pyuffd_link_dead(link) || ensure_buffer(&p->bounce, &p->bounce_len, ps) < 0)
+		return 0;
+	uint64_t at = m->src_offset + (page - m->start);
+	uint32_t region = m->region;
+	uint64_t timeout = m->timeout_ns;
+	p->reading = 1;
+	pthread_mutex_unlock(&p->lock);
+	int rc = pyuffd_link_read(link, region, at, p->bounce, ps, timeout, p->stopfd);
+	pthread_mutex_lock(&p->lock);
+	p->reading = 0;
+	/* The lock was released: install only if the same map still holds the page. */
+	m = find_map(p, fd, page);
+	int served = 0;
+	if (rc == 0 && m && m->start == start && m->link == link) {
+		int64_t done = 0;
+		rc = pyuffd_copy(fd, page, (uint64_t)(uintptr_t)p->bounce, ps, 0, &done);
+		if (rc == -EEXIST)
+			rc = pyuffd_wake(fd, page, ps); /* someone installed it first */
+		if (rc == 0) {
+			p->native_faults++;
+			pyuffd_link_note(link, page, now_ns() - t_read); /* referenced: the map uses it */
+			served = 1;
+		}
+	}
+	sweep_srcs(p);
+	return served;
+}
+
+/*
  * Serve a MISSING fault from a native source; 1 if served, 0 to hand it to
  * Python. While faults are sequential the pump installs a growing run of
  * pages from the faulting one on (up to max_run bytes), in one UFFDIO_COPY:
  * the kernel stops at the first page already present, and wakes once.
  */
-static int serve_native(struct pyuffd_pump *p, int fd, const struct uffd_msg *msg, int dontwake,
-			uint64_t *lo, uint64_t *hi)
+static int serve_native(struct pyuffd_pump *p, int fd, const struct uffd_msg *msg, uint64_t t_read,
+			int dontwake, uint64_t *lo, uint64_t *hi)
 {
 	uint64_t flags = msg->arg.pagefault.flags;
 	uint64_t addr = msg->arg.pagefault.address;
@@ -341,6 +398,8 @@ static int serve_native(struct pyuffd_pump *p, int fd, const struct uffd_msg *ms
 		return 0;
 	uint64_t ps = m->page_size;
 	uint64_t page = addr & ~(ps - 1);
+	if (m->source == PYUFFD_SOURCE_REMOTE)
+		return serve_remote(p, fd, m, page, t_read);
 	uint64_t off = page - m->start;
 	uint64_t run = (page == m->next && m->run * 2 <= m->max_run) ? m->run * 2 : page == m->next ? m->run : ps;
 	uint64_t len = run < m->end - page ? run : m->end - page;
@@ -444,7 +503,7 @@ static int read_fd(struct pyuffd_pump *p, int fd, struct pyuffd_item *items, int
 		if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
 			p->events_read++;
 		if (msgs[i].event == UFFD_EVENT_PAGEFAULT) {
-			if (native_ok && serve_native(p, fd, &msgs[i], dontwake, &lo, &hi))
+			if (native_ok && serve_native(p, fd, &msgs[i], t, dontwake, &lo, &hi))
 				continue;
 			item.slot = slot_alloc(p, fd, &msgs[i], t + deadline_ns);
 		}
@@ -574,6 +633,7 @@ void pyuffd_pump_free(struct pyuffd_pump *p)
 	sweep_srcs(p); /* closes every source dup */
 	free(p->maps);
 	free(p->srcs);
+	free(p->links);
 	pages_free(p->backlog, (size_t)p->bl_cap * sizeof(*p->backlog));
 	pages_free(p->zero_page, p->zero_len);
 	pages_free(p->bounce, p->bounce_len);
@@ -629,11 +689,12 @@ int pyuffd_pump_remove_fd(struct pyuffd_pump *p, int fd)
  * Serve [start, end) of fd's faults with a fallback and a source. A FILE
  * source's fd is dup'ed: the pump reads its own copy for as long as a map
  * uses it, so the owner closing its fd (and the number being reused by
- * another file) never makes the pump read the wrong file.
+ * another file) never makes the pump read the wrong file. A REMOTE
+ * source's link is referenced by the pump for as long as a map uses it.
  */
 int pyuffd_pump_map(struct pyuffd_pump *p, int fd, uint64_t start, uint64_t end, uint64_t page_size,
 		    int fallback, int source, uint64_t src_addr, int src_fd, uint64_t src_offset,
-		    uint64_t max_run)
+		    uint64_t max_run, struct pyuffd_link *link, uint32_t region, uint64_t timeout_ns)
 {
 	pthread_mutex_lock(&p->lock);
 	int rc = grow((void **)&p->maps, &p->maps_cap, p->nmaps + 1, sizeof(struct map));
@@ -645,10 +706,22 @@ int pyuffd_pump_map(struct pyuffd_pump *p, int fd, uint64_t start, uint64_t end,
 		if (rc == 0)
 			p->srcs[p->nsrcs++] = src_fd;
 	}
+	if (rc == 0 && source == PYUFFD_SOURCE_REMOTE) {
+		int known = 0;
+		for (int i = 0; i < p->nlinks && !known; i++)
+			known = p->links[i] == link;
+		rc = known ? 0 : grow((void **)&p->links, &p->links_cap, p->nlinks + 1, sizeof(link));
+		if (rc == 0 && !known) {
+			pyuffd_link_get(link);
+			p->links[p->nlinks++] = link;
+		}
+		max_run = page_size; /* one page a fault: prefetch brings the runs */
+	}
 	if (rc == 0)
 		p->maps[p->nmaps++] = (struct map){ fd, start, end, page_size, fallback, source, src_fd,
 						    src_addr, src_offset, max_run > page_size ? max_run : page_size,
-						    page_size, 0 };
+						    page_size, 0, source == PYUFFD_SOURCE_REMOTE ? link : NULL,
+						    region, timeout_ns };
 	pthread_mutex_unlock(&p->lock);
 	return rc;
 }
@@ -672,7 +745,9 @@ int pyuffd_pump_unmap(struct pyuffd_pump *p, int fd, uint64_t start, uint64_t en
 		if (m.end > end) {
 			struct map tail = m;
 			tail.src_addr += m.source == PYUFFD_SOURCE_MEMORY ? end - m.start : 0;
-			tail.src_offset += m.source == PYUFFD_SOURCE_FILE ? end - m.start : 0;
+			tail.src_offset += m.source == PYUFFD_SOURCE_FILE || m.source == PYUFFD_SOURCE_REMOTE
+						   ? end - m.start
+						   : 0;
 			tail.start = end;
 			p->maps[p->nmaps++] = tail;
 		}

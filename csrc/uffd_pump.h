@@ -49,6 +49,7 @@ struct pyuffd_item {
 #define PYUFFD_SOURCE_MEMORY 1 /* copy from src_addr + offset */
 #define PYUFFD_SOURCE_FILE 2   /* pread(src_fd, ..., src_offset + offset) */
 #define PYUFFD_SOURCE_ZERO 3
+#define PYUFFD_SOURCE_REMOTE 4 /* READ over a page server's fault-only link (uffd_link.c) */
 
 /* Resolution operations for pyuffd_pump_resolve. */
 #define PYUFFD_OP_COPY 1
@@ -59,6 +60,7 @@ struct pyuffd_item {
 #define PYUFFD_OP_WAKE 6
 
 struct pyuffd_pump;
+struct pyuffd_link;
 
 struct pyuffd_pump *pyuffd_pump_new(uint64_t deadline_ns);
 void pyuffd_pump_free(struct pyuffd_pump *pump);
@@ -66,7 +68,8 @@ int pyuffd_pump_add_fd(struct pyuffd_pump *pump, int fd);
 int pyuffd_pump_remove_fd(struct pyuffd_pump *pump, int fd);
 int pyuffd_pump_map(struct pyuffd_pump *pump, int fd, uint64_t start, uint64_t end,
 		    uint64_t page_size, int fallback, int source, uint64_t src_addr, int src_fd,
-		    uint64_t src_offset, uint64_t max_run);
+		    uint64_t src_offset, uint64_t max_run, struct pyuffd_link *link, uint32_t region,
+		    uint64_t timeout_ns);
 int pyuffd_pump_unmap(struct pyuffd_pump *pump, int fd, uint64_t start, uint64_t end);
 int pyuffd_pump_wait(struct pyuffd_pump *pump, struct pyuffd_item *items, int max_items,
 		     int timeout_ms);
@@ -80,6 +83,25 @@ int pyuffd_pump_stop(struct pyuffd_pump *pump);
 void pyuffd_pump_set_spin(struct pyuffd_pump *pump, uint64_t spin_ns);
 uint64_t pyuffd_pump_native_faults(struct pyuffd_pump *pump);
 uint64_t pyuffd_pump_events_read(struct pyuffd_pump *pump);
+
+/*
+ * A page server's fault-only connection (uffd_link.c), already handshaken:
+ * the link owns fd from pyuffd_link_new on (not on failure: NULL, errno).
+ * Reference counted; the pump takes a reference per link its maps use.
+ * Python learns of served faults and of the link's death through
+ * notify_fd (readable), take (served faults: address, then nanoseconds
+ * from the pump's read to the wake, per pair) and dead (0, or the errno).
+ */
+struct pyuffd_link *pyuffd_link_new(int fd, int version, uint32_t max_frame);
+void pyuffd_link_get(struct pyuffd_link *link);
+void pyuffd_link_put(struct pyuffd_link *link);
+void pyuffd_link_kill(struct pyuffd_link *link);
+int pyuffd_link_dead(struct pyuffd_link *link);
+int pyuffd_link_notify_fd(struct pyuffd_link *link);
+int pyuffd_link_take(struct pyuffd_link *link, uint64_t *out, int max, uint64_t *lost);
+int pyuffd_link_read(struct pyuffd_link *link, uint32_t region, uint64_t offset, void *buf,
+		     uint64_t len, uint64_t timeout_ns, int stopfd);
+void pyuffd_link_note(struct pyuffd_link *link, uint64_t addr, uint64_t latency_ns);
 
 /* uffd_mem.c: is this thread inside a SIGBUS-safe Region access? */
 int pyuffd_tid_guarded(int32_t tid);

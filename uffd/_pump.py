@@ -22,7 +22,7 @@ import errno as _errno
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -38,6 +38,7 @@ __all__ = [
     "NativeSource",
     "Outcome",
     "Pump",
+    "RemoteLink",
     "did_name",
     "did_unguarded",
     "stopped",
@@ -73,6 +74,7 @@ _SOURCES = {
     "memory": lib.PYUFFD_SOURCE_MEMORY,
     "file": lib.PYUFFD_SOURCE_FILE,
     "zero": lib.PYUFFD_SOURCE_ZERO,
+    "remote": lib.PYUFFD_SOURCE_REMOTE,
 }
 _ITEM = record_struct(
     [
@@ -92,6 +94,7 @@ _COPY_DONTWAKE = int(lib.UFFDIO_COPY_MODE_DONTWAKE)
 # (measured, 1 GiB restore from a file: fault read 186 us after it was raised with 4 MiB
 # copies, 35 us with 256 KiB, 7 us with 128 KiB, at the same restore rate).
 _INSTALL_STEP = 128 << 10
+_TAKE_BATCH = 4096  # served faults RemoteLink.take hands over at most (the C ring's size)
 _CLOSE_WAIT = 5.0  # seconds close() waits for other holders before leaving the free to them
 
 
@@ -135,16 +138,92 @@ _OUTCOMES = {
 }
 
 
+class RemoteLink:
+    """A page server's fault-only connection, read by the pump (``NativeSource("remote")``).
+
+    Takes ``fd``, a connected socket past its handshake (HELLO, AUTH, LIST)
+    that carries nothing else, speaking protocol ``version`` with frames of
+    at most ``max_frame`` bytes: from the constructor on the link owns it
+    and nobody else may read, write or close it. The pump sends one URGENT
+    READ per fault and receives the reply into the page (csrc/uffd_link.c);
+    any failure but a refused read kills the link, and the faults then reach
+    the mapping's ``handle_missing`` like any other. The socket is closed
+    once ``close()`` was called and no pump maps the link any more.
+
+    Calling context: any thread. ``notify_fd`` is readable while ``take()``
+    has served faults to hand over, or once the link is dead.
+
+    Raises (constructor): OSError when the link cannot be made (no memory or
+    fds); ``fd`` is then still the caller's.
+    """
+
+    def __init__(self, fd: int, version: int, max_frame: int) -> None:
+        ptr = lib.pyuffd_link_new(fd, version, max_frame)
+        if ptr == ffi.NULL:
+            raise OSError(ffi.errno, "could not set up the page server's fault link")
+        self._ptr: Any = ptr
+        self._lock = threading.Lock()
+        self._out = ffi.new("uint64_t[]", 2 * _TAKE_BATCH)
+        self._lost = ffi.new("uint64_t *")
+        self.notify_fd = int(lib.pyuffd_link_notify_fd(ptr))
+
+    @property
+    def dead(self) -> str | None:
+        """Why the link stopped serving ("ETIMEDOUT", "EPROTO": garbage, "EPIPE": the server
+        closed, "ECANCELED": killed or the handler stopped), or None while it serves."""
+        with self._lock:
+            err = int(lib.pyuffd_link_dead(self._ptr)) if self._ptr is not None else _errno.EBADF
+        return _errno.errorcode.get(err, str(err)) if err else None
+
+    def take(self) -> tuple[list[int], int]:
+        """The faults served since the last call, oldest first, as a flat list of pairs
+        (address, nanoseconds from the pump's read to the wake), and how many more were
+        served but not kept (the pump keeps the latest 4096)."""
+        with self._lock:
+            if self._ptr is None:
+                return [], 0
+            got = lib.pyuffd_link_take(self._ptr, self._out, _TAKE_BATCH, self._lost)
+            return list(self._out[0 : 2 * got]), int(self._lost[0])
+
+    def kill(self) -> None:
+        """Stop serving faults over the link (a read in progress ends at once); idempotent."""
+        with self._lock:
+            if self._ptr is not None:
+                lib.pyuffd_link_kill(self._ptr)
+
+    @contextmanager
+    def _pointer(self) -> Iterator[Any]:
+        """The C link, kept alive for the with-block (``Pump.map`` takes its own reference).
+
+        Raises ValueError once the link is closed.
+        """
+        with self._lock:
+            if self._ptr is None:
+                raise ValueError("NativeSource('remote'): its RemoteLink is closed")
+            yield self._ptr
+
+    def close(self) -> None:
+        """Kill the link and drop this reference (the socket closes with the last); idempotent."""
+        with self._lock:
+            ptr, self._ptr = self._ptr, None
+        if ptr is not None:
+            lib.pyuffd_link_kill(ptr)
+            lib.pyuffd_link_put(ptr)
+
+
 @dataclass(frozen=True)
 class NativeSource:
     """Where the pump takes a mapping's pages from, without entering Python.
 
     ``kind`` is "memory" (bytes at ``address`` + the fault's offset), "file"
     (``fd`` at ``offset`` + the fault's offset; bytes past the end read as
-    zeros) or "zero". While faults are sequential the pump installs up to
-    ``max_run`` bytes per fault (a run that doubles from one page). A file
-    source's fd is duplicated by the pump, which reads its own copy for as
-    long as a mapping uses it; memory must outlive the mapping.
+    zeros), "zero", or "remote" (``region`` of a page server at ``offset`` +
+    the fault's offset, read over ``link``, waiting at most ``timeout``
+    seconds a fault). While faults are sequential the pump installs up to
+    ``max_run`` bytes per fault (a run that doubles from one page; a remote
+    source serves one page a fault). A file source's fd is duplicated by
+    the pump, which reads its own copy for as long as a mapping uses it, as
+    it references a remote link; memory must outlive the mapping.
     """
 
     kind: str
@@ -152,6 +231,9 @@ class NativeSource:
     fd: int = -1
     offset: int = 0
     max_run: int = 0
+    link: RemoteLink | None = None
+    region: int = 0
+    timeout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in _SOURCES:
@@ -161,6 +243,8 @@ class NativeSource:
             )
         if self.kind == "file" and self.fd < 0:
             raise ValueError("NativeSource('file') needs an open fd (the file was closed?)")
+        if self.kind == "remote" and (self.link is None or self.timeout <= 0):
+            raise ValueError("NativeSource('remote') needs a RemoteLink and a timeout > 0")
 
 
 class Pump:
@@ -272,11 +356,16 @@ class Pump:
         if source is not None:
             kind, src_fd, run = _SOURCES[source.kind], source.fd, source.max_run
             addr = source.address + origin if source.kind == "memory" else 0
-            offset = source.offset + origin if source.kind == "file" else 0
-        rc = lib.pyuffd_pump_map(
-            self._ptr, fd, start, end, page_size, _FALLBACKS[fallback], kind, addr, src_fd,
-            offset, run,
-        )  # fmt: skip
+            offset = source.offset + origin if source.kind in ("file", "remote") else 0
+        with ExitStack() as stack:
+            link = ffi.NULL
+            if source is not None and source.link is not None and source.kind == "remote":
+                link = stack.enter_context(source.link._pointer())
+            rc = lib.pyuffd_pump_map(
+                self._ptr, fd, start, end, page_size, _FALLBACKS[fallback], kind, addr, src_fd,
+                offset, run, link, source.region if source else 0,
+                int(source.timeout * 1e9) if source else 0,
+            )  # fmt: skip
         check(rc, "pump map")
 
     def unmap(self, fd: int, start: int, end: int) -> None:

@@ -12,19 +12,31 @@ arrives. Any other source (a chunk
 store) hands back a future of bytes, used the same way. A fault outside the
 handshake's regions, or any fault after the source failed, is refused: the
 FaultHandler resolves it by its fallback policy and reports it.
+
+Over plain TCP the fault-only connection is handed to the C pump instead
+(``native_source``: ``uffd._pump.RemoteLink``), which sends the READ and
+installs the reply without Python or the GIL. The faults it serves reach the
+session's progress afterwards (``take_native``, off the latency path); when
+the link dies, the pump stops using it and the faults come here as above.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import logging
+import os
 
-from uffd._mapping import Fault
+from uffd._histogram import LatencyHistogram
+from uffd._mapping import Fault, Mapping
 from uffd._ops import UffdOps
+from uffd._pump import NativeSource, RemoteLink
 from uffd._resolution import Resolution
 from uffd.restore.parts import SessionParts
 from uffd.restore.sources import FileSource, FlatSource, RemoteSource, SourceError
 
 __all__ = ["SourceOps"]
+
+log = logging.getLogger("uffd.restore.daemon")
 
 
 class SourceOps(UffdOps):
@@ -41,6 +53,77 @@ class SourceOps(UffdOps):
         # Half the deadline: a server that stopped answering leaves the other half to the
         # deferred path, and the dispatch thread is back to serve the next fault.
         self._sync_timeout = parts.handler.deadline / 2
+        self._region_ids: dict[str, int] = {}
+        self.link = self._hand_to_pump(parts.source)
+        # The pump's faults: the handler's stats have only those Python served.
+        self.native_latency = LatencyHistogram()
+
+    def _hand_to_pump(self, source: object) -> RemoteLink | None:
+        """The page server's fault-only connection, handed to the pump; None without one."""
+        urgent = source.urgent_link if isinstance(source, RemoteSource) else None
+        handed = urgent.hand_over() if urgent is not None else None
+        if handed is None:
+            return None
+        fd, version, max_frame, self._region_ids = handed
+        try:
+            return RemoteLink(fd, version, max_frame)
+        except OSError as err:
+            os.close(fd)
+            log.debug("faults take the Python path: %s", err)
+            return None
+
+    def native_source(self, mapping: Mapping) -> NativeSource | None:
+        """The pump reads ``mapping``'s faults over the fault link when one server region
+        holds it whole; None otherwise (no link, moved, or across two regions)."""
+        link, source, layout = self.link, self.parts.source, self.parts.layout
+        if link is None or not isinstance(source, RemoteSource):
+            return None
+        first = layout.flat(mapping.start)
+        last = layout.flat(mapping.end - layout.page_size)
+        if first is None or last is None or last - first != mapping.length - layout.page_size:
+            return None  # not within one handshake region
+        where = source.region_at(layout.source_offset(first), mapping.length)
+        if where is None or where[1] < mapping.origin:
+            return None
+        name, inside = where
+        return NativeSource(
+            "remote",
+            link=link,
+            region=self._region_ids[name],
+            offset=inside - mapping.origin,
+            timeout=self._sync_timeout,
+        )
+
+    def take_native(self) -> str | None:
+        """Give the session's progress the faults the pump served since the last call (the
+        prefetch steers by them). Kills the link once the source failed (faults are then
+        refused here). Returns why the link died, once (the link is closed then), or None."""
+        link = self.link
+        if link is None:
+            return None
+        progress, layout = self.parts.progress, self.parts.layout
+        served, lost = link.take()
+        for i in range(0, len(served), 2):
+            flat = layout.flat(served[i])
+            if flat is not None:
+                progress.fault(flat)
+            progress.fault_served()
+            self.native_latency.record(served[i + 1] // 1000)
+        for _ in range(lost):
+            progress.fault_served()
+        if progress.failed:
+            link.kill()
+        why = link.dead
+        if why is not None:
+            self.link = None
+            link.close()
+        return why
+
+    def close(self) -> None:
+        """Close the fault link (after the handler stopped: the pump may read it until then)."""
+        link, self.link = self.link, None
+        if link is not None:
+            link.close()
 
     def handle_missing(self, fault: Fault) -> Resolution:
         """The faulting page: from the file at once, or deferred to a page server's reply."""

@@ -19,6 +19,7 @@ import logging
 import os
 import select
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from uffd import mem
@@ -45,6 +46,8 @@ __all__ = ["RestoreOptions", "Session"]
 log = logging.getLogger("uffd.restore.daemon")
 
 _FIRST_FAULT_FIRST = 0.05  # seconds start() waits for the first fault before its slower steps
+_CHECK_INTERVAL = 0.1  # seconds between looks for unknown ranges and idle connections
+_NATIVE_BATCH = 0.002  # seconds the watch gathers natively served faults before it wakes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +181,7 @@ class Session:
         # Nothing more until the first fault is served (or 50 ms passed): the process
         # faults at once, and every step here (a pidfd, objects, a thread start) would
         # hold the GIL the dispatch thread needs to serve it, on a cold cache.
-        self.progress.first_served.wait(_FIRST_FAULT_FIRST)
+        self._await_first()
         if self._pidfd < 0:
             self._pidfd = _pidfd_open(self.cred.pid)
         # Always: the zero pages a source knows of are mapped even without prefetch.
@@ -220,21 +223,56 @@ class Session:
         poller = select.poll()
         if self._pidfd >= 0:
             poller.register(self._pidfd, select.POLLIN)
+        link = self._ops.link if self._ops is not None else None
+        if link is not None:
+            poller.register(link.notify_fd, select.POLLIN)
         orphans = self._take_unknown_ranges(-1)
+        checked = 0.0
         while not self._ending.is_set():
-            orphans = self._take_unknown_ranges(orphans)
-            source = self.source
-            if isinstance(source, RemoteSource) and source.idle:
-                with contextlib.suppress(Exception):
-                    source.keepalive()
+            if time.monotonic() - checked >= _CHECK_INTERVAL:
+                checked = time.monotonic()
+                orphans = self._take_unknown_ranges(orphans)
+                source = self.source
+                if isinstance(source, RemoteSource) and source.idle:
+                    with contextlib.suppress(Exception):
+                        source.keepalive()
             if self._pidfd >= 0:
-                if poller.poll(100):
+                if any(fd == self._pidfd for fd, _ in poller.poll(100)):
                     break
             elif not _pid_alive(self.cred.pid):
                 break
             else:
                 self._ending.wait(0.1)
+            if link is not None and self._take_native():
+                poller.unregister(link.notify_fd)
+                link = None
+            if link is not None:
+                self._ending.wait(_NATIVE_BATCH)  # wake at most this often for native faults
         self.end()
+
+    def _await_first(self) -> None:
+        """Wait up to 50 ms for the first fault to be served (by Python or the pump)."""
+        until = time.monotonic() + _FIRST_FAULT_FIRST
+        served = self.progress.first_served
+        while not served.is_set() and (left := until - time.monotonic()) > 0:
+            link = self._ops.link if self._ops is not None else None
+            if link is None:
+                served.wait(left)
+            elif select.select([link.notify_fd], [], [], min(left, _NATIVE_BATCH))[0]:
+                self._take_native()
+
+    def _take_native(self) -> bool:
+        """Hand the faults the pump served to progress; True once its fault link died."""
+        why = self._ops.take_native() if self._ops is not None else None
+        if why is None:
+            return False
+        if not self._ending.is_set():
+            log.warning(
+                "pid %d: the page server's fault link failed (%s); faults take the Python path",
+                self.cred.pid,
+                why,
+            )
+        return True
 
     def _take_unknown_ranges(self, seen: int) -> int:
         """Register the process's MISSING ranges that no handshake region covers, with the
@@ -291,9 +329,6 @@ class Session:
             if thread is not current:
                 thread.join(10.0)
         if self.handler is not None:
-            total = self.handler.stats.total
-            self.report.fault_p50_us = total.percentile_us(0.5)
-            self.report.fault_p99_us = total.percentile_us(0.99)
             try:
                 self.handler.stop()
             except Exception as err:
@@ -301,12 +336,20 @@ class Session:
                     f"fault handler: {type(err).__name__}: {err}",
                     log_it=self.progress.failed is None,
                 )
+            latency = self.handler.stats.total.latency.copy()
+            if self._ops is not None:
+                self._ops.take_native()  # the last faults the pump served
+                latency.merge(self._ops.native_latency)
+            self.report.fault_p50_us = float(latency.percentile(50))
+            self.report.fault_p99_us = float(latency.percentile(99))
         self._close_resources()
         self.progress.finish()
         self._on_end(self)
         self._finished.set()
 
     def _close_resources(self) -> None:
+        if self._ops is not None:
+            self._ops.close()  # the handler has stopped: the pump reads the link no more
         if self._ufd is not None:
             self._ufd.close()
             self._ufd = None

@@ -400,6 +400,16 @@ class RemoteSource:
             f.add_done_callback(done)
         return out
 
+    @property
+    def urgent_link(self) -> UrgentLink | None:
+        """The faults' synchronous connection, or None (over TLS, or it could not be opened)."""
+        return self._link
+
+    def region_at(self, offset: int, length: int) -> tuple[str, int] | None:
+        """``(region name, offset in it)`` of the flat range when one region holds it whole."""
+        pieces = self._layout.pieces(offset, length)
+        return (pieces[0][0], pieces[0][1]) if len(pieces) == 1 else None
+
     def read_now(self, offset: int, view: memoryview, timeout: float) -> bool:
         """Receive the flat range [offset, +len(view)) into ``view`` on this thread; True if done.
 

@@ -198,6 +198,23 @@ class UrgentLink:
         while n < len(dest):
             n += self._recv(dest[n:])
 
+    def hand_over(self) -> tuple[int, int, int, dict[str, int]] | None:
+        """Give the connection away, for the fault pump to read (``uffd._pump.RemoteLink``).
+
+        Returns ``(fd, version, max_frame, region ids by name)``: the caller
+        owns the socket's fd from then on, and ``read_into`` returns False
+        for good. None when the link is broken or busy.
+        """
+        if self._broken or not self._lock.acquire(blocking=False):
+            return None
+        try:
+            if self._broken:
+                return None
+            self._broken = True
+            return self._sock.detach(), self._version, self._max_frame, dict(self._ids)
+        finally:
+            self._lock.release()
+
     def _break(self) -> None:
         self._broken = True
         with contextlib.suppress(OSError):
