@@ -3,7 +3,7 @@
 A session takes connections opened ahead of it; they must serve the right
 pages, be replaced when the server restarts, be closed when the daemon
 stops, and never be needed: a server down at the daemon's start leaves no
-spare, and sessions still work once it is back.
+spare (the daemon starts all the same), and sessions work once it is back.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from uffd.restore.sources import RemoteSource
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 from _helpers import (
+    DaemonProcess,
     ServerProcess,
     bad_pages,
     digests_of_source,
@@ -135,3 +136,28 @@ def _free_port() -> str:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return str(probe.getsockname()[1])
+
+
+def test_a_server_down_at_start_does_not_stop_the_daemon(short_tmp: str, snapshot: str) -> None:
+    """`uffd handler` starts while its page server is down (a warning, no spare); a session
+    then is refused with the connection error, and once the server is up sessions restore
+    every page."""
+    sock = os.path.join(short_tmp, "h.sock")
+    port = _free_port()
+    log_path = os.path.join(short_tmp, "daemon.log")
+    with DaemonProcess(sock, f"tcp://127.0.0.1:{port}", log_path=log_path) as daemon:
+        assert "starting without it: sessions connect once it is back" in daemon.log()
+        early = spawn_restore(sock, SIZE)
+        try:
+            _until("the refusal logged", lambda: "Connection refused" in daemon.log())
+        finally:
+            early.kill()  # refused: nothing serves its faults, it waits for ever
+            early.wait(WAIT)
+        with ServerProcess(snapshot, "--port", port):
+            for n in range(2):
+                digests = os.path.join(short_tmp, f"digests-{n}")
+                spawn = spawn_restore(sock, SIZE, "--order", "random", digests=digests)
+                finish_worker(spawn, timeout=WAIT)
+                (report,) = daemon.reports(1, WAIT)
+                assert report["errors"] == []
+                assert not bad_pages(read_digests(digests), digests_of_source(snapshot, SIZE))

@@ -414,7 +414,8 @@ def test_daemon_refuses_a_uid_not_allowed(short_tmp: str, memory_file: str) -> N
 
 
 def test_cli_help_and_usage_errors(short_tmp: str) -> None:
-    """`uffd handler --help` exits 0; a missing --socket exits 2; an unreadable source exits 1."""
+    """`uffd handler --help` exits 0; a missing --socket exits 2; an unreadable source exits 1
+    (a page server that is down is not one: tests/test_daemon_warm.py)."""
     run = [sys.executable, "-m", "uffd", "handler"]
     out = subprocess.run([*run, "--help"], capture_output=True, text=True, timeout=WAIT)
     assert out.returncode == 0 and "--allow-uid" in out.stdout and "page_size_kib" in out.stdout
@@ -426,13 +427,6 @@ def test_cli_help_and_usage_errors(short_tmp: str) -> None:
         [*run, "--socket", sock, "--source", missing], capture_output=True, text=True, timeout=WAIT
     )
     assert out.returncode == 1 and "nope.snap" in out.stderr
-    out = subprocess.run(
-        [*run, "--socket", sock, "--source", "tcp://127.0.0.1:1"],
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
-    )
-    assert out.returncode == 1 and "page server tcp://127.0.0.1:1" in out.stderr
 
 
 @pytest.mark.parametrize(

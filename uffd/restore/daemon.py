@@ -38,7 +38,9 @@ installed and stderr is a terminal).
 ``python -m uffd handler --socket PATH --source SRC`` runs it (see
 ``--help``); exit codes: 0 after SIGINT/SIGTERM (or, with ``--once``, after a
 clean session), 1 a runtime error (the source cannot be opened, the socket
-cannot be bound, a ``--once`` session with errors), 2 a usage error.
+cannot be bound, a ``--once`` session with errors), 2 a usage error. A page
+server that is down is not one: the daemon starts, and its sessions connect
+once the server is back.
 
 References: userfaultfd(2), ioctl_userfaultfd(2), unix(7) (SCM_RIGHTS,
 SO_PEERCRED), pidfd_open(2).
@@ -50,6 +52,7 @@ import contextlib
 import errno
 import json
 import logging
+import mmap
 import os
 import queue
 import select
@@ -131,8 +134,14 @@ class HandlerDaemon:
     on a background thread and returns once the socket listens. Sessions run
     on their own threads. ``close()`` stops everything (idempotent).
 
+    A page server that is down at start is no error (unless ``working_set``
+    names a file, checked against it): the daemon starts and logs a warning,
+    a keeper thread connects once the server is back, and a session that
+    comes before then is refused with the connection error.
+
     Raises (constructor):
-        SourceError: the page server cannot be reached.
+        SourceError: the page server refused us (a token, TLS), or cannot be
+            reached while a working set file must be checked against it.
         OSError, ValueError: the source file cannot be opened, the socket
             cannot be bound, a working set file is malformed.
     """
@@ -164,8 +173,13 @@ class HandlerDaemon:
             frozenset(allow_uids) if allow_uids is not None else frozenset({os.geteuid(), 0})
         )
         self._owns_source = isinstance(source, str)
+        # A page server that is down is no start-up error, unless a working set named
+        # for it must be checked against it now: sessions connect once it is back.
+        offline_ok = working_set in ("auto", None)
         self.source = (
-            open_flat_source(source, token=token, timeout=source_timeout, ssl=ssl)
+            open_flat_source(
+                source, token=token, timeout=source_timeout, ssl=ssl, offline_ok=offline_ok
+            )
             if isinstance(source, str)
             else source
         )
@@ -227,10 +241,12 @@ class HandlerDaemon:
             WorkingSetError: an explicit working set that cannot be used; the
                 message names the flag, the path and the problem.
         """
-        recorded = WorkingSet(self.source.page_size, self.source.length)
         path = self.working_set_file
         if path is None:
-            return recorded
+            # Nothing to load or save; a page server may still be down (its page size
+            # unknown): the host's page size does for the faults recorded meanwhile.
+            return WorkingSet(self.source.page_size or mmap.PAGESIZE)
+        recorded = WorkingSet(self.source.page_size, self.source.length)
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
             problem = "does not exist" if not os.path.isdir(directory) else "is not writable"

@@ -20,9 +20,11 @@ from __future__ import annotations
 import bisect
 import concurrent.futures
 import contextlib
+import errno
 import logging
 import mmap
 import os
+import socket
 import ssl as _ssl
 import threading
 import time
@@ -239,11 +241,17 @@ class RemoteSource:
     for TCP, HELLO and LIST; a spare the server closed (it restarted) is
     never handed out.
 
+    ``offline_ok``: a server that is down (refused, reset, timed out,
+    unreachable) is no error: the source starts offline (``online`` False,
+    ``length`` 0, no reads) and only hands out ``session()`` connections,
+    opened once the server is back.
+
     Calling context: any thread. The futures complete on the page clients'
     event-loop threads.
 
     Raises (constructor):
-        SourceError: the page server cannot be reached or refused us.
+        SourceError: the page server cannot be reached (unless ``offline_ok``)
+            or refused us.
     """
 
     remote = True
@@ -256,6 +264,7 @@ class RemoteSource:
         timeout: float = 10.0,
         bulk: bool = False,
         ssl: _ssl.SSLContext | None = None,
+        offline_ok: bool = False,
     ) -> None:
         self.url = url
         self.label = url
@@ -265,8 +274,19 @@ class RemoteSource:
         self._lock = threading.Lock()
         self._warm: WarmSpare[RemoteSource] | None = None
         self._closed = False
-        self._clients = [self._connect()]
         self._link: UrgentLink | None = None
+        self.last_used = time.monotonic()
+        try:
+            self._clients = [self._connect()]
+        except SourceError as err:
+            if not (offline_ok and _server_down(err.__cause__)):
+                raise
+            # Sessions open their own connections (session()): none is needed now.
+            log.warning("%s; starting without it: sessions connect once it is back", err)
+            self._clients = []
+            self.page_size = self.length = 0
+            self._layout = _FlatLayout([])
+            return
         if bulk:
             try:
                 self._clients.append(self._connect())
@@ -274,7 +294,6 @@ class RemoteSource:
                 self.close()
                 raise
             self._link = self._connect_link()
-        self.last_used = time.monotonic()
         first = self._clients[0]
         self.page_size = first.page_size
         self._layout = _FlatLayout([(r.name, r.length) for r in first.regions])
@@ -300,6 +319,11 @@ class RemoteSource:
         except Exception as err:
             log.debug("no urgent connection to %s, faults are deferred: %s", self.url, err)
             return None
+
+    @property
+    def online(self) -> bool:
+        """False for a source started while its server was down (``offline_ok``)."""
+        return bool(self._clients)
 
     @property
     def idle(self) -> bool:
@@ -509,6 +533,16 @@ class RemoteSource:
             client.close()
 
 
+def _server_down(err: BaseException | None) -> bool:
+    """True when ``err`` (a failed connect) says the server is not there now, not that it
+    is misconfigured: refused, reset, timed out, unreachable; not a TLS or name error."""
+    if isinstance(err, _ssl.SSLError | socket.gaierror):
+        return False
+    return isinstance(err, ConnectionError | TimeoutError) or (
+        isinstance(err, OSError) and err.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH)
+    )
+
+
 FlatSource: TypeAlias = "FileSource | RemoteSource | RedisSource"
 
 
@@ -518,17 +552,20 @@ def open_flat_source(
     token: bytes | None = None,
     timeout: float = 10.0,
     ssl: _ssl.SSLContext | None = None,
+    offline_ok: bool = False,
 ) -> FlatSource:
     """A source from ``SNAPSHOT`` (a file path), ``tcp://HOST:PORT`` or ``tls://HOST:PORT``
     (a page server; ``ssl`` verifies it, default: the system's CAs) or
     ``redis[s]://HOST:PORT/NAME`` (a chunk store: :mod:`uffd.restore.redis_source`).
+
+    ``offline_ok``: a page server that is down is no error (see RemoteSource).
 
     Raises:
         SourceError: the page server or store cannot be reached or refused us.
         OSError, ValueError: the file cannot be opened or is malformed.
     """
     if spec.startswith(("tcp://", "tls://")):
-        return RemoteSource(spec, token=token, timeout=timeout, ssl=ssl)
+        return RemoteSource(spec, token=token, timeout=timeout, ssl=ssl, offline_ok=offline_ok)
     if spec.startswith(("redis://", "rediss://")):
         from uffd.restore.redis_source import RedisSource
 
