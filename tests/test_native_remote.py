@@ -346,3 +346,25 @@ def test_progress_sees_the_pump_faults_in_a_daemon_restore(
     # The snapshot's zero pages are mapped at session start, every other page faulted.
     assert report["faulted"] + report["zeroed"] == PAGES and report["faulted"] > 0
     assert report["fault_p50_us"] > 0 and report["errors"] == []
+
+
+def test_link_read_between_faults_keeps_the_link(
+    server: ServerProcess, image: bytes, region_factory: Regions
+) -> None:
+    """A keepalive read over the link gets its page, and the pump serves faults after it."""
+    region = region_factory("anon", pages=2)
+    link = hand_over(server.url)
+    ops = RemoteOps(link, image, timeout=1.0)
+    try:
+        page = bytearray(PAGE)
+        assert link.read(0, 3 * PAGE, page, WAIT)
+        assert bytes(page) == image[3 * PAGE : 4 * PAGE]
+        with FaultHandler(deadline=2.0) as handler:
+            handler.register(region, Mode.MISSING, ops)
+            data = region.read(0, region.length)
+            assert handler.stats.native_faults == 2
+        assert link.dead is None and ops.python_faults == 0
+    finally:
+        link.close()
+    assert not link.read(0, 0, page, WAIT)  # closed: nothing read
+    assert_pages(data, PAGE, lambda i: image[i * PAGE : (i + 1) * PAGE], "after a keepalive")

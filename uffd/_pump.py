@@ -185,6 +185,24 @@ class RemoteLink:
             got = lib.pyuffd_link_take(self._ptr, self._out, _TAKE_BATCH, self._lost)
             return list(self._out[0 : 2 * got]), int(self._lost[0])
 
+    def read(self, region: int, offset: int, into: bytearray, timeout: float) -> bool:
+        """Receive [offset, +len(into)) of ``region`` into ``into`` over the link (GIL released);
+        True when done. False: not read (the link is closed, dead, busy with a fault, or
+        the server refused), which a failure also makes the link's death."""
+        with self._lock:
+            if self._ptr is None:
+                return False
+            ptr = self._ptr
+            lib.pyuffd_link_get(ptr)  # alive while the read waits, without the lock
+        try:
+            with ffi.from_buffer(into) as buf:
+                rc = lib.pyuffd_link_read(
+                    ptr, region, offset, buf, len(into), int(timeout * 1e9), -1
+                )
+        finally:
+            lib.pyuffd_link_put(ptr)
+        return bool(rc == 0)
+
     def kill(self) -> None:
         """Stop serving faults over the link (a read in progress ends at once); idempotent."""
         with self._lock:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import time
 
 from uffd._histogram import LatencyHistogram
 from uffd._mapping import Fault, Mapping
@@ -37,6 +38,8 @@ from uffd.restore.sources import FileSource, FlatSource, RemoteSource, SourceErr
 __all__ = ["SourceOps"]
 
 log = logging.getLogger("uffd.restore.daemon")
+
+_KEEPALIVE = 10.0  # seconds without a fault before the fault link reads a page to stay open
 
 
 class SourceOps(UffdOps):
@@ -55,6 +58,7 @@ class SourceOps(UffdOps):
         self._sync_timeout = parts.handler.deadline / 2
         self._region_ids: dict[str, int] = {}
         self.link = self._hand_to_pump(parts.source)
+        self._link_used = time.monotonic()  # the last fault or keepalive seen on the link
         # The pump's faults: the handler's stats have only those Python served.
         self.native_latency = LatencyHistogram()
 
@@ -103,6 +107,8 @@ class SourceOps(UffdOps):
             return None
         progress, layout = self.parts.progress, self.parts.layout
         served, lost = link.take()
+        if served or lost:
+            self._link_used = time.monotonic()
         for i in range(0, len(served), 2):
             flat = layout.flat(served[i])
             if flat is not None:
@@ -118,6 +124,21 @@ class SourceOps(UffdOps):
             self.link = None
             link.close()
         return why
+
+    def keepalive(self) -> None:
+        """Read one page over the fault link when it has been idle for 10 s (the server drops a
+        client idle for 30 s); a fault meanwhile finds the link busy and takes the Python path."""
+        link, source = self.link, self.parts.source
+        if link is None or not isinstance(source, RemoteSource):
+            return
+        if time.monotonic() - self._link_used < _KEEPALIVE:
+            return
+        self._link_used = time.monotonic()
+        where = source.region_at(0, source.page_size)
+        if where is not None:
+            name, inside = where
+            page = bytearray(source.page_size)
+            link.read(self._region_ids[name], inside, page, self._sync_timeout)
 
     def close(self) -> None:
         """Close the fault link (after the handler stopped: the pump may read it until then)."""

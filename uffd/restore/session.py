@@ -236,6 +236,8 @@ class Session:
                 if isinstance(source, RemoteSource) and source.idle:
                     with contextlib.suppress(Exception):
                         source.keepalive()
+                if self._ops is not None:
+                    self._ops.keepalive()
             if self._pidfd >= 0:
                 if any(fd == self._pidfd for fd, _ in poller.poll(100)):
                     break
