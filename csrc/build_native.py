@@ -79,7 +79,10 @@ int munmap(void *addr, size_t length);
 void *mremap(void *old_address, size_t old_size, size_t new_size, int flags, ...);
 int madvise(void *addr, size_t length, int advice);
 """
-    + "".join(_declarations(name) for name in ("uffd_native.h", "uffd_pump.h", "uffd_install.h"))
+    + "".join(
+        _declarations(name)
+        for name in ("uffd_native.h", "uffd_pump.h", "uffd_install.h", "uffd_serve.h")
+    )
 )
 
 SOURCES = sorted(str(p.relative_to(HERE.parent)) for p in HERE.glob("uffd_*.c"))
@@ -92,7 +95,7 @@ def builder(sources: list[str]) -> FFI:
     ffi.set_source(
         "uffd._native",
         '#include <sys/mman.h>\n#include "uffd_native.h"\n#include "uffd_pump.h"\n'
-        '#include "uffd_install.h"\n',
+        '#include "uffd_install.h"\n#include "uffd_serve.h"\n',
         sources=sources,
         include_dirs=[str(HERE)],
         extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11", "-pthread"],

@@ -83,7 +83,7 @@ def header(
     ("wire", "code", "match"),
     [
         (header(5, 20, magic=0x4142), p.ErrorCode.BAD_FRAME, "bad magic"),
-        (header(5, 20, version=3), p.ErrorCode.VERSION, "version 3"),
+        (header(5, 20, version=4), p.ErrorCode.VERSION, "version 4"),
         (header(99, 0), p.ErrorCode.BAD_FRAME, "unknown frame type 99"),
         (header(3, 0, flags=1), p.ErrorCode.BAD_FRAME, "flags"),
         (header(5, 20, flags=2), p.ErrorCode.BAD_FRAME, "flags"),

@@ -154,8 +154,13 @@ class _HandshakeFrames:
             raise RemoteError(frame.code, frame.message, self.label)
         return frame
 
-    def answer_hello(self, hello: p.Frame, token: bytes | None) -> tuple[p.Hello, bytes]:
-        """Check the server's first frame: it and the AUTH (if wanted) and LIST to send back."""
+    def answer_hello(
+        self, hello: p.Frame, token: bytes | None, *, faults: bool = False
+    ) -> tuple[p.Hello, bytes]:
+        """Check the server's first frame: it and the AUTH (if wanted) and LIST to send back.
+
+        ``faults``: flag the LIST FAULTS (a fault channel) if the version agreed allows it.
+        """
         label = self.label
         if not isinstance(hello, p.Hello):
             raise PeerGoneError(f"page server {label} did not start with HELLO")
@@ -186,7 +191,7 @@ class _HandshakeFrames:
                     label,
                 )
             out += p.encode(p.Auth(p.auth_mac(token, hello.nonce)), self.version)
-        return hello, out + p.encode(p.List(), self.version)
+        return hello, out + p.encode(p.List(faults=faults and self.version >= 3), self.version)
 
     def check_regions(self, regions: p.Frame) -> p.Regions:
         """The answer to LIST, which must be a REGIONS frame."""

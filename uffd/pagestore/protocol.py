@@ -10,7 +10,8 @@ The server speaks first (HELLO: versions, a 32-byte nonce, whether a token is
 required, the largest payload it accepts and sends, how many requests it
 queues per client); the client answers with AUTH when a token is required
 (HMAC-SHA256 of the nonce with the token), then LIST/REGIONS and any number
-of pipelined READ requests. A READ is answered by DATA and ZERO frames (a
+of pipelined READ requests (or, version 3, a LIST flagged FAULTS: a fault
+channel, which carries one READ at a time). A READ is answered by DATA and ZERO frames (a
 zero range costs no bytes) and one END that says how much was served: a reply
 may be split and may be short, in which case the client asks for the rest.
 ERROR frames carry a code and a UTF-8 message. docs/protocol.md has the
@@ -32,6 +33,7 @@ from typing import ClassVar, Union
 __all__ = [
     "AUTH_CONTEXT",
     "DATA_PREFIX",
+    "FLAG_FAULTS",
     "HEADER",
     "MAGIC",
     "MAX_FRAME",
@@ -70,10 +72,11 @@ __all__ = [
 ]
 
 MAGIC = 0x5546
-VERSION = 2
-# Every version this side speaks: 2 adds MAP/PRESENCE (the present-page map), the
-# rest of version 1 is unchanged, so a version-1 peer is served as before.
-VERSIONS = (1, 2)
+VERSION = 3
+# Every version this side speaks: 2 adds MAP/PRESENCE (the present-page map), 3 the
+# LIST flag FAULTS (a fault channel); the rest of version 1 is unchanged, so an
+# older peer is served as before.
+VERSIONS = (1, 2, 3)
 # A PRESENCE frame carries at most this much bitmap (262,144 pages: 1 GiB of
 # 4 KiB pages): it stays under a client's 64 KiB limit for control frames.
 MAX_PRESENCE_BYTES = 32 << 10
@@ -87,6 +90,8 @@ MIN_PAGE_SIZE = 512
 MAX_PAGE_SIZE = 1 << 30
 AUTH_CONTEXT = b"pyuffd-auth-v1"
 FLAG_URGENT = 0x0001
+# LIST, version 3: this connection carries only READs, one outstanding at a time.
+FLAG_FAULTS = 0x0001
 MAX_NAME_BYTES = 255
 
 
@@ -175,9 +180,15 @@ class Auth:
 
 @dataclasses.dataclass(frozen=True)
 class List:
-    """Client -> server: ask for the region table (answered by REGIONS)."""
+    """Client -> server: ask for the region table (answered by REGIONS).
+
+    ``faults`` (version 3): the connection is a fault channel from now on:
+    it carries only READs, each sent after the reply to the one before, and
+    nothing between this LIST and its REGIONS.
+    """
 
     request_id: int = 0
+    faults: bool = False
     TYPE: ClassVar[FrameType] = FrameType.LIST
 
 
@@ -302,7 +313,9 @@ _MIN_SIZE = {
     FrameType.ERROR: 2,
     FrameType.PRESENCE: _DATA.size,
 }
-_FLAGS_ALLOWED = {FrameType.READ: FLAG_URGENT}
+_FLAGS_ALLOWED = {FrameType.READ: FLAG_URGENT, FrameType.LIST: FLAG_FAULTS}
+# Flags of a type that need a newer header version: (type, flag) -> version.
+_FLAG_VERSION = {(FrameType.LIST, FLAG_FAULTS): 3}
 _U32 = (1 << 32) - 1
 _U64 = (1 << 64) - 1
 
@@ -341,7 +354,7 @@ def _payload(frame: Frame) -> tuple[int, bytes]:
             raise ValueError(f"the AUTH mac must be {MAC_SIZE} bytes")
         return 0, bytes(frame.mac)
     if isinstance(frame, List):
-        return 0, b""
+        return (FLAG_FAULTS if frame.faults else 0), b""
     if isinstance(frame, Regions):
         parts = [_REGIONS.pack(frame.page_size, len(frame.regions))]
         for entry in frame.regions:
@@ -384,6 +397,8 @@ def encode(frame: Frame, version: int = VERSION) -> bytes:
     _check_uint(len(payload), _U32, "payload length")
     if frame.TYPE in _V2_TYPES and version < 2:
         raise ValueError(f"{frame.TYPE.name} needs protocol version 2")
+    if flags and version < _FLAG_VERSION.get((frame.TYPE, flags), 0):
+        raise ValueError(f"{frame.TYPE.name} flags {flags:#x} need protocol version 3")
     return HEADER.pack(MAGIC, version, frame.TYPE, flags, 0, frame.request_id, len(payload)) + (
         payload
     )
@@ -465,7 +480,7 @@ def decode_payload(kind: FrameType, flags: int, request_id: int, payload: memory
     if kind is FrameType.AUTH:
         return Auth(bytes(payload), request_id)
     if kind is FrameType.LIST:
-        return List(request_id)
+        return List(request_id, bool(flags & FLAG_FAULTS))
     if kind is FrameType.REGIONS:
         return _decode_regions(payload, request_id)
     if kind is FrameType.READ:
@@ -526,9 +541,14 @@ def parse_header(
     ftype = FrameType(kind)
     if ftype in _V2_TYPES and version < 2:
         raise ProtocolError(ErrorCode.BAD_FRAME, f"{ftype.name} needs protocol version 2")
-    if flags & ~_FLAGS_ALLOWED.get(ftype, 0) or reserved:
+    if (
+        flags & ~_FLAGS_ALLOWED.get(ftype, 0)
+        or reserved
+        or version < _FLAG_VERSION.get((ftype, flags), 0)
+    ):
         raise ProtocolError(
-            ErrorCode.BAD_FRAME, f"{ftype.name}: unknown flags {flags:#x} or reserved bits"
+            ErrorCode.BAD_FRAME,
+            f"{ftype.name}: unknown flags {flags:#x} (in version {version}) or reserved bits",
         )
     limit = max_payload
     if max_control is not None and ftype is not FrameType.DATA:

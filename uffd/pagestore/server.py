@@ -18,6 +18,13 @@ nothing queued (high-water mark 0), so an urgent reply never waits behind
 buffered prefetch bytes. Every chunk of a snapshot is verified once before
 the server listens, so no read pays for checksumming a whole chunk.
 
+A connection whose LIST is flagged FAULTS (protocol version 3: it carries
+only READs, one at a time) is handed, after REGIONS, to a thread of its own
+that serves its READs in C with the GIL released (uffd/pagestore/_faults.py),
+so a fault never waits for this event loop, its pools or the GIL. Not under
+TLS, nor for a source whose bytes are not plain ranges of one file (a
+snapshot not verified at start): those connections stay here.
+
 What one peer can hold is bounded: ``max_clients`` connections (when full,
 the oldest connection still in its handshake makes room; when the process is
 out of fds, accept backs off, evicts the same way and recovers), one pool job
@@ -54,6 +61,7 @@ import threading
 from typing import Any
 
 from uffd.pagestore import protocol as p
+from uffd.pagestore._faults import FaultChannel, FaultTable
 from uffd.pagestore._ratelog import RateLimitedLog
 from uffd.pagestore._sendplan import Progress, SendPlan
 from uffd.pagestore.snapshot import PageSource, SnapshotError
@@ -399,6 +407,8 @@ class _Client:
         elif isinstance(frame, p.Read):
             await self.handle_read(frame)
         elif isinstance(frame, p.List):
+            if frame.faults:
+                await self.hand_off(frame)
             await self.send(server.regions_frame(frame.request_id))
         elif isinstance(frame, p.Error):
             raise _Disconnect()
@@ -406,6 +416,64 @@ class _Client:
             raise _Disconnect(
                 p.ErrorCode.BAD_FRAME, f"a client may not send {frame.TYPE.name} here"
             )
+
+    async def hand_off(self, frame: p.List) -> None:
+        """Answer a LIST flagged FAULTS and serve the connection on a fault channel until it ends.
+
+        Returns (the caller answers the LIST here) when the channel cannot be
+        used: TLS, a source the C loop cannot serve, no fd for the dup, or
+        frames already sent behind the LIST (which the flag's rules forbid).
+        Reading stops before REGIONS goes out, so every byte the client sends
+        after it is left in the socket for the channel.
+
+        Raises:
+            _Disconnect: the channel ended (``reason`` says why); never
+                with a code, the channel sent any ERROR itself.
+        """
+        server = self.server
+        sock = self.writer.get_extra_info("socket")
+        transport = self.writer.transport
+        if (
+            server.faults is None
+            or sock is None
+            or not isinstance(transport, asyncio.Transport)
+            or self.frames
+            or self.decoder.buffered
+        ):
+            return
+        transport.pause_reading()
+        try:
+            raw = socket.socket(fileno=os.dup(sock.fileno()))
+        except OSError:
+            transport.resume_reading()
+            return
+        try:
+            await self.send(server.regions_frame(frame.request_id))
+        except BaseException:
+            raw.close()
+            raise
+        if self.timer is not None:
+            self.timer.cancel()
+        channel = FaultChannel(server, raw, self.decoder.version, self.count_channel)
+        # The dup carries the connection from here: the transport lets go of its fd.
+        self.writer.transport.abort()
+        channel.start()
+        try:
+            self.reason = await asyncio.shield(channel.finished)
+        finally:
+            await channel.wait()
+        raise _Disconnect()
+
+    def count_channel(self, requests: int, frames: list[p.Frame], data: int, zeros: int) -> None:
+        """Add what a fault channel served to the counters (on the event loop)."""
+        stats = self.server.stats
+        stats.requests += requests
+        self.requests += requests
+        stats.bytes += data
+        self.bytes += data
+        stats.zero_bytes += zeros
+        self.zero_bytes += zeros
+        self.count(frames)
 
     async def handle_read(self, frame: p.Read) -> None:
         """Refuse a READ, answer it here (empty, or small and urgent), or queue it for work()."""
@@ -718,6 +786,8 @@ class PageServer:
         self._clients: dict[asyncio.Task[None], _Client | None] = {}
         self._accepted: dict[asyncio.Task[None], float] = {}
         self._room = asyncio.Event()
+        # What fault channels read (built by start()); None: they stay on the asyncio path.
+        self.faults: FaultTable | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -758,6 +828,31 @@ class PageServer:
                 f"{self.names[frame.region]!r} of {length} bytes"
             )
         return None
+
+    def answer_read(self, frame: p.Read) -> list[p.Frame]:
+        """The whole answer to ``frame``, read here (blocking): for a fault channel's thread.
+
+        What the asyncio path sends for it: ERROR for a bad READ (the same
+        code and message), else DATA and ZERO frames and END, or an ERROR
+        INTERNAL after the pieces read before a read failed.
+        """
+        error = self.check_read(frame)
+        rid = frame.request_id
+        if error is not None:
+            return [p.Error(error[0], error[1], rid)]
+        name = self.names[frame.region]
+        end = frame.offset + min(frame.length, self.max_read)
+        frames: list[p.Frame] = []
+        for start in range(frame.offset, end, self.frame_bytes):
+            try:
+                frames += self.read_piece(rid, name, start, min(self.frame_bytes, end - start))
+            except Exception as err:
+                return [*frames, p.Error(p.ErrorCode.INTERNAL, str(err), rid)]
+        return [*frames, p.End(end - frame.offset, rid)]
+
+    def count_stalled(self) -> None:
+        """Count a client dropped because it stopped reading (on the event loop)."""
+        self.stats.stalled += 1
 
     def presence(self, frame: p.Map) -> list[p.Frame]:
         """The PRESENCE frames answering ``frame`` (already checked): the stored-page bitmap.
@@ -825,6 +920,20 @@ class PageServer:
         loop = asyncio.get_running_loop()
         if self.verify and hasattr(self.source, "verify"):
             await loop.run_in_executor(self.executor, self._verify)
+        if self.ssl is None and (self.verify or not hasattr(self.source, "verify")):
+            # Fault channels need verified bytes in one file; a TLS client keeps the asyncio path.
+            self.faults = await loop.run_in_executor(
+                self.executor,
+                lambda: FaultTable.build(
+                    self.source,
+                    max_read=self.max_read,
+                    frame_bytes=self.frame_bytes,
+                    versions=p.VERSIONS,
+                    idle_timeout=self.idle_timeout,
+                    frame_timeout=self.handshake_timeout,
+                    send_timeout=self.send_timeout,
+                ),
+            )
         if self.ssl is None and not _is_loopback(self.host):
             log.warning(
                 "serving %s on %s WITHOUT TLS (insecure plaintext): anyone on the path can "
@@ -1009,6 +1118,9 @@ class PageServer:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.faults is not None:
+            self.faults.close()
+            self.faults = None
         self.executor.shutdown(wait=False)
         self.urgent_executor.shutdown(wait=False)
 

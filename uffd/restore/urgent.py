@@ -6,7 +6,9 @@ there, with blocking calls that release the GIL while they wait. No future,
 no reader thread, no GIL handed between two threads per fault (that deferred
 path cost ~200 µs a fault while prefetch ran). The connection carries these
 reads only, one at a time, so a fault's READ never queues behind prefetch
-bytes on its stream, and the server answers URGENT READs first.
+bytes on its stream, and the server answers URGENT READs first. Against a version-3 server the link
+asks for a fault channel (LIST flagged FAULTS): the server then serves its
+READs in C on a thread of their own, off its event loop and its GIL.
 
 Any failure of the connection (a timeout, EOF, garbage) breaks the link for
 good: the caller then takes its deferred path (``RemoteSource.fetch_into``),
@@ -239,7 +241,7 @@ def _handshake(sock: socket.socket, label: str, token: bytes | None) -> tuple[in
             frames.feed(sock.recv(1 << 16))
         return frames.pop()
 
-    hello, reply = frames.answer_hello(next_frame(), token)
+    hello, reply = frames.answer_hello(next_frame(), token, faults=True)
     sock.sendall(reply)
     regions = frames.check_regions(next_frame())
     if frames.pending or frames.decoder.buffered:
