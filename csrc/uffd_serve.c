@@ -50,21 +50,24 @@ static int done(struct pyuffd_serve_state *st, int reason, int err)
  * PYUFFD_SERVE_* reason.  The idle deadline counts from *last (the last
  * activity); once a byte of the frame came, the rest must come within
  * frame_ms of it as well.  The header is checked before its payload is
- * waited for, as the Python decoder does.
+ * waited for, as the Python decoder does.  A recv asks for the whole frame
+ * at once: bytes past a header that is not a READ's are never needed, since
+ * every such header ends the connection.
  */
 static int recv_frame(const struct pyuffd_serve_config *cfg, int sock, uint8_t *buf,
 		      int64_t *last, struct pyuffd_serve_state *st)
 {
-	size_t got = 0, want = HEADER;
+	size_t got = 0;
+	int checked = 0;
 	int64_t partial = -1;
-	while (got < want) {
-		ssize_t n = recv(sock, buf + got, want - got, MSG_DONTWAIT);
+	while (got < HEADER + READ_PAYLOAD) {
+		ssize_t n = recv(sock, buf + got, HEADER + READ_PAYLOAD - got, MSG_DONTWAIT);
 		if (n > 0) {
-			if (partial < 0)
-				partial = now_ms();
-			got += (size_t)n;
 			*last = now_ms();
-			if (got == HEADER && want == HEADER) {
+			if (partial < 0)
+				partial = *last;
+			got += (size_t)n;
+			if (got >= HEADER && !checked) {
 				uint16_t magic, flags, reserved;
 				uint32_t length;
 				memcpy(&magic, buf, 2);
@@ -78,7 +81,7 @@ static int recv_frame(const struct pyuffd_serve_config *cfg, int sock, uint8_t *
 					memcpy(st->header, buf, HEADER);
 					return done(st, PYUFFD_SERVE_HEADER, 0);
 				}
-				want = HEADER + READ_PAYLOAD;
+				checked = 1;
 			}
 			continue;
 		}

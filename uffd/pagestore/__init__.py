@@ -15,8 +15,10 @@ One module per job:
 - ``capture``: a snapshot of a live process's memory (``uffd snapshot create``).
 
 Private helpers: ``_sendplan`` (the server's bulk reply as non-blocking
-sendfile turns), ``_ratelog`` (its logging, which a flood of connections
-cannot flood) and ``_tls`` (TLS on memory BIOs for the threaded client).
+sendfile turns), ``_faults`` (its fault channels, served in C),
+``_ratelog`` (its logging, which a flood of connections cannot flood) and
+``_tls`` (TLS on memory BIOs for the threaded client).
 
-Nothing here needs userfaultfd or the compiled extension.
+Nothing here needs userfaultfd; the compiled extension only serves fault
+channels (without it they take the asyncio path).
 """

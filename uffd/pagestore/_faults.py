@@ -273,9 +273,11 @@ class FaultChannel:
             return self._refuse(err.code, err.message)
         if kind is p.FrameType.ERROR:
             return "the client sent ERROR"
-        return self._refuse(
-            p.ErrorCode.BAD_FRAME, f"a fault channel carries only READ frames, not {kind.name}"
-        )
+        if kind in (p.FrameType.LIST, p.FrameType.MAP):
+            return self._refuse(
+                p.ErrorCode.BAD_FRAME, f"a fault channel carries only READ frames, not {kind.name}"
+            )
+        return self._refuse(p.ErrorCode.BAD_FRAME, f"a client may not send {kind.name} here")
 
     def _refuse(self, code: p.ErrorCode | int, message: str) -> str:
         """Send ERROR(code, message) for the connection, linger, and say why it ended."""
