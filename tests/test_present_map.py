@@ -45,7 +45,7 @@ def test_extents_match_the_snapshot_and_move_no_page_bytes(tmp_path: Path) -> No
     write_snapshot(path, {"a": mixed(3000, 1), "b": bytes(64 * PS)})
     with Snapshot.open(path) as snap, ServerThread(snap) as srv:
         with ThreadedPageClient(srv.url) as client:
-            assert client.version == 2
+            assert client.version == p.VERSION == 3
             assert client.extents("a") == snap.extents("a")
             assert client.extents("a", 8 * PS, 1000 * PS) == snap.extents("a", 8 * PS, 1000 * PS)
             assert client.extents("a", 13 * PS, 3 * PS) == snap.extents("a", 13 * PS, 3 * PS)
@@ -91,7 +91,7 @@ def test_version_one_client_is_served_in_version_one(tmp_path: Path) -> None:
             return frames_until(sock, decoder, frames, kind)
 
         hello = until(p.Hello)
-        assert isinstance(hello, p.Hello) and hello.min_version == 1 and hello.max_version == 2
+        assert isinstance(hello, p.Hello) and hello.min_version == 1 and hello.max_version == 3
         sock.sendall(p.encode(p.List(), 1) + p.encode(p.Read(0, 0, 8 * PS, True, 5), 1))
         until(p.Regions)
         assert until(p.End) == p.End(8 * PS, 5)
