@@ -40,7 +40,8 @@ unknown region, a range outside it) gets an ERROR for that request id only.
 :class:`ServerThread` runs a server on its own event-loop thread for tests
 and synchronous programs.
 
-This module is pure Python: no userfaultfd and no compiled extension needed.
+This module is pure Python and needs no userfaultfd; fault channels use the
+compiled extension when it is there (without it they stay on the asyncio path).
 """
 
 from __future__ import annotations
