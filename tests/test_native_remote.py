@@ -9,6 +9,7 @@ every later one reach the ops' ``handle_missing``, within the deadline.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -97,6 +98,31 @@ class RemoteOps(UffdOps):
         return Resolution.copy(self.image[fault.offset : fault.offset + PAGE])
 
 
+@contextlib.contextmanager
+def pump_link(
+    url: str, image: bytes, timeout: float = 1.0
+) -> Iterator[tuple[RemoteLink, RemoteOps]]:
+    """A RemoteLink to ``url`` and RemoteOps over it; the link is closed after the block."""
+    link = hand_over(url)
+    try:
+        yield link, RemoteOps(link, image, timeout)
+    finally:
+        link.close()
+
+
+@contextlib.contextmanager
+def served(region: mem.Region, ops: RemoteOps, deadline: float = 2.0) -> Iterator[FaultHandler]:
+    """A FaultHandler serving ``region`` MISSING with ``ops``, stopped after the block."""
+    with FaultHandler(deadline=deadline) as handler:
+        handler.register(region, Mode.MISSING, ops)
+        yield handler
+
+
+def assert_image(data: bytes, image: bytes, what: str) -> None:
+    """``data`` is the first pages of ``image``, page by page."""
+    assert_pages(data, PAGE, lambda i: image[i * PAGE : (i + 1) * PAGE], what)
+
+
 def served_addresses(link: RemoteLink) -> list[int]:
     """The addresses the pump reports served since the last call."""
     pairs, lost = link.take()
@@ -109,19 +135,13 @@ def test_pages_come_over_the_link_without_python(
 ) -> None:
     """Every page (zero pages too) is installed by the pump from the server; Python sees none."""
     region = region_factory("anon", pages=PAGES)
-    link = hand_over(server.url)
-    ops = RemoteOps(link, image, timeout=1.0)
-    try:
-        with FaultHandler(deadline=2.0) as handler:
-            handler.register(region, Mode.MISSING, ops)
-            data = read_concurrently(region)
-            assert handler.stats.native_faults == PAGES
+    with pump_link(server.url, image) as (link, ops), served(region, ops) as handler:
+        data = read_concurrently(region)
+        assert handler.stats.native_faults == PAGES
         assert ops.python_faults == 0
         assert link.dead is None
         assert sorted(served_addresses(link)) == [region.addr + i * PAGE for i in range(PAGES)]
-    finally:
-        link.close()
-    assert_pages(data, PAGE, lambda i: image[i * PAGE : (i + 1) * PAGE], "native remote")
+    assert_image(data, image, "native remote")
 
 
 def test_server_killed_mid_restore_faults_take_the_python_path(
@@ -129,24 +149,18 @@ def test_server_killed_mid_restore_faults_take_the_python_path(
 ) -> None:
     """After the server dies the link is dropped and the remaining faults are answered by Python."""
     region = region_factory("anon", pages=PAGES)
-    link = hand_over(server.url)
-    ops = RemoteOps(link, image, timeout=1.0)
     half = PAGES // 2
-    try:
-        with FaultHandler(deadline=2.0) as handler:
-            handler.register(region, Mode.MISSING, ops)
-            first = region.read(0, half * PAGE)
-            assert handler.stats.native_faults == half
-            server.kill()
-            started = time.monotonic()
-            rest = region.read(half * PAGE, (PAGES - half) * PAGE)
-            assert time.monotonic() - started < WAIT
-            assert handler.stats.native_faults == half
+    with pump_link(server.url, image) as (link, ops), served(region, ops) as handler:
+        first = region.read(0, half * PAGE)
+        assert handler.stats.native_faults == half
+        server.kill()
+        started = time.monotonic()
+        rest = region.read(half * PAGE, (PAGES - half) * PAGE)
+        assert time.monotonic() - started < WAIT
+        assert handler.stats.native_faults == half
         assert ops.python_faults == PAGES - half
         assert link.dead in ("EPIPE", "ECONNRESET")
-    finally:
-        link.close()
-    assert_pages(first + rest, PAGE, lambda i: image[i * PAGE : (i + 1) * PAGE], "after the kill")
+    assert_image(first + rest, image, "after the kill")
 
 
 class ScriptedServer:
@@ -226,19 +240,13 @@ def test_garbage_reply_drops_the_link(
 
     srv = scripted(answer)
     region = region_factory("anon", pages=4)
-    link = hand_over(srv.url)
-    ops = RemoteOps(link, image, timeout=1.0)
-    try:
-        with FaultHandler(deadline=2.0) as handler:
-            handler.register(region, Mode.MISSING, ops)
-            data = region.read(0, region.length)
-            assert handler.stats.native_faults == 0
+    with pump_link(srv.url, image) as (link, ops), served(region, ops) as handler:
+        data = region.read(0, region.length)
+        assert handler.stats.native_faults == 0
         assert link.dead == "EPROTO"
         assert ops.python_faults == 4
         assert srv.reads == 1  # never touched again once dead
-    finally:
-        link.close()
-    assert_pages(data, PAGE, lambda i: image[i * PAGE : (i + 1) * PAGE], "after garbage")
+    assert_image(data, image, "after garbage")
 
 
 def test_error_reply_keeps_the_link(
@@ -255,18 +263,12 @@ def test_error_reply_keeps_the_link(
 
     srv = scripted(answer)
     region = region_factory("anon", pages=2)
-    link = hand_over(srv.url)
-    ops = RemoteOps(link, image, timeout=1.0)
-    try:
-        with FaultHandler(deadline=2.0) as handler:
-            handler.register(region, Mode.MISSING, ops)
-            data = region.read(0, PAGE) + region.read(PAGE, PAGE)
-            assert handler.stats.native_faults == 1
+    with pump_link(srv.url, image) as (link, ops), served(region, ops) as handler:
+        data = region.read(0, PAGE) + region.read(PAGE, PAGE)
+        assert handler.stats.native_faults == 1
         assert ops.python_faults == 1
         assert link.dead is None
-    finally:
-        link.close()
-    assert_pages(data, PAGE, lambda i: image[i * PAGE : (i + 1) * PAGE], "after an ERROR")
+    assert_image(data, image, "after an ERROR")
 
 
 def test_stalled_server_fault_resolved_within_the_deadline(
@@ -275,21 +277,18 @@ def test_stalled_server_fault_resolved_within_the_deadline(
     """A server that never answers costs a fault the link's timeout, then Python serves it."""
     srv = scripted(lambda read, conn: None)
     region = region_factory("anon", pages=2)
-    link = hand_over(srv.url)
-    ops = RemoteOps(link, image, timeout=0.2)
-    try:
-        with FaultHandler(deadline=0.4) as handler:
-            handler.register(region, Mode.MISSING, ops)
-            started = time.monotonic()
-            data = region.read(0, region.length)
-            took = time.monotonic() - started
-            assert handler.stats.expired == 0  # Python answered within the deadline
+    with (
+        pump_link(srv.url, image, timeout=0.2) as (link, ops),
+        served(region, ops, deadline=0.4) as handler,
+    ):
+        started = time.monotonic()
+        data = region.read(0, region.length)
+        took = time.monotonic() - started
+        assert handler.stats.expired == 0  # Python answered within the deadline
         assert link.dead == "ETIMEDOUT"
         assert ops.python_faults == 2
         assert 0.2 <= took < 0.4 + 0.2  # one timeout; the second fault never waits on the link
-    finally:
-        link.close()
-    assert_pages(data, PAGE, lambda i: image[i * PAGE : (i + 1) * PAGE], "after a stall")
+    assert_image(data, image, "after a stall")
 
 
 def test_stop_while_the_pump_waits_on_the_socket_ends_promptly(
@@ -298,9 +297,7 @@ def test_stop_while_the_pump_waits_on_the_socket_ends_promptly(
     """stop() ends a read the pump waits on (a 30 s timeout) at once; the fault is resolved."""
     srv = scripted(lambda read, conn: None)
     region = region_factory("anon", pages=1)
-    link = hand_over(srv.url)
-    ops = RemoteOps(link, image, timeout=30.0)
-    try:
+    with pump_link(srv.url, image, timeout=30.0) as (link, ops):
         handler = FaultHandler(deadline=60.0, fallback="zero")
         handler.register(region, Mode.MISSING, ops)
         handler.start()
@@ -312,8 +309,6 @@ def test_stop_while_the_pump_waits_on_the_socket_ends_promptly(
         # Handed to Python as the stop began: its answer, or the stop's fallback.
         assert toucher.finish(WAIT) in (image[:PAGE], bytes(PAGE))
         assert link.dead == "ECANCELED"
-    finally:
-        link.close()
 
 
 def test_progress_sees_the_pump_faults_in_a_daemon_restore(
@@ -353,18 +348,13 @@ def test_link_read_between_faults_keeps_the_link(
 ) -> None:
     """A keepalive read over the link gets its page, and the pump serves faults after it."""
     region = region_factory("anon", pages=2)
-    link = hand_over(server.url)
-    ops = RemoteOps(link, image, timeout=1.0)
-    try:
-        page = bytearray(PAGE)
+    page = bytearray(PAGE)
+    with pump_link(server.url, image) as (link, ops):
         assert link.read(0, 3 * PAGE, page, WAIT)
         assert bytes(page) == image[3 * PAGE : 4 * PAGE]
-        with FaultHandler(deadline=2.0) as handler:
-            handler.register(region, Mode.MISSING, ops)
+        with served(region, ops) as handler:
             data = region.read(0, region.length)
             assert handler.stats.native_faults == 2
-        assert link.dead is None and ops.python_faults == 0
-    finally:
-        link.close()
+            assert link.dead is None and ops.python_faults == 0
     assert not link.read(0, 0, page, WAIT)  # closed: nothing read
-    assert_pages(data, PAGE, lambda i: image[i * PAGE : (i + 1) * PAGE], "after a keepalive")
+    assert_image(data, image, "after a keepalive")
