@@ -328,7 +328,7 @@ static int fill_bounce(struct pyuffd_pump *p, int source, int src_fd, uint64_t o
 	pthread_mutex_unlock(&p->lock);
 	ssize_t n = pread(src_fd, p->bounce, len, (off_t)offset);
 	int err = errno;
-	pthread_mutex_lock(&p->lock);
+	lock_for_fault(p);
 	p->reading = 0;
 	sweep_srcs(p);
 	if (n < 0)
@@ -360,7 +360,7 @@ static int serve_remote(struct pyuffd_pump *p, int fd, struct map *m, uint64_t p
 	p->reading = 1;
 	pthread_mutex_unlock(&p->lock);
 	int rc = pyuffd_link_read(link, region, at, p->bounce, ps, timeout, p->stopfd);
-	pthread_mutex_lock(&p->lock);
+	lock_for_fault(p);
 	p->reading = 0;
 	/* The lock was released: install only if the same map still holds the page. */
 	m = find_map(p, fd, page);
