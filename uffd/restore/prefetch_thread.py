@@ -25,7 +25,7 @@ server, runs are received straight into a page-aligned ring buffer
 (``inflight_bytes``, several reads in flight) and installed from there in
 order; from another source (a chunk store), as the bytes it hands
 back. Each install is one ``FaultHandler.install`` per registered piece:
-one C call that copies it in 128 KiB UFFDIO_COPY steps without the GIL
+one C call that copies it in 64 KiB UFFDIO_COPY steps without the GIL
 (csrc/uffd_install.c), each step waking the threads that faulted on its
 pages. Installs are best effort: a page not installed is left to its fault.
 ioctl_userfaultfd(2).
