@@ -232,9 +232,17 @@ def test_the_loop_runs_without_the_gil(pump: Pump, registered: Registered) -> No
 
 
 def test_contiguous_runs_are_joined_up_to_the_limit() -> None:
-    """Chunks that follow each other are joined (never past the limit); a jump starts anew."""
+    """Chunks that follow each other are joined (never past the limit, never across a region
+    start, whose region may lie elsewhere in the process); a jump starts anew."""
     k = 64 << 10
     runs = [(0, k), (k, 2 * k), (3 * k, 4 * k), (7 * k, 8 * k), (100 * k, k), (101 * k, k)]
     assert list(joined(iter(runs), 8 * k)) == [(0, 7 * k), (7 * k, 8 * k), (100 * k, 2 * k)]
+    assert list(joined(iter(runs), 8 * k, {3 * k, 101 * k})) == [
+        (0, 3 * k),
+        (3 * k, 4 * k),
+        (7 * k, 8 * k),
+        (100 * k, k),
+        (101 * k, k),
+    ]
     assert list(joined(iter(runs), k)) == runs
     assert list(joined(iter([]), k)) == []

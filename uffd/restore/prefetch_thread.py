@@ -40,7 +40,7 @@ import dataclasses
 import errno
 import mmap
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from typing import Any
 
 from uffd._constants import Ioctl
@@ -55,9 +55,12 @@ _FIRST_FAULT_WAIT = 0.05  # seconds prefetch waits for the first fault to be ser
 _MAX_INFLIGHT = 32  # prefetch reads in flight to a page server (it queues 64 per client)
 
 
-def joined(runs: Iterable[tuple[int, int]], limit: int) -> Iterator[tuple[int, int]]:
+def joined(
+    runs: Iterable[tuple[int, int]], limit: int, boundaries: Container[int] = ()
+) -> Iterator[tuple[int, int]]:
     """The runs ``(offset, length)``, each joined with those that follow it contiguously,
-    up to ``limit`` bytes; in the same order.
+    up to ``limit`` bytes and never across one of ``boundaries`` (where a region starts:
+    the next region may lie anywhere in the process); in the same order.
 
     A file answers at once, so the chunks that grow after a fault (64 KiB,
     128 KiB, ... 4 MiB, all from the fault on) are installed by one call: one
@@ -66,7 +69,7 @@ def joined(runs: Iterable[tuple[int, int]], limit: int) -> Iterator[tuple[int, i
     """
     start = length = 0
     for flat, n in runs:
-        if length and flat == start + length and length + n <= limit:
+        if length and flat == start + length and length + n <= limit and flat not in boundaries:
             length += n
             continue
         if length:
@@ -116,10 +119,11 @@ class _RingReads(_Reads):
     view of it (the page client's too) is gone.
     """
 
-    def __init__(self, source: RemoteSource, size: int) -> None:
+    def __init__(self, source: RemoteSource, size: int, boundaries: Container[int]) -> None:
         super().__init__()
         self.source = source
         self.size = size
+        self.boundaries = boundaries
         self._view = memoryview(mmap.mmap(-1, size))
         self._used: collections.deque[tuple[int, int]] = collections.deque()
         self._taken = 1  # reads the last data() joined
@@ -147,14 +151,20 @@ class _RingReads(_Reads):
 
     def data(self) -> memoryview:
         """The oldest read's bytes joined with the reads after it that are done and follow
-        it both in the ring and in the flat space: one install call for all of them."""
+        it both in the ring and in the flat space, within its region: one install call for
+        all of them."""
         at, n = self._used[0]
         flat = self.inflight[0][0]
         count = 1
         while count < len(self.inflight):
             next_flat, future = self.inflight[count]
             next_at, next_n = self._used[count]
-            if next_flat != flat + n or next_at != at + n or not future.done():
+            if (
+                next_flat != flat + n
+                or next_at != at + n
+                or next_flat in self.boundaries
+                or not future.done()
+            ):
                 break
             if future.exception() is not None:
                 break  # its error is raised once it is the oldest
@@ -292,7 +302,8 @@ class Prefetch:
             _Stop: the session is ending, the source failed, the process is gone.
         """
         layout = self.parts.layout
-        for flat, n in joined(runs, self.parts.progress.max_chunk):
+        starts = frozenset(layout.starts)
+        for flat, n in joined(runs, self.parts.progress.max_chunk, starts):
             self._check()
             offset = layout.source_offset(flat)
             try:
@@ -326,7 +337,7 @@ class Prefetch:
         layout = self.parts.layout
         largest = max(self.parts.progress.max_chunk, layout.page_size)
         reads: _Reads = (
-            _RingReads(source, max(self.inflight_bytes, 2 * largest))
+            _RingReads(source, max(self.inflight_bytes, 2 * largest), frozenset(layout.starts))
             if isinstance(source, RemoteSource)
             else _BytesReads(source, self.inflight_bytes)
         )
