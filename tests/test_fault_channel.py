@@ -9,11 +9,14 @@ ERROR codes and messages, the same timeouts.
 from __future__ import annotations
 
 import random
+import shutil
 import socket
+import ssl
 import struct
+import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -81,10 +84,22 @@ def server(
 
 
 class Conn:
-    """A blocking socket speaking frames by hand; ``faults`` asks for a fault channel."""
+    """A blocking socket speaking frames by hand; ``faults`` asks for a fault channel.
 
-    def __init__(self, address: tuple[str, int], *, faults: bool, version: int = 3) -> None:
+    ``wrap`` turns the connected socket into the one to speak on (TLS).
+    """
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        *,
+        faults: bool,
+        version: int = 3,
+        wrap: Callable[[socket.socket], socket.socket] | None = None,
+    ) -> None:
         self.sock = socket.create_connection(address, timeout=WAIT)
+        if wrap is not None:
+            self.sock = wrap(self.sock)
         self.version = version
         self.decoder = p.FrameDecoder(max_payload=16 << 20)
         self.frames: list[p.Frame] = []
@@ -149,9 +164,9 @@ def _fault_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "uffd-page-faults"]
 
 
-def _wait_until(check: object, what: str) -> None:
+def _wait_until(check: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + WAIT
-    while not check():  # type: ignore[operator]
+    while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.01)
 
@@ -353,6 +368,30 @@ def test_unverified_snapshot_keeps_the_asyncio_path(snap_path: Path) -> None:
     """A snapshot not verified at start is served to a fault channel by the asyncio path."""
     with Snapshot.open(snap_path) as snap, ServerThread(snap, verify=False) as srv:
         conn = Conn(srv.address, faults=True)
+        got = conn.reply(p.Read(0, 0, 8 * PS, True, 1))
+        assert _bytes_of(got, 0) == IMAGE[: 8 * PS]
+        assert not _fault_threads()
+        conn.close()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
+def test_tls_connection_keeps_the_asyncio_path(snap_path: Path, tmp_path: Path) -> None:
+    """Under TLS a LIST flagged FAULTS is honoured by the asyncio path: pages right, no C loop."""
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-keyout", "key.pem", "-out", "cert.pem", "-days", "1", "-subj", "/CN=x",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        cwd=tmp_path, check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    client_side = ssl.create_default_context(cafile=tmp_path / "cert.pem")
+    with Snapshot.open(snap_path) as snap, ServerThread(snap, ssl=server_side) as srv:
+        conn = Conn(
+            srv.address,
+            faults=True,
+            wrap=lambda sock: client_side.wrap_socket(sock, server_hostname="127.0.0.1"),
+        )
         got = conn.reply(p.Read(0, 0, 8 * PS, True, 1))
         assert _bytes_of(got, 0) == IMAGE[: 8 * PS]
         assert not _fault_threads()
