@@ -133,7 +133,9 @@ class ServerStats:
     ``max_clients`` cap or fds running out); ``accept_errors``: accept()
     failures for want of fds or memory (each one backed off and retried);
     ``stalled``: clients dropped because they stopped reading (send timeout);
-    ``tls_failures``: TLS handshakes that failed.
+    ``tls_failures``: TLS handshakes that failed. A fault channel's READs and
+    bytes are added when its C loop returns (a READ it leaves to Python, or
+    the end of the connection), not one by one.
     """
 
     clients: int = 0
