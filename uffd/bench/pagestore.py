@@ -7,7 +7,9 @@ child process (``uffd serve``) and a minimal blocking client here:
   connection to a 64 MiB snapshot (1 MiB checksummed chunks), warm (the page
   in the page cache) and cold (the file's pages dropped with
   ``posix_fadvise(DONTNEED)`` before each read), with the server
-  and the client on the same CPU and on different CPUs. The floor beside it
+  and the client on the same CPU and on different CPUs; then the same on a
+  connection that asks to be a fault channel (protocol version 3: answered
+  by the server's C loop off the GIL, as the daemon's fault link is). The floor beside it
   is a minimal asyncio server that answers every 36-byte request with a
   4 KiB reply (the same client, the same placement): the server's own cost
   is the difference.
@@ -94,16 +96,20 @@ def _recv_exact(sock: socket.socket, n: int, buf: memoryview) -> None:
 
 
 def _page_latencies(
-    address: tuple[str, int], n: int, floor: bool, cold: Path | None
+    address: tuple[str, int], n: int, floor: bool, cold: Path | None, faults: bool = False
 ) -> list[float]:
-    """Seconds per request/reply of one 4 KiB page, ``n`` times, one at a time."""
+    """Seconds per request/reply of one 4 KiB page, ``n`` times, one at a time.
+
+    ``faults``: the connection asks to be a fault channel (protocol version 3,
+    answered by the server's C loop), as the daemon's fault link does.
+    """
     sock = socket.create_connection(address)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     buf = memoryview(bytearray(1 << 16))
     reply = PS + 40  # DATA header + offset + page, then END
     if not floor:
         _recv_exact(sock, p.HEADER.size + 44, buf)  # HELLO
-        sock.sendall(p.encode(p.List()))
+        sock.sendall(p.encode(p.List(faults=faults)))
         head = buf[: p.HEADER.size]
         _recv_exact(sock, p.HEADER.size, head)
         length = p.HEADER.unpack_from(head)[-1]
@@ -154,11 +160,19 @@ def page_latency(image: Path, n: int = 2000) -> dict[str, Any]:
                 _page_latencies(address, 200, False, None)
                 warm = _page_latencies(address, n, False, None)
                 cold = _page_latencies(address, n // 4, False, image)
+                _page_latencies(address, 200, False, None, True)
+                fault_warm = _page_latencies(address, n, False, None, True)
+                fault_cold = _page_latencies(address, n // 4, False, image, True)
             results[name] = {
                 "floor": _summary(floor),
                 "warm": _summary(warm),
                 "cold": _summary(cold),
+                "fault_channel_warm": _summary(fault_warm),
+                "fault_channel_cold": _summary(fault_cold),
                 "warm_over_floor_p50": round(statistics.median(warm) / statistics.median(floor), 2),
+                "fault_channel_warm_over_floor_p50": round(
+                    statistics.median(fault_warm) / statistics.median(floor), 2
+                ),
             }
     finally:
         os.sched_setaffinity(0, here)
