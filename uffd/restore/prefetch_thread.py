@@ -6,8 +6,10 @@ slice: :mod:`uffd.restore.priority`):
 
 0. at once, the zero pages the snapshot knows of (a file source's holes and
    unstored pages, or the page server's stored-page map) get the zero page
-   in bulk (UFFDIO_ZEROPAGE with DONTWAKE): they never cross a wire nor
-   cost a fault;
+   in bulk (UFFDIO_ZEROPAGE): they never cross a wire nor cost a fault once
+   the pass has reached them (it starts after the session's first fault;
+   a zero page the process touches before that is faulted, and fetched
+   from a page server);
 
 then, after the first fault is served (at most 50 ms later, so the
 process's first access does not queue behind megabytes of prefetch):
@@ -257,10 +259,18 @@ class Prefetch:
             self.parts.progress.source_failed(err)
             raise _Stop from None
         zeros = [run for o, n in known for run in layout.flat_of_source(o, n)]
-        for flat, n in self._claimed(zeros):
-            self._check()
-            done = self._zero(flat, n)
-            self.parts.progress.served(done, zeroed=done // layout.page_size)
+        # One table for the pass (a zero page is right even where the process changed its
+        # mappings meanwhile) and one count at the end: a snapshot may have thousands of
+        # zero runs, and faults there are fetched until the pass has passed them.
+        mappings = self.parts.handler.mappings
+        total = 0
+        try:
+            for flat, n in self._claimed(zeros):
+                self._check()
+                total += self._zero(flat, n, mappings)
+        finally:
+            if total:
+                self.parts.progress.served(total, zeroed=total // layout.page_size)
 
     def _claimed(self, flat_runs: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
         """The parts of the flat runs not present yet, all claimed before any is installed."""
@@ -395,11 +405,14 @@ class Prefetch:
 
     # -- installing ----------------------------------------------------------------
 
-    def _pieces(self, flat: int, length: int) -> Iterator[tuple[Mapping, int, int, int]]:
-        """``(mapping, offset in it, start in the run, length)`` of the run's registered parts."""
+    def _pieces(
+        self, flat: int, length: int, mappings: Sequence[Mapping] | None = None
+    ) -> Iterator[tuple[Mapping, int, int, int]]:
+        """``(mapping, offset in it, start in the run, length)`` of the run's registered parts
+        (in ``mappings``, else the handler's table now)."""
         start = self.parts.layout.address(flat)
         end = start + length
-        for m in self.parts.handler.mappings:
+        for m in self.parts.handler.mappings if mappings is None else mappings:
             lo, hi = max(start, m.start), min(end, m.end)
             if lo < hi:
                 yield m, lo - m.start, lo - start, hi - lo
@@ -430,7 +443,7 @@ class Prefetch:
                     installed += err.done  # gone meanwhile: what was installed before counts
         return installed
 
-    def _zero(self, flat: int, length: int) -> int:
+    def _zero(self, flat: int, length: int, mappings: Sequence[Mapping] | None = None) -> int:
         """Map the zero page over the run where it is registered and missing; bytes handled.
 
         A zero page cannot bring back contents a balloon removed, so this
@@ -442,14 +455,15 @@ class Prefetch:
         """
         handler = self.parts.handler
         done = 0
-        for m, at, start, n in self._pieces(flat, length):
+        for m, at, start, n in self._pieces(flat, length, mappings):
             if not m.ioctls & Ioctl.ZEROPAGE:
                 done += self._install(flat + start, memoryview(bytes(n)))
                 continue
             addr, end = m.start + at, m.start + at + n
             while addr < end:
                 try:
-                    got = handler.uffd.zeropage(addr, end - addr, wake=False)
+                    # Waking as it goes: no UFFDIO_WAKE of its own per run.
+                    got = handler.uffd.zeropage(addr, end - addr, wake=True)
                 except PageExistsError as err:
                     done += err.done
                     addr += err.done + m.page_size  # skip the page already there
@@ -464,8 +478,6 @@ class Prefetch:
                     raise _Stop from None  # the handler stopped under us
                 done += got
                 addr += got
-            with contextlib.suppress(UffdError, ValueError):
-                handler.wake(m, at, n)
         return done
 
     @contextlib.contextmanager
