@@ -6,6 +6,8 @@
 #include <sys/ioctl.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#include <linux/sched.h>
+#include <linux/sched/types.h>
 
 #include "uffd_native.h"
 
@@ -132,4 +134,17 @@ int pyuffd_pagemap_scan(int pagemap_fd, struct pm_scan_arg *arg)
 	arg->size = sizeof(*arg);
 	int n = ioctl(pagemap_fd, PAGEMAP_SCAN, arg);
 	return n < 0 ? -errno : n;
+}
+
+int pyuffd_set_slice(uint64_t slice_ns)
+{
+	struct sched_attr attr = { 0 };
+	if (syscall(SYS_sched_getattr, 0, &attr, sizeof(attr), 0) < 0)
+		return -errno;
+	if (attr.sched_policy != SCHED_NORMAL && attr.sched_policy != SCHED_BATCH)
+		return -EINVAL; /* a real-time or deadline thread keeps its own parameters */
+	attr.size = sizeof(attr);
+	attr.sched_flags &= SCHED_FLAG_RESET_ON_FORK;
+	attr.sched_runtime = slice_ns;
+	RETURN_ERRNO(syscall(SYS_sched_setattr, 0, &attr, 0));
 }

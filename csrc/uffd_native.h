@@ -29,6 +29,14 @@ int pyuffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *
 int pyuffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *done);
 int pyuffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode);
 
+/*
+ * The calling thread's time slice under the fair scheduler (EEVDF), kept across
+ * the threads it creates: sched_setattr(2) with sched_runtime = slice_ns (0: the
+ * default); its policy and niceness are kept. A thread with a shorter slice than
+ * the running one preempts it on wake-up.
+ */
+int pyuffd_set_slice(uint64_t slice_ns);
+
 /* Events: waits up to timeout_ms (-1: forever) and reads whole uffd_msg records. */
 int pyuffd_read_msgs(int fd, struct uffd_msg *buf, int max_msgs, int timeout_ms);
 

@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 
 from uffd.pagestore import protocol as p
 from uffd.pagestore._tls import TLSStream, describe_tls_error
+from uffd.restore.priority import bulk_thread_priority
 
 __all__ = [
     "MAX_ACCEPTED_FRAME",
@@ -479,7 +480,9 @@ class ThreadedPageClient:
     receiving side: it parses each frame header in place and receives DATA
     payloads straight into the request's buffer with ``recv_into`` (no
     per-frame bytes objects), asks again for the rest of a short reply, and
-    completes the futures; their done-callbacks run in that thread.
+    completes the futures; their done-callbacks run in that thread. ``bulk``:
+    the connection streams a restore, so the reader takes the default time
+    slice back (:func:`uffd.restore.priority.bulk_thread_priority`).
 
     When the connection breaks, every pending and later future fails with
     PeerGoneError. A request without a reply for ``request_timeout`` seconds
@@ -498,6 +501,7 @@ class ThreadedPageClient:
         token: bytes | None = None,
         request_timeout: float = 10.0,
         ssl: _ssl.SSLContext | None = None,
+        bulk: bool = False,
         server_hostname: str | None = None,
     ) -> None:
         address = parse_address(url)
@@ -552,6 +556,7 @@ class ThreadedPageClient:
         self._small = bytearray(256)
         self._small_view = memoryview(self._small)
         self._have = 0
+        self._bulk = bulk
         self._thread = threading.Thread(target=self._run, name="uffd-page-client", daemon=True)
         self._thread.start()
 
@@ -776,6 +781,8 @@ class ThreadedPageClient:
             part.fetch.fail(_copy_error(error))
 
     def _run(self) -> None:
+        if self._bulk:
+            bulk_thread_priority()
         label = self._label
         try:
             self._receive()

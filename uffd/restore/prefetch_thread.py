@@ -1,8 +1,8 @@
 """Install a restored process's memory in the background, ahead of its faults: :class:`Prefetch`.
 
-Three passes on one thread per session, at the fault path's niceness (a
-nicer thread would hold the daemon's one GIL while it waits for a time
-slice: :mod:`uffd.restore.priority`):
+Three passes on one thread per session, at the fault path's niceness but
+the default time slice (a nicer thread would hold the pump's lock and the
+daemon's one GIL while it waits for a time slice: :mod:`uffd.restore.priority`):
 
 0. at once, the zero pages the snapshot knows of (a file source's holes and
    unstored pages, or the page server's stored-page map) get the zero page
@@ -49,6 +49,7 @@ from uffd._constants import Ioctl
 from uffd._errors import MappingChangedError, NoMappingError, PageExistsError, UffdError
 from uffd._mapping import Mapping
 from uffd.restore.parts import SessionParts
+from uffd.restore.priority import bulk_thread_priority
 from uffd.restore.sources import FileSource, FlatSource, RemoteSource, SourceError
 
 __all__ = ["Prefetch", "joined"]
@@ -231,6 +232,7 @@ class Prefetch:
         Never raises: an unexpected error is added to the report and ends
         prefetch; a failed source is recorded by ``Progress.source_failed``.
         """
+        bulk_thread_priority()  # the fault path's short slice preempts this thread
         try:
             self._zero_pages()
             self.parts.progress.first_served.wait(_FIRST_FAULT_WAIT)

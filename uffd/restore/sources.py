@@ -289,7 +289,7 @@ class RemoteSource:
             return
         if bulk:
             try:
-                self._clients.append(self._connect())
+                self._clients.append(self._connect(bulk=True))
             except BaseException:
                 self.close()
                 raise
@@ -299,12 +299,12 @@ class RemoteSource:
         self._layout = _FlatLayout([(r.name, r.length) for r in first.regions])
         self.length = self._layout.length
 
-    def _connect(self) -> Any:
+    def _connect(self, *, bulk: bool = False) -> Any:
         from uffd.pagestore.client import ThreadedPageClient
 
         try:
             return ThreadedPageClient(
-                self.url, token=self.token, request_timeout=self.timeout, ssl=self.ssl
+                self.url, token=self.token, request_timeout=self.timeout, ssl=self.ssl, bulk=bulk
             )
         except Exception as err:
             raise SourceError(f"page server {self.url}: {err}") from err
