@@ -776,8 +776,14 @@ static int spin(struct pyuffd_pump *p, struct pyuffd_item *items, int max_items)
 			return n;
 		uint64_t t = now_ns();
 		if (p->native_faults != served) {
+			/*
+			 * Read again before yielding: on a shared CPU the woken thread
+			 * ran at once and its next fault is likely pending already, and
+			 * a sched_yield per fault cost ~0.5 us (1.16x the C handler).
+			 */
 			served = p->native_faults;
 			until = t + p->spin_ns;
+			continue;
 		}
 		if (t >= until)
 			return 0;
