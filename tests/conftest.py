@@ -41,6 +41,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -55,6 +56,13 @@ from uffd.testing._hugepages import HugePages, Unavailable
 
 CAPS = uffd.probe()
 """What this host allows; every feature-dependent test gates on it."""
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[str]:
+    """A short temporary directory (Unix socket paths are limited to 107 bytes)."""
+    with tempfile.TemporaryDirectory(prefix="uffd-t-", dir="/tmp") as path:
+        yield path
 
 
 def _kernel_version(release: str) -> tuple[int, int]:

@@ -18,9 +18,8 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -59,13 +58,6 @@ from rel_common import pattern as helper_pattern  # noqa: E402
 
 WAIT = 30.0
 SIZE = 2 << 20
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[str]:
-    """A short temporary directory (Unix socket paths are limited to 107 bytes)."""
-    with tempfile.TemporaryDirectory(prefix="uffd-d-", dir="/tmp") as path:
-        yield path
 
 
 @pytest.fixture

@@ -11,10 +11,9 @@ from __future__ import annotations
 import os
 import socket
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -38,13 +37,6 @@ from _helpers import (
 
 WAIT = 30.0
 SIZE = 1 << 20
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[str]:
-    """A short temporary directory (Unix socket paths are limited to 107 bytes)."""
-    with tempfile.TemporaryDirectory(prefix="uffd-w-", dir="/tmp") as path:
-        yield path
 
 
 @pytest.fixture

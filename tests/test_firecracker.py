@@ -7,9 +7,7 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -61,13 +59,6 @@ def fc_json(*regions: tuple[int, int, int]) -> bytes:
 def open_fds() -> set[str]:
     """This process's open fd numbers."""
     return set(os.listdir("/proc/self/fd"))
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[str]:
-    """A short temporary directory (Unix socket paths are limited to 107 bytes)."""
-    with tempfile.TemporaryDirectory(prefix="uffd-fc-", dir="/tmp") as path:
-        yield path
 
 
 # -- encoding and parsing -----------------------------------------------------------

@@ -17,7 +17,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,13 +82,6 @@ def store(request: pytest.FixtureRequest) -> RedisServers:
     """Each test that takes it runs on the single node and on the cluster."""
     servers: RedisServers = request.getfixturevalue(request.param)
     return servers
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[str]:
-    """A short temporary directory (Unix socket paths are limited to 107 bytes)."""
-    with tempfile.TemporaryDirectory(prefix="uffd-r-", dir="/tmp") as path:
-        yield path
 
 
 def image(size: int, seed: int = 0, hole: tuple[int, int] | None = None) -> bytearray:
