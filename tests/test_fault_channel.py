@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from helpers.frames import FramePeer
 
 from uffd.pagestore import protocol as p
 from uffd.pagestore.client import ThreadedPageClient
@@ -83,8 +84,8 @@ def server(
         yield srv
 
 
-class Conn:
-    """A blocking socket speaking frames by hand; ``faults`` asks for a fault channel.
+class Conn(FramePeer):
+    """A hand-written peer (:class:`FramePeer`) past LIST; ``faults`` asks for a fault channel.
 
     ``wrap`` turns the connected socket into the one to speak on (TLS).
     """
@@ -97,52 +98,14 @@ class Conn:
         version: int = 3,
         wrap: Callable[[socket.socket], socket.socket] | None = None,
     ) -> None:
-        self.sock = socket.create_connection(address, timeout=WAIT)
-        if wrap is not None:
-            self.sock = wrap(self.sock)
-        self.version = version
-        self.decoder = p.FrameDecoder(max_payload=16 << 20)
-        self.frames: list[p.Frame] = []
+        sock = socket.create_connection(address, timeout=WAIT)
+        super().__init__(sock if wrap is None else wrap(sock), version)
         hello = self.recv()
         assert isinstance(hello, p.Hello)
         self.send(p.List(faults=faults))
         regions = self.recv()
         assert isinstance(regions, p.Regions)
         self.regions = regions
-
-    def send(self, *frames: p.Frame | bytes) -> None:
-        self.sock.sendall(
-            b"".join(f if isinstance(f, bytes) else p.encode(f, self.version) for f in frames)
-        )
-
-    def recv(self) -> p.Frame:
-        """The next frame (fails the test after WAIT seconds or at EOF)."""
-        while not self.frames:
-            data = self.sock.recv(1 << 16)
-            assert data, "the server closed the connection"
-            self.frames += self.decoder.feed(data)
-        return self.frames.pop(0)
-
-    def reply(self, read: p.Read) -> list[p.Frame]:
-        """Send ``read`` and return its frames up to END or ERROR."""
-        self.send(read)
-        out = [self.recv()]
-        while not isinstance(out[-1], (p.End, p.Error)):
-            out.append(self.recv())
-        return out
-
-    def closed_after_error(self, code: p.ErrorCode) -> p.Error:
-        """The next frame is ERROR(code) for the connection, then EOF."""
-        frame = self.recv()
-        assert isinstance(frame, p.Error) and frame.code == code and frame.request_id == 0, frame
-        self.sock.settimeout(WAIT)
-        with pytest.raises((ConnectionResetError, AssertionError)):
-            while True:
-                assert self.sock.recv(1 << 16)
-        return frame
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def _bytes_of(frames: list[p.Frame], offset: int) -> bytes:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.frames import frames_until
+from helpers.frames import FramePeer, frames_until
 
 from uffd.cli import main
 from uffd.pagestore import protocol as p
@@ -100,30 +100,18 @@ class SlowSource:
         self.inner.close()
 
 
-class RawConn:
-    """A plain blocking socket speaking frames by hand (to misbehave on purpose)."""
+class RawConn(FramePeer):
+    """A hand-written peer (:class:`FramePeer`) that has read the server's HELLO."""
 
     def __init__(self, address: tuple[str, int], rcvbuf: int | None = None) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf is not None:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.sock.settimeout(WAIT)
-        self.sock.connect(address)
-        self.decoder = p.FrameDecoder(max_payload=16 << 20)
-        self.frames: list[p.Frame] = []
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.settimeout(WAIT)
+        sock.connect(address)
+        super().__init__(sock)
         self.hello = self.recv()
         assert isinstance(self.hello, p.Hello)
-
-    def send(self, *frames: p.Frame | bytes) -> None:
-        self.sock.sendall(b"".join(f if isinstance(f, bytes) else p.encode(f) for f in frames))
-
-    def recv(self) -> p.Frame:
-        """The next frame (fails the test after WAIT seconds or at EOF)."""
-        while not self.frames:
-            data = self.sock.recv(1 << 16)
-            assert data, "the server closed the connection"
-            self.frames += self.decoder.feed(data)
-        return self.frames.pop(0)
 
     def login(self, token: bytes | None = None) -> p.Regions:
         if token is not None:
@@ -132,23 +120,6 @@ class RawConn:
         regions = self.recv()
         assert isinstance(regions, p.Regions)
         return regions
-
-    def expect_error_and_close(self, code: p.ErrorCode) -> p.Error:
-        """The next frame is ERROR(code) for the connection, then the server hangs up."""
-        frame = self.recv()
-        assert isinstance(frame, p.Error), frame
-        assert frame.code is code, frame
-        assert frame.request_id == 0
-        self.sock.settimeout(WAIT)
-        try:
-            while self.sock.recv(1 << 16):
-                pass
-        except ConnectionResetError:
-            pass
-        return frame
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def collect(conn: RawConn, request_ids: set[int]) -> dict[int, list[p.Frame]]:
@@ -341,14 +312,14 @@ def test_malformed_frame_closes_only_that_client(server: ServerThread) -> None:
         bad = RawConn(server.address)
         bad.login()
         bad.send(b"\xde\xad\xbe\xef" * 8)
-        err = bad.expect_error_and_close(p.ErrorCode.BAD_FRAME)
+        err = bad.closed_after_error(p.ErrorCode.BAD_FRAME)
         assert "bad magic" in err.message
         bad.close()
         assert good.read("mem", 0, 8 * PS) == MEM[: 8 * PS]
     wrong_type = RawConn(server.address)
     wrong_type.login()
     wrong_type.send(p.Data(0, b"x"))
-    wrong_type.expect_error_and_close(p.ErrorCode.BAD_FRAME)
+    wrong_type.closed_after_error(p.ErrorCode.BAD_FRAME)
     wrong_type.close()
     assert_still_serving(server.url)
 
@@ -358,7 +329,7 @@ def test_oversized_length_field_refused(server: ServerThread) -> None:
     bad = RawConn(server.address)
     bad.login()
     bad.send(struct.pack(">HBBHHII", 0x5546, 1, p.FrameType.READ, 0, 0, 1, 0xFFFFFFFF))
-    bad.expect_error_and_close(p.ErrorCode.TOO_LARGE)
+    bad.closed_after_error(p.ErrorCode.TOO_LARGE)
     bad.close()
     assert_still_serving(server.url)
 
@@ -388,7 +359,7 @@ def test_slow_loris_handshake_dropped(snap: Snapshot) -> None:
         assert 0.3 < elapsed < 3.0
         loris.close()
         silent = RawConn(srv.address)
-        silent.expect_error_and_close(p.ErrorCode.TIMEOUT)
+        silent.closed_after_error(p.ErrorCode.TIMEOUT)
         silent.close()
         with ThreadedPageClient(srv.url, token=token) as good:
             assert good.read("mem", 0, PS) == MEM[:PS]
@@ -400,7 +371,7 @@ def test_idle_client_dropped(snap: Snapshot) -> None:
         conn = RawConn(srv.address)
         conn.login()
         start = time.monotonic()
-        conn.expect_error_and_close(p.ErrorCode.TIMEOUT)
+        conn.closed_after_error(p.ErrorCode.TIMEOUT)
         assert time.monotonic() - start < 2.0
         conn.close()
 
@@ -411,11 +382,11 @@ def test_wrong_or_missing_token_refused(snap: Snapshot) -> None:
         raw = RawConn(srv.address)
         assert raw.hello.auth_required
         raw.send(p.Auth(p.auth_mac(b"wrong", raw.hello.nonce)), p.List())
-        raw.expect_error_and_close(p.ErrorCode.AUTH_FAILED)
+        raw.closed_after_error(p.ErrorCode.AUTH_FAILED)
         raw.close()
         skip_auth = RawConn(srv.address)
         skip_auth.send(p.List())
-        skip_auth.expect_error_and_close(p.ErrorCode.AUTH_FAILED)
+        skip_auth.closed_after_error(p.ErrorCode.AUTH_FAILED)
         skip_auth.close()
         with pytest.raises(RemoteError, match="wrong token") as info:
             ThreadedPageClient(srv.url, token=b"wrong")
