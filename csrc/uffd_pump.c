@@ -81,6 +81,7 @@ struct pyuffd_pump {
 	struct pyuffd_link **links; /* REMOTE links the maps use, one reference each */
 	int nlinks, links_cap;
 	int reading; /* a FILE or REMOTE source is being read with the lock released */
+	uint32_t lone_reads; /* the spin's reads in a row that found one message (see spin) */
 };
 
 static uint64_t now_ns(void)
@@ -768,10 +769,22 @@ static int spin(struct pyuffd_pump *p, struct pyuffd_item *items, int max_items)
 	uint64_t until = now_ns() + p->spin_ns;
 	uint64_t served = p->native_faults;
 	for (;;) {
+		/*
+		 * While reads find one message at a time (one faulting thread), ask
+		 * for one: a larger read makes the kernel look for a second message
+		 * too, which cost 2-3 % of a same-CPU fault. Every 8th read asks for
+		 * a full batch, so concurrent faults are batched again at once.
+		 */
 		int n = 0;
+		uint64_t before = p->native_faults;
 		for (int i = p->nfds - 1; i >= 0 && n < max_items; i--)
 			if (i < p->nfds)
-				n += read_fd(p, p->fds[i], items + n, max_items - n, p->deadline_ns);
+				n += read_fd(p, p->fds[i], items + n, p->lone_reads % 8 ? 1 : max_items - n,
+					     p->deadline_ns);
+		if (n + p->native_faults - before == 1)
+			p->lone_reads++;
+		else if (n + p->native_faults - before > 1)
+			p->lone_reads = 0;
 		if (n || p->bl_count || __atomic_load_n(&p->stop_requested, __ATOMIC_RELAXED))
 			return n;
 		uint64_t t = now_ns();
