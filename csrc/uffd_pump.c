@@ -513,7 +513,7 @@ static int read_fd(struct pyuffd_pump *p, int fd, struct pyuffd_item *items, int
 		else
 			backlog_push(p, &item);
 	}
-	if (hi > lo)
+	if (dontwake && hi > lo) /* a single fault's UFFDIO_COPY woke its thread already */
 		pyuffd_wake(fd, lo, hi - lo);
 	return n;
 }
