@@ -85,8 +85,7 @@ class Answers:
         here would land in whatever is registered at this address by now."""
         with contextlib.suppress(UffdError):
             self._pump.resolve(fd, slot, "wake", address & ~(mem.PAGE_SIZE - 1), mem.PAGE_SIZE)
-        with self._lock:
-            self.orphans.record("missing", "wake", time.monotonic_ns() - t_ns)
+        self.orphans.record("missing", "wake", time.monotonic_ns() - t_ns)
 
     # -- after the handler ran ----------------------------------------------
 
@@ -161,9 +160,7 @@ class Answers:
             self.fail(fault, err)
             return False
         if outcome is Outcome.INSTALLED:
-            latency = time.monotonic_ns() - fault.t_ns
-            with self._lock:  # answers come from several threads
-                m.stats.record(fault.kind, r.kind, latency, fault.thread_id)
+            m.stats.record(fault.kind, r.kind, time.monotonic_ns() - fault.t_ns, fault.thread_id)
             return True
         return self._settle(fault, r, how, outcome, attempt)
 
@@ -286,9 +283,8 @@ class Answers:
         self._record(err)
 
     def _count(self, fault: PendingFault, how: str) -> None:
-        with self._lock:  # answers come from several threads
-            latency = time.monotonic_ns() - fault.t_ns
-            fault.mapping.stats.record(fault.kind, how, latency, fault.thread_id)
+        latency = time.monotonic_ns() - fault.t_ns
+        fault.mapping.stats.record(fault.kind, how, latency, fault.thread_id)
 
     # -- faults nobody answered ------------------------------------------------
 
