@@ -47,6 +47,7 @@ SAN_TESTS := tests/test_lifecycle.py tests/test_handler.py tests/test_handler_ap
 	tests/test_handler_events.py tests/test_never_hang.py tests/test_events.py \
 	tests/test_prefetch.py tests/test_fault_injection.py tests/test_modules.py \
 	tests/test_memtype.py tests/test_dirty.py tests/test_bulk_install.py tests/test_native_remote.py \
+	tests/test_native_file.py \
 	tests/test_fault_channel.py
 
 sanitize: $(STAMP) ## Build the extension with ASan+UBSan and run the lifecycle and concurrency tests under it

@@ -12,6 +12,10 @@
  * no number is ever closed under a reader. Any failure but a refused read
  * kills the link for good: its socket is shut down and never read again,
  * and the faults go to Python's path.
+ *
+ * A link made with fd -1 has no socket: it is only the ring (and the kill
+ * switch) for the faults the pump serves from another source, a file's
+ * mapping (PYUFFD_SOURCE_MEMORY with a link): reads on it are refused.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -118,7 +122,8 @@ void pyuffd_link_put(struct pyuffd_link *l)
 {
 	if (__atomic_sub_fetch(&l->refs, 1, __ATOMIC_ACQ_REL))
 		return;
-	close(l->fd);
+	if (l->fd >= 0)
+		close(l->fd);
 	close(l->wakefd);
 	close(l->notifyfd);
 	pthread_mutex_destroy(&l->ring_lock);
@@ -152,7 +157,7 @@ void pyuffd_link_kill(struct pyuffd_link *l)
 {
 	set_dead(l, ECANCELED);
 	signal_fd(l->wakefd);
-	if (!__atomic_exchange_n(&l->busy, 1, __ATOMIC_ACQUIRE)) {
+	if (l->fd >= 0 && !__atomic_exchange_n(&l->busy, 1, __ATOMIC_ACQUIRE)) {
 		shutdown(l->fd, SHUT_RDWR);
 		__atomic_store_n(&l->busy, 0, __ATOMIC_RELEASE);
 	}
@@ -373,7 +378,7 @@ static int64_t reply(struct pyuffd_link *l, uint32_t rid, uint64_t offset, uint8
 int pyuffd_link_read(struct pyuffd_link *l, uint32_t region, uint64_t offset, void *buf, uint64_t len,
 		     uint64_t timeout_ns, int stopfd)
 {
-	if (pyuffd_link_dead(l) || __atomic_exchange_n(&l->busy, 1, __ATOMIC_ACQUIRE))
+	if (l->fd < 0 || pyuffd_link_dead(l) || __atomic_exchange_n(&l->busy, 1, __ATOMIC_ACQUIRE))
 		return 1;
 	uint64_t until = now_ns() + timeout_ns;
 	int64_t rc = 0;

@@ -45,7 +45,8 @@ struct map {
 	uint64_t max_run; /* native sources: the most bytes one fault may install */
 	uint64_t run;     /* the current run: doubles while faults are sequential */
 	uint64_t next;    /* where the next sequential fault would be */
-	struct pyuffd_link *link; /* REMOTE: region's pages over link, at src_offset + offset */
+	struct pyuffd_link *link; /* REMOTE: region's pages over link, at src_offset + offset;
+				   * other sources: where served faults are noted (dead: none served) */
 	uint32_t region;
 	uint64_t timeout_ns; /* REMOTE: the longest one fault waits for the server */
 };
@@ -301,7 +302,7 @@ static void sweep_srcs(struct pyuffd_pump *p)
 	for (int i = p->nlinks - 1; i >= 0; i--) {
 		int used = 0;
 		for (int j = 0; j < p->nmaps && !used; j++)
-			used = p->maps[j].source == PYUFFD_SOURCE_REMOTE && p->maps[j].link == p->links[i];
+			used = p->maps[j].link == p->links[i];
 		if (!used) {
 			pyuffd_link_put(p->links[i]);
 			p->links[i] = p->links[--p->nlinks];
@@ -401,6 +402,9 @@ static int serve_native(struct pyuffd_pump *p, int fd, const struct uffd_msg *ms
 	uint64_t page = addr & ~(ps - 1);
 	if (m->source == PYUFFD_SOURCE_REMOTE)
 		return serve_remote(p, fd, m, page, t_read);
+	struct pyuffd_link *notes = m->link;
+	if (notes && pyuffd_link_dead(notes))
+		return 0; /* the owner stopped native serving (its source failed): Python decides */
 	uint64_t off = page - m->start;
 	uint64_t run = (page == m->next && m->run * 2 <= m->max_run) ? m->run * 2 : page == m->next ? m->run : ps;
 	uint64_t len = run < m->end - page ? run : m->end - page;
@@ -416,7 +420,7 @@ static int serve_native(struct pyuffd_pump *p, int fd, const struct uffd_msg *ms
 		rc = fill_bounce(p, m->source, m->src_fd, m->src_offset + off, len);
 		/* The lock was released: install only if the same map still holds the page. */
 		m = find_map(p, fd, page);
-		if (rc < 0 || !m || m->start != start || m->source == PYUFFD_SOURCE_NONE)
+		if (rc < 0 || !m || m->start != start || m->source == PYUFFD_SOURCE_NONE || m->link != notes)
 			return 0;
 		rc = pyuffd_copy(fd, page, (uint64_t)(uintptr_t)p->bounce, len, mode, &done);
 	}
@@ -429,6 +433,8 @@ static int serve_native(struct pyuffd_pump *p, int fd, const struct uffd_msg *ms
 	m->run = run;
 	m->next = page + (done > (int64_t)ps ? (uint64_t)done : ps);
 	p->native_faults++;
+	if (notes)
+		pyuffd_link_note(notes, page, now_ns() - t_read); /* referenced: the map uses it */
 	if (page < *lo)
 		*lo = page;
 	if (page + ps > *hi)
@@ -690,8 +696,9 @@ int pyuffd_pump_remove_fd(struct pyuffd_pump *p, int fd)
  * Serve [start, end) of fd's faults with a fallback and a source. A FILE
  * source's fd is dup'ed: the pump reads its own copy for as long as a map
  * uses it, so the owner closing its fd (and the number being reused by
- * another file) never makes the pump read the wrong file. A REMOTE
- * source's link is referenced by the pump for as long as a map uses it.
+ * another file) never makes the pump read the wrong file. A link (a
+ * REMOTE source's, or for another source where its served faults are
+ * noted) is referenced by the pump for as long as a map uses it.
  */
 int pyuffd_pump_map(struct pyuffd_pump *p, int fd, uint64_t start, uint64_t end, uint64_t page_size,
 		    int fallback, int source, uint64_t src_addr, int src_fd, uint64_t src_offset,
@@ -707,7 +714,7 @@ int pyuffd_pump_map(struct pyuffd_pump *p, int fd, uint64_t start, uint64_t end,
 		if (rc == 0)
 			p->srcs[p->nsrcs++] = src_fd;
 	}
-	if (rc == 0 && source == PYUFFD_SOURCE_REMOTE) {
+	if (rc == 0 && link) {
 		int known = 0;
 		for (int i = 0; i < p->nlinks && !known; i++)
 			known = p->links[i] == link;
@@ -716,12 +723,13 @@ int pyuffd_pump_map(struct pyuffd_pump *p, int fd, uint64_t start, uint64_t end,
 			pyuffd_link_get(link);
 			p->links[p->nlinks++] = link;
 		}
-		max_run = page_size; /* one page a fault: prefetch brings the runs */
 	}
+	if (source == PYUFFD_SOURCE_REMOTE)
+		max_run = page_size; /* one page a fault: prefetch brings the runs */
 	if (rc == 0)
 		p->maps[p->nmaps++] = (struct map){ fd, start, end, page_size, fallback, source, src_fd,
 						    src_addr, src_offset, max_run > page_size ? max_run : page_size,
-						    page_size, 0, source == PYUFFD_SOURCE_REMOTE ? link : NULL,
+						    page_size, 0, link,
 						    region, timeout_ns };
 	pthread_mutex_unlock(&p->lock);
 	return rc;

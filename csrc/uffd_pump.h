@@ -46,7 +46,7 @@ struct pyuffd_item {
 
 /* Native sources: the pump serves MISSING faults of these mappings without Python. */
 #define PYUFFD_SOURCE_NONE 0
-#define PYUFFD_SOURCE_MEMORY 1 /* copy from src_addr + offset */
+#define PYUFFD_SOURCE_MEMORY 1 /* copy from src_addr + offset (a file's mapping too) */
 #define PYUFFD_SOURCE_FILE 2   /* pread(src_fd, ..., src_offset + offset) */
 #define PYUFFD_SOURCE_ZERO 3
 #define PYUFFD_SOURCE_REMOTE 4 /* READ over a page server's fault-only link (uffd_link.c) */
@@ -91,6 +91,8 @@ uint64_t pyuffd_pump_events_read(struct pyuffd_pump *pump);
  * Python learns of served faults and of the link's death through
  * notify_fd (readable), take (served faults: address, then nanoseconds
  * from the pump's read to the wake, per pair) and dead (0, or the errno).
+ * fd -1 makes a link without a socket: the ring and kill switch of a
+ * MEMORY map's served faults (pyuffd_pump_map takes a link for any source).
  */
 struct pyuffd_link *pyuffd_link_new(int fd, int version, uint32_t max_frame);
 void pyuffd_link_get(struct pyuffd_link *link);

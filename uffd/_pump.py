@@ -155,6 +155,11 @@ class RemoteLink:
     Calling context: any thread. ``notify_fd`` is readable while ``take()``
     has served faults to hand over, or once the link is dead.
 
+    ``RemoteLink.notes()`` makes one without a socket: given as the ``link``
+    of a "memory" ``NativeSource`` (a file's mapping), it gathers the faults
+    the pump serves from it for ``take()``, and ``kill()`` sends that
+    mapping's faults back to ``handle_missing`` (its source failed).
+
     Raises (constructor): OSError when the link cannot be made (no memory or
     fds); ``fd`` is then still the caller's.
     """
@@ -168,6 +173,12 @@ class RemoteLink:
         self._out = ffi.new("uint64_t[]", 2 * _TAKE_BATCH)
         self._lost = ffi.new("uint64_t *")
         self.notify_fd = int(lib.pyuffd_link_notify_fd(ptr))
+
+    @classmethod
+    def notes(cls) -> RemoteLink:
+        """A link without a socket: the served-fault ring of a "memory" source (``read``
+        returns False). Raises OSError when it cannot be made (no memory or fds)."""
+        return cls(-1, 0, 0)
 
     @property
     def dead(self) -> str | None:
@@ -219,7 +230,7 @@ class RemoteLink:
         """
         with self._lock:
             if self._ptr is None:
-                raise ValueError("NativeSource('remote'): its RemoteLink is closed")
+                raise ValueError("NativeSource: its RemoteLink is closed")
             yield self._ptr
 
     def close(self) -> None:
@@ -243,7 +254,9 @@ class NativeSource:
     ``max_run`` bytes per fault (a run that doubles from one page; a remote
     source serves one page a fault). A file source's fd is duplicated by
     the pump, which reads its own copy for as long as a mapping uses it, as
-    it references a remote link; memory must outlive the mapping.
+    it references a remote link; memory must outlive the mapping. Another
+    source may have a ``link`` too (``RemoteLink.notes()``): the faults it
+    serves are noted there, and none once the link is killed.
     """
 
     kind: str
@@ -379,7 +392,7 @@ class Pump:
             offset = source.offset + origin if source.kind in ("file", "remote") else 0
         with ExitStack() as stack:
             link = ffi.NULL
-            if source is not None and source.link is not None and source.kind == "remote":
+            if source is not None and source.link is not None:
                 link = stack.enter_context(source.link._pointer())
             rc = lib.pyuffd_pump_map(
                 self._ptr, fd, start, end, page_size, _FALLBACKS[fallback], kind, addr, src_fd,

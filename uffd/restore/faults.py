@@ -15,9 +15,13 @@ FaultHandler resolves it by its fallback policy and reports it.
 
 Over plain TCP the fault-only connection is handed to the C pump instead
 (``native_source``: ``uffd._pump.RemoteLink``), which sends the READ and
-installs the reply without Python or the GIL. The faults it serves reach the
-session's progress afterwards (``take_native``, off the latency path); when
-the link dies, the pump stops using it and the faults come here as above.
+installs the reply without Python or the GIL. A raw memory file is served by
+the pump too, copying from the file's mapping (a "memory" source noted on a
+socketless ``RemoteLink.notes()``); a snapshot file stays here, where its
+chunks are checksummed. The faults the pump serves reach the session's
+progress afterwards (``take_native``, off the latency path); when the link
+dies, or is killed because the source failed, the pump stops serving and the
+faults come here as above.
 """
 
 from __future__ import annotations
@@ -63,7 +67,14 @@ class SourceOps(UffdOps):
         self.native_latency = LatencyHistogram()
 
     def _hand_to_pump(self, source: object) -> RemoteLink | None:
-        """The page server's fault-only connection, handed to the pump; None without one."""
+        """The page server's fault-only connection, handed to the pump, or a file's ring of
+        served faults; None without one."""
+        if isinstance(source, FileSource):
+            try:
+                return RemoteLink.notes()
+            except OSError as err:
+                log.debug("file faults take the Python path: %s", err)
+                return None
         urgent = source.urgent_link if isinstance(source, RemoteSource) else None
         handed = urgent.hand_over() if urgent is not None else None
         if handed is None:
@@ -77,15 +88,23 @@ class SourceOps(UffdOps):
             return None
 
     def native_source(self, mapping: Mapping) -> NativeSource | None:
-        """The pump reads ``mapping``'s faults over the fault link when one server region
-        holds it whole; None otherwise (no link, moved, or across two regions)."""
+        """The pump serves ``mapping``'s faults over the fault link, or from a raw file's
+        mapping, when one region of the source holds it whole; None otherwise (no link, a
+        snapshot file, moved, or across two regions)."""
         link, source, layout = self.link, self.parts.source, self.parts.layout
-        if link is None or not isinstance(source, RemoteSource):
+        if link is None:
             return None
         first = layout.flat(mapping.start)
         last = layout.flat(mapping.end - layout.page_size)
         if first is None or last is None or last - first != mapping.length - layout.page_size:
             return None  # not within one handshake region
+        if isinstance(source, FileSource):
+            address = source.native_address(layout.source_offset(first), mapping.length)
+            if address is None:
+                return None
+            return NativeSource("memory", address=address - mapping.origin, link=link)
+        if not isinstance(source, RemoteSource):
+            return None
         where = source.region_at(layout.source_offset(first), mapping.length)
         if where is None or where[1] < mapping.origin:
             return None
@@ -234,6 +253,9 @@ class SourceOps(UffdOps):
     def _failed(self, err: BaseException) -> Resolution:
         """Record the source's failure; the refusal that sends the fault to the fallback."""
         self.parts.progress.source_failed(err)
+        link = self.link
+        if link is not None:
+            link.kill()  # the pump serves nothing more: later faults are refused here too
         return Resolution.refuse(str(err))
 
     def _count(self, resolution: Resolution) -> Resolution:

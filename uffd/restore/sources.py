@@ -185,6 +185,32 @@ class FileSource:
         if end > start:
             lib.madvise(ffi.cast("void *", self._addr + start), end - start, _MADV_POPULATE_READ)
 
+    def native_address(self, offset: int, length: int) -> int | None:
+        """Where the flat range [offset, +length) lies in the file's mapping, when the file
+        stores it as it is: a raw memory file, one region (its holes read as zeros there).
+
+        None for a snapshot (its pages are packed, and checksummed on first read: they
+        must go through ``spans``), a range across regions or wholly in a hole, or a file
+        now shorter than the range. The address is valid until ``close()``.
+        """
+        from uffd.pagestore.snapshot import RawMemoryFile
+
+        if self._map is None or not isinstance(self._reader, RawMemoryFile):
+            return None
+        pieces = self._layout.pieces(offset, length)
+        if len(pieces) != 1:
+            return None
+        name, inside, n = pieces[0]
+        try:
+            extents = self._reader.file_extents(name, inside, n)
+        except (OSError, ValueError):
+            return None
+        for at, _, where in extents:
+            if where is not None:
+                start = where - at + inside
+                return self._addr + start if start + n <= len(self._map) else None
+        return None
+
     def view(self, file_offset: int, length: int) -> memoryview:
         """The file's bytes [file_offset, +length) as a view of the read-only mapping."""
         return self._view[file_offset : file_offset + length]
