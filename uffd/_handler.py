@@ -42,6 +42,7 @@ _MIN_DEADLINE = 1e-3
 _MAX_DEADLINE = 86400.0 * 365  # a year: the pump keeps nanoseconds in a u64
 _MAX_BATCH = 4096  # faults one pump wait hands over at most
 _REAP_INTERVAL_MS = 1000  # how often the dispatch loop looks for exited forked children
+_MINOR_OR_WP = FLAG_MINOR | FLAG_WP
 
 
 class FaultHandler:
@@ -123,6 +124,7 @@ class FaultHandler:
         self._fds = ServedFds(self._pump, self._maps, fallback == "sigbus", self._own_mm)
         own = self.uffd if self._own_mm else None
         self._answers = Answers(self._pump, self._maps, self._lock, own, self._record, self._lost)
+        self._apply = self._answers.apply  # bound once: called for every fault
         with self._pump.held():
             self._fds.add(self.uffd)
 
@@ -420,7 +422,12 @@ class FaultHandler:
                 self._finish(stuck=False)
 
     def _serve(self) -> None:
-        pump, forked, answers = self._pump, self._fds.forked, self._answers
+        pump, forked, answers, dispatch = (
+            self._pump,
+            self._fds.forked,
+            self._answers,
+            self._dispatch,
+        )
         items = pump.buffer(self._batch)
         next_reap = 0.0
         while True:
@@ -438,7 +445,7 @@ class FaultHandler:
                     self._reap_exited()
                 next_reap = time.monotonic() + _REAP_INTERVAL_MS / 1000
             if batch is None:
-                self._answers.retry_pending()
+                answers.retry_pending()
                 continue
             if not batch:
                 return  # stopped
@@ -455,13 +462,13 @@ class FaultHandler:
                 try:
                     if event == PAGEFAULT:
                         if t_ns > stale:
-                            self._dispatch(fd, slot, t_ns, a, b, c)
+                            dispatch(fd, slot, t_ns, a, b, c)
                     else:
                         self._on_event(fd, slot, event, (a, b, c))
                 except BaseException as err:  # SystemExit too: recorded, the thread serves on
                     self._record(err)
-            if self._answers.retry:
-                self._answers.retry_pending()
+            if answers.retry:
+                answers.retry_pending()
 
     def _dispatch(self, fd: int, slot: int, t_ns: int, flags: int, address: int, ptid: int) -> None:
         table = self._maps.by_fd.get(fd)
@@ -469,15 +476,22 @@ class FaultHandler:
         if m is None:
             self._answers.orphan(fd, slot, t_ns, address)
             return
-        if flags & FLAG_MINOR:
-            kind, handle = "minor", m.ops.handle_continue
-        elif flags & FLAG_WP:
-            kind, handle = "wp", m.ops.handle_wp
-        else:
+        if not flags & _MINOR_OR_WP:
             kind, handle = "missing", m.ops.handle_missing
-        write, tid = bool(flags & FLAG_WRITE), (ptid & 0xFFFFFFFF) or None
-        fault = PendingFault(address & ~(m.page_size - 1), m, kind, write, tid)
-        fault.fd, fault.slot, fault.t_ns, fault.early = fd, slot, t_ns, None
+        elif flags & FLAG_MINOR:
+            kind, handle = "minor", m.ops.handle_continue
+        else:
+            kind, handle = "wp", m.ops.handle_wp
+        fault = PendingFault(
+            address & -m.page_size,
+            m,
+            kind,
+            flags & FLAG_WRITE != 0,
+            ptid & 0xFFFFFFFF or None,
+            fd,
+            slot,
+            t_ns,
+        )
         try:
             if handle is None:
                 raise UnsupportedError(
@@ -487,7 +501,7 @@ class FaultHandler:
         except BaseException as err:  # SystemExit and KeyboardInterrupt too: never lost
             self._answers.raised(fault, err)
             return
-        self._answers.apply(fault, resolution)
+        self._apply(fault, resolution)
 
     def _record(self, err: BaseException) -> None:
         with self._lock:
