@@ -13,8 +13,9 @@ shape of QEMU's ``query-migrate`` postcopy statistics (QEMU 10.1:
 ``postcopy-latency-dist``, power-of-two µs buckets; per-vCPU blocktime and
 latency, here per faulting thread), for tools that already read it.
 
-Not thread-safe: the owner serialises ``record`` (``FaultHandler`` records
-under its stats lock); read a :meth:`copy` from other threads.
+Not thread-safe: the owner serialises ``record`` (``FaultHandler``'s
+``Counters`` record under their fold lock); read a :meth:`copy` from other
+threads.
 """
 
 from __future__ import annotations
