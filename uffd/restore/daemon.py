@@ -6,7 +6,8 @@ memory MISSING, connects to the daemon's Unix socket and sends one message:
 a JSON list of regions and, as SCM_RIGHTS, the userfaultfd. The daemon checks
 the peer (SO_PEERCRED: the daemon's own uid or root by default, or the
 ``allow_uids`` given) and starts a session (:mod:`uffd.restore.session`): a
-:class:`uffd.FaultHandler` serving the received fd serves the process's
+:class:`uffd.FaultHandler` serving the received fd (one made ahead, between
+sessions: :class:`uffd.restore.warm.SpareHandler`) serves the process's
 faults from the source, while a background thread installs the rest of its
 memory, the recorded working set first (``SNAPSHOT.ws.json``: the pages
 earlier runs faulted on), then adaptive chunks
@@ -67,6 +68,7 @@ from collections.abc import Iterable
 
 import psutil
 
+from uffd._handler import FaultHandler
 from uffd.restore.firecracker import (
     GuestRegionUffdMapping,
     HandshakeError,
@@ -87,6 +89,7 @@ from uffd.restore.sources import (
     SourceError,
     open_flat_source,
 )
+from uffd.restore.warm import SpareHandler, WarmSpare
 
 __all__ = [
     "FileSource",
@@ -108,6 +111,7 @@ MAX_QUEUED = 64
 _SUN_PATH_MAX = 107  # bytes in sockaddr_un.sun_path, without the terminating NUL
 _BACKOFF = (0.05, 1.0)  # seconds: first and longest wait after a failed accept()
 _LOG_EVERY = 10.0  # seconds: a repeated accept() failure is logged at most this often
+_SPARE_CHECK = 60.0  # seconds between the spare handler keeper's looks (nothing to refresh)
 
 
 class HandlerDaemon:
@@ -216,6 +220,10 @@ class HandlerDaemon:
         self._failures = 0
         self._last_logged = -_LOG_EVERY
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        # The next session's fault handler, started ahead (serve_forever starts the keeper).
+        self._handlers: WarmSpare[SpareHandler] = WarmSpare(
+            lambda: SpareHandler(fallback, deadline), label="fault handler", interval=_SPARE_CHECK
+        )
         self._stopping = False
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -353,6 +361,7 @@ class HandlerDaemon:
         raise_thread_priority()
         if isinstance(self.source, RemoteSource):
             self.source.warm()  # the first session's connections, ready before it comes
+        self._handlers.start()  # and its fault handler
         workers = [
             threading.Thread(target=self._handshakes, name="uffd-handshake", daemon=True)
             for _ in range(MAX_HANDSHAKES)
@@ -376,6 +385,7 @@ class HandlerDaemon:
             for _ in workers:
                 self._pending.put(None)
             self._end_sessions()
+            self._handlers.close()
 
     def _accept(self, backoff: float) -> float:
         """Accept what is waiting; the back-off (seconds) before the next try, 0 for none."""
@@ -451,6 +461,7 @@ class HandlerDaemon:
             self._thread.join(30.0)
         else:
             self._end_sessions()
+        self._handlers.close()
         self._closed = True
         self._sock.close()
         with contextlib.suppress(FileNotFoundError):
@@ -493,6 +504,13 @@ class HandlerDaemon:
             if not self._cond.wait_for(lambda: len(self.refused) >= count, timeout):
                 raise TimeoutError(f"{len(self.refused)} of {count} refusals in {timeout} s")
             return list(self.refused[:count])
+
+    @property
+    def spare_handler(self) -> FaultHandler | None:
+        """The FaultHandler made for the next session (not started), or None while there is
+        none: before ``start()``, or while the next is made after a session took one."""
+        spare = self._handlers.peek()
+        return spare.handler if spare is not None else None
 
     @property
     def active(self) -> int:
@@ -559,8 +577,6 @@ class HandlerDaemon:
             self._refuse(_describe(cred), refusal)
             return
         try:
-            # The next session's connections, prepared once this one's first fault is in.
-            warm = self.source.warm if isinstance(self.source, RemoteSource) else None
             session = Session(
                 fd,
                 mappings,
@@ -569,7 +585,8 @@ class HandlerDaemon:
                 self.options,
                 self._session_ended,
                 pidfd=pidfd,
-                after_first=warm,
+                after_first=self._refill,
+                spare=self._spare_handler,
             )
         except Exception as err:
             self._refuse(_describe(cred), err)
@@ -581,6 +598,7 @@ class HandlerDaemon:
         except Exception as err:
             with self._lock:
                 self._sessions.remove(session)
+            self._refill()  # it may have taken the spare handler
             self._refuse(_describe(cred), err)
             return
         if log.isEnabledFor(logging.INFO):
@@ -591,6 +609,18 @@ class HandlerDaemon:
                 human_size(session.layout.length),
                 human_size(session.layout.page_size),
             )
+
+    def _spare_handler(self) -> FaultHandler | None:
+        """The started spare FaultHandler for a session, or None (it makes its own)."""
+        spare = self._handlers.take()
+        return spare.handler if spare is not None else None
+
+    def _refill(self) -> None:
+        """Prepare the next session's spares: run once a session's first fault is in (or it
+        failed), since preparing them costs CPU and the GIL that fault needs."""
+        if isinstance(self.source, RemoteSource):
+            self.source.warm()
+        self._handlers.refill()
 
     def _session_ended(self, session: Session) -> None:
         """Called by a session once it has stopped: record, write the working set, report."""

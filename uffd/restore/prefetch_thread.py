@@ -455,7 +455,7 @@ class Prefetch:
         Raises:
             _Stop: the process or the handler is gone.
         """
-        handler = self.parts.handler
+        uffd = self.parts.uffd  # the process's fd: the handler may serve one of its own too
         done = 0
         for m, at, start, n in self._pieces(flat, length, mappings):
             if not m.ioctls & Ioctl.ZEROPAGE:
@@ -465,7 +465,7 @@ class Prefetch:
             while addr < end:
                 try:
                     # Waking as it goes: no UFFDIO_WAKE of its own per run.
-                    got = handler.uffd.zeropage(addr, end - addr, wake=True)
+                    got = uffd.zeropage(addr, end - addr, wake=True)
                 except PageExistsError as err:
                     done += err.done
                     addr += err.done + m.page_size  # skip the page already there

@@ -80,7 +80,12 @@ class Session:
     session's watch thread once its first fault is served (or 50 ms passed):
     work the first fault should not wait for. ``source`` is the daemon's; the session reads through
     ``source.session()``. ``on_end(session)`` runs once the session has
-    ended, on the thread that ended it.
+    ended, on the thread that ended it. ``spare`` gives a FaultHandler made
+    ahead and not started (the daemon's, see
+    :class:`uffd.restore.warm.SpareHandler`) or None; the session adopts
+    ``fd`` on it, stops it at its end, and asks only once its own checks
+    passed, so a session refused before then loses no spare; without one it
+    constructs its own.
 
     Calling context: constructed and started on a handshake thread (``start()``
     returns once the first fault is served, or after 50 ms); ``end()``
@@ -103,9 +108,11 @@ class Session:
         *,
         pidfd: int = -1,
         after_first: Callable[[], None] | None = None,
+        spare: Callable[[], FaultHandler | None] | None = None,
     ) -> None:
         self._pidfd = pidfd
         self._after_first = after_first
+        self._spare = spare
         self._prefetch: Prefetch | None = None
         try:
             self.layout = GuestLayout(mappings)
@@ -126,6 +133,7 @@ class Session:
         self.source: FlatSource | None = None
         self._ops: SourceOps | None = None
         self.handler: FaultHandler | None = None
+        self._parts: SessionParts | None = None
         self._lock = threading.Lock()
         self._ending = threading.Event()
         self._ended = False
@@ -147,23 +155,32 @@ class Session:
             ValueError: the session has ended (the daemon is stopping).
         """
         options = self.options
-        if self._ufd is None:
+        ufd = self._ufd
+        if ufd is None:
             raise ValueError(f"the session of pid {self.cred.pid} has ended already")
         try:
             self.source = source = self._shared_source.session()
             self.layout.check_source(source.length, source.page_size, source.label)
             kind = _kind(self.layout.page_size)
-            self.handler = handler = FaultHandler(
-                uffd=self._ufd, fallback=options.fallback, deadline=options.deadline
-            )
+            spare = self._spare() if self._spare is not None else None
+            if spare is None:
+                self.handler = handler = FaultHandler(
+                    uffd=ufd, fallback=options.fallback, deadline=options.deadline
+                )
+            else:
+                self.handler = handler = spare
+                handler.adopt(ufd)
             self._ufd = None  # the handler owns and closes it now
-            parts = SessionParts(handler, self.layout, source, self.progress, self._ending)
+            self._parts = parts = SessionParts(
+                handler, ufd, self.layout, source, self.progress, self._ending
+            )
             self._ops = ops = SourceOps(parts)
             for m in self.layout.mappings:
                 handler.register(
                     (m.base_host_virt_addr, m.size),
                     Mode.MISSING,
                     ops,
+                    uffd=ufd,
                     registered=True,
                     kind=kind,
                     page_size=self.layout.page_size,
@@ -281,8 +298,8 @@ class Session:
         session's ops (which refuse faults outside the regions). Looks when the handler's
         count of faults on unknown addresses (woken) has moved past ``seen``, or when
         ``seen`` is -1; returns that count."""
-        handler, ops = self.handler, self._ops
-        if handler is None or ops is None:
+        handler, ops, parts = self.handler, self._ops, self._parts
+        if handler is None or ops is None or parts is None:
             return seen
         woken = handler.stats.total.resolutions["wake"]
         if seen >= 0 and woken <= seen:
@@ -299,6 +316,7 @@ class Session:
                         (start, end - start),
                         Mode.MISSING,
                         ops,
+                        uffd=parts.uffd,
                         registered=True,
                         kind=peer.kind,
                         page_size=peer.page_size,

@@ -1,4 +1,4 @@
-"""A page server's next session, connected ahead and kept fresh: :class:`WarmSpare`.
+"""What a daemon's next session needs, made ahead and kept fresh: :class:`WarmSpare`.
 
 Each session of a page server reads through connections of its own (a bulk
 client and the faults' link: :class:`uffd.restore.sources.RemoteSource`),
@@ -10,6 +10,11 @@ client), and replaces it when the server closed it (it restarted) or after
 a session took it. A server that cannot be reached leaves no spare: the
 keeper retries with a back-off, and a session meanwhile opens its own
 connections, which reports the failure, as it would without a spare.
+
+The daemon keeps a :class:`SpareHandler` the same way: a constructed
+:class:`uffd.FaultHandler` (its own userfaultfd, the pump), which the next
+session hands its process's userfaultfd to (``adopt``) instead of
+constructing one between the handshake and the first fault.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import threading
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
-__all__ = ["WarmSpare"]
+from uffd._handler import FaultHandler
+
+__all__ = ["SpareHandler", "WarmSpare"]
 
 log = logging.getLogger("uffd.restore.daemon")
 
@@ -83,6 +90,10 @@ class WarmSpare(Generic[S]):
         """True while a spare waits for ``take()``."""
         return self._spare is not None
 
+    def peek(self) -> S | None:
+        """The spare waiting for ``take()``, left in place (None while there is none)."""
+        return self._spare
+
     def take(self) -> S | None:
         """The spare if one is ready and not known broken, else None (open one yourself).
 
@@ -137,7 +148,7 @@ class WarmSpare(Generic[S]):
             fresh: S | None = self._open()
         except Exception as err:
             level = logging.INFO if retry == _RETRY[0] else logging.DEBUG
-            log.log(level, "no spare connections to %s yet (%s); retrying", self._label, err)
+            log.log(level, "no spare %s yet (%s); retrying", self._label, err)
             with self._cond:
                 self._cond.wait_for(lambda: self._closed, retry)
             return min(_RETRY[1], retry * 2)
@@ -174,3 +185,35 @@ class WarmSpare(Generic[S]):
                 self._spare = fresh
                 return
         spare.close()
+
+
+class SpareHandler:
+    """A FaultHandler made ahead for the next session: a :class:`WarmSpare` of handlers.
+
+    ``fallback`` and ``deadline`` are the daemon's (FaultHandler's). A session
+    takes ``handler`` and owns it from then on (``adopt`` its process's fd,
+    ``register`` there, ``start``, ``stop`` at its end); ``close()`` stops one
+    never taken. Not started here: a running dispatch thread would read the
+    process's first fault as soon as the fd is adopted, before its regions are
+    registered, wake it as a fault on no mapping and take the GIL from the
+    thread registering them (measured: the first fault came later than with
+    no spare at all).
+
+    Raises (constructor): as FaultHandler's (PermissionError: this process may
+    not open a userfaultfd; the keeper retries, and sessions make their own).
+    """
+
+    def __init__(self, fallback: str, deadline: float) -> None:
+        self.handler = FaultHandler(fallback=fallback, deadline=deadline)
+
+    @property
+    def stale(self) -> bool:
+        """False: a handler not started serves nothing that could break."""
+        return False
+
+    def keepalive(self) -> None:
+        """Nothing to keep alive: a handler not started reads nothing."""
+
+    def close(self) -> None:
+        """Stop the handler: its pump and its own userfaultfd (idempotent)."""
+        self.handler.stop()
