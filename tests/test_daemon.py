@@ -270,8 +270,11 @@ def test_working_set_is_recorded_then_installed_first(short_tmp: str, snapshot: 
         restore(sock, short_tmp, "--size", str(512 << 10))
         (first,) = daemon.reports(1)
     recorded = WorkingSet.load(ws_path, page_size=PAGE, length=SIZE)
-    # Zero pages (every 16th) are mapped in bulk: only stored pages fault and are recorded.
-    assert len(recorded) == first["faulted"] and first["faulted"] + first["zeroed"] >= 128
+    # Zero pages (every 16th) are mapped in bulk: stored pages fault and are recorded, and
+    # so is a zero page touched while the pass maps it (the report's count is clamped to
+    # the pages the pass did not map: one fewer, then).
+    assert first["faulted"] <= len(recorded) <= first["faulted"] + 128 // 16
+    assert first["faulted"] + first["zeroed"] >= 128
     assert first["faulted"] >= 128 - 128 // 16
     with DaemonThread(sock, snapshot, prefetch=False) as daemon:
         _, got = restore(sock, short_tmp, "--size", str(SIZE))
