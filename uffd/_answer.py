@@ -24,7 +24,7 @@ from uffd import mem
 from uffd._constants import Feature, Ioctl
 from uffd._errors import DeadlineExceededError, UffdError, UnsupportedError
 from uffd._events import FLAG_MINOR, FLAG_WP
-from uffd._mapping import Fault, Mapping, Tables
+from uffd._mapping import Fault, Tables
 from uffd._pump import DID_WAKE, Outcome, Pump, did_name, did_unguarded
 from uffd._resolution import Resolution, plan
 from uffd._stats import Counters
@@ -52,28 +52,11 @@ class PendingFault(Fault):
 
     __slots__ = ("early", "fd", "slot", "t_ns")
 
-    def __init__(
-        self,
-        address: int,
-        mapping: Mapping,
-        kind: str,
-        write: bool,
-        thread_id: int | None,
-        fd: int,
-        slot: int,
-        t_ns: int,
-    ) -> None:
-        # Fault's fields set here, not by a Fault.__init__ call: one call less per fault.
-        self.address = address
-        self.offset = address - mapping.start + mapping.origin
-        self.mapping = mapping
-        self.kind = kind
-        self.write = write
-        self.thread_id = thread_id
-        self.fd = fd
-        self.slot = slot
-        self.t_ns = t_ns
-        self.early: Resolution | None = None
+    # Set right after construction by the dispatch thread (one call less per fault).
+    early: Resolution | None
+    fd: int
+    slot: int
+    t_ns: int
 
 
 class Answers:

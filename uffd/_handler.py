@@ -483,15 +483,9 @@ class FaultHandler:
         else:
             kind, handle = "wp", m.ops.handle_wp
         fault = PendingFault(
-            address & -m.page_size,
-            m,
-            kind,
-            flags & FLAG_WRITE != 0,
-            ptid & 0xFFFFFFFF or None,
-            fd,
-            slot,
-            t_ns,
+            address & -m.page_size, m, kind, flags & FLAG_WRITE != 0, ptid & 0xFFFFFFFF or None
         )
+        fault.fd, fault.slot, fault.t_ns, fault.early = fd, slot, t_ns, None
         try:
             if handle is None:
                 raise UnsupportedError(
