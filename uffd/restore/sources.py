@@ -400,7 +400,7 @@ class RemoteSource:
             warm, started = self._warm, self._warm is not None
             if warm is None:
                 warm = self._warm = WarmSpare(
-                    self._open_session, label=self.url, interval=_KEEPALIVE / 2
+                    self._open_session, label=f"connections to {self.url}", interval=_KEEPALIVE / 2
                 )
         if started:
             warm.refill()

@@ -58,7 +58,8 @@ class WarmSpare(Generic[S]):
     """One spare ``S`` opened by ``open_spare`` on a keeper thread, ready for ``take()``.
 
     ``interval``: seconds between keepalives of a waiting spare (below the
-    server's idle timeout). After ``take()`` the keeper opens the next spare
+    server's idle timeout). ``label`` names the spare in log lines
+    ("connections to tcp://...", "fault handler"). After ``take()`` the keeper opens the next spare
     only once asked (``refill()``): the session that took one calls it after
     its first fault, which an open in progress would slow down.
 
@@ -174,7 +175,7 @@ class WarmSpare(Generic[S]):
             if not spare.stale:
                 spare.keepalive()
         except Exception as err:
-            log.debug("the spare connections to %s failed a keepalive: %s", self._label, err)
+            log.debug("the spare %s failed a keepalive: %s", self._label, err)
             fresh = None
         if fresh is not None and fresh.stale:
             fresh = None
