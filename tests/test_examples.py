@@ -48,7 +48,7 @@ def test_lazy_restore_example(args: tuple[str, ...]) -> None:
 
 def test_firecracker_handler_example() -> None:
     """firecracker_handler.py serves the stand-in twice, the second time with the working set."""
-    out = run_example("firecracker_handler.py", "--size", "1M", "--regions", "2")
+    out = run_example("firecracker_handler.py", "--size", "4M", "--regions", "2")
     assert '"page_size":4096,"page_size_kib":4096' in out
     assert out.count("memory matches the file") == 2
     second = re.search(r"run 2: .* \((\d+) from the working set\)", out)

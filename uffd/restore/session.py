@@ -287,8 +287,9 @@ class Session:
             return False
         if not self._ending.is_set():
             log.warning(
-                "pid %d: the page server's fault link failed (%s); faults take the Python path",
+                "pid %d: the pump stopped serving faults from %s (%s); they take the Python path",
                 self.cred.pid,
+                self.source.label if self.source is not None else "the source",
                 why,
             )
         return True
