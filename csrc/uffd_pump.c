@@ -58,8 +58,10 @@ struct pyuffd_pump {
 	int epfd, stopfd, kickfd;
 	int stopping, destroying;
 	uint64_t deadline_ns;
-	int fds[MAX_FDS];
+	int fds[MAX_FDS]; /* watched: in the epoll set, read by wait, spin and the watchdog */
 	int nfds;
+	int paused[MAX_FDS]; /* added paused: nobody reads them until pyuffd_pump_serve_fd */
+	int npaused;
 	struct map *maps;
 	int nmaps, maps_cap;
 	struct slot slots[NSLOTS];
@@ -450,6 +452,9 @@ static int serve_native(struct pyuffd_pump *p, int fd, const struct uffd_msg *ms
 static void forget_fd(struct pyuffd_pump *p, int fd)
 {
 	epoll_ctl(p->epfd, EPOLL_CTL_DEL, fd, NULL);
+	for (int i = 0; i < p->npaused; i++)
+		if (p->paused[i] == fd)
+			p->paused[i--] = p->paused[--p->npaused];
 	for (int i = 0; i < p->nfds; i++) {
 		if (p->fds[i] == fd) {
 			memmove(&p->fds[i], &p->fds[i + 1], (size_t)(p->nfds - i - 1) * sizeof(p->fds[0]));
@@ -649,7 +654,13 @@ void pyuffd_pump_free(struct pyuffd_pump *p)
 	free(p);
 }
 
-int pyuffd_pump_add_fd(struct pyuffd_pump *p, int fd)
+/*
+ * Take fd's faults, or (paused) only keep it in the tables: a paused fd is in
+ * no epoll set and no loop over p->fds, so neither the dispatch thread nor the
+ * watchdog reads it until pyuffd_pump_serve_fd, and its owner can publish its
+ * maps on a running pump before the first fault is read.
+ */
+int pyuffd_pump_add_fd(struct pyuffd_pump *p, int fd, int paused)
 {
 	struct epoll_event ev = { .events = EPOLLIN };
 	ev.data.fd = fd;
@@ -663,11 +674,33 @@ int pyuffd_pump_add_fd(struct pyuffd_pump *p, int fd)
 	if (fl < 0 || (!(fl & O_NONBLOCK) && fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0))
 		return -errno;
 	pthread_mutex_lock(&p->lock);
-	int rc = p->nfds == MAX_FDS ? -EMFILE : 0;
-	if (rc == 0 && epoll_ctl(p->epfd, EPOLL_CTL_ADD, fd, &ev) < 0)
+	int rc = p->nfds + p->npaused == MAX_FDS ? -EMFILE : 0;
+	if (rc == 0 && paused)
+		p->paused[p->npaused++] = fd;
+	else if (rc == 0 && epoll_ctl(p->epfd, EPOLL_CTL_ADD, fd, &ev) < 0)
 		rc = -errno;
-	if (rc == 0)
+	else if (rc == 0)
 		p->fds[p->nfds++] = fd;
+	pthread_mutex_unlock(&p->lock);
+	return rc;
+}
+
+/* Start reading a paused fd (its faults raised meanwhile are read at once); -ENOENT if not paused. */
+int pyuffd_pump_serve_fd(struct pyuffd_pump *p, int fd)
+{
+	struct epoll_event ev = { .events = EPOLLIN };
+	ev.data.fd = fd;
+	pthread_mutex_lock(&p->lock);
+	int rc = -ENOENT;
+	for (int i = 0; i < p->npaused && rc == -ENOENT; i++) {
+		if (p->paused[i] != fd)
+			continue;
+		rc = epoll_ctl(p->epfd, EPOLL_CTL_ADD, fd, &ev) < 0 ? -errno : 0;
+		if (rc == 0) {
+			p->paused[i] = p->paused[--p->npaused];
+			p->fds[p->nfds++] = fd;
+		}
+	}
 	pthread_mutex_unlock(&p->lock);
 	return rc;
 }
@@ -970,11 +1003,22 @@ int pyuffd_pump_fallback(struct pyuffd_pump *p, uint32_t id)
 	return rc;
 }
 
-/* Resolve every pending fault by fallback (shutdown); returns how many. */
+/*
+ * Resolve every pending fault by fallback (shutdown); returns how many. The
+ * faults waiting unread on paused fds are read first: nobody else ever will.
+ */
 int pyuffd_pump_drain(struct pyuffd_pump *p)
 {
 	int n = 0;
 	pthread_mutex_lock(&p->lock);
+	for (int i = p->npaused - 1; i >= 0; i--) {
+		int before;
+		do {
+			before = p->bl_count;
+			if (i < p->npaused)
+				read_fd(p, p->paused[i], NULL, READ_BATCH, 0);
+		} while (p->bl_count != before);
+	}
 	for (int i = 0; i < NSLOTS; i++) {
 		struct slot *s = &p->slots[i];
 		if (s->state != SLOT_PENDING)

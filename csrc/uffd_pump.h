@@ -64,7 +64,8 @@ struct pyuffd_link;
 
 struct pyuffd_pump *pyuffd_pump_new(uint64_t deadline_ns);
 void pyuffd_pump_free(struct pyuffd_pump *pump);
-int pyuffd_pump_add_fd(struct pyuffd_pump *pump, int fd);
+int pyuffd_pump_add_fd(struct pyuffd_pump *pump, int fd, int paused);
+int pyuffd_pump_serve_fd(struct pyuffd_pump *pump, int fd);
 int pyuffd_pump_remove_fd(struct pyuffd_pump *pump, int fd);
 int pyuffd_pump_map(struct pyuffd_pump *pump, int fd, uint64_t start, uint64_t end,
 		    uint64_t page_size, int fallback, int source, uint64_t src_addr, int src_fd,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from _dispatch_helpers import page_pattern, wait_for
-from conftest import HPAGE, WAIT, requires, run_in_thread
+from conftest import HPAGE, WAIT, Helper, requires, run_in_thread, wait_readable
 from helpers.lifecycle_scenarios import Deferring
 
 import uffd
@@ -360,3 +360,59 @@ def test_slow_file_source_does_not_stall_the_watchdog() -> None:
     os.close(kmsg)
     slow.close()
     waiting.close()
+
+
+class Pattern(UffdOps):
+    """Serves every MISSING fault with one known page (0xA5) from Python."""
+
+    def handle_missing(self, fault: uffd.Fault) -> Resolution:
+        return Resolution.copy(b"\xa5" * PS)
+
+
+def _paused_fault(handler: FaultHandler) -> tuple[mem.Region, uffd.Userfaultfd, Helper]:
+    """An fd registered outside the handler, adopted paused by the running handler, and a
+    thread faulting on it whose fault is pending in the kernel (bounded wait)."""
+    region = mem.anon(PS)
+    ufd = uffd.Userfaultfd()
+    ufd.register(region.addr, PS, Mode.MISSING)
+    handler._adopt_paused(ufd)
+    reader = run_in_thread(region.read, 0, 8)
+    assert wait_readable(ufd), "the fault never reached the adopted fd"
+    return region, ufd, reader
+
+
+def test_a_paused_adopted_fd_is_read_only_after_resume() -> None:
+    """A started handler reads no fault of an fd adopted paused (it stays pending in the
+    kernel, the thread waiting) until _resume, and then serves it by the mapping."""
+    handler = FaultHandler(fallback="zero", deadline=0.05).start()
+    region, ufd, reader = _paused_fault(handler)
+    try:
+        time.sleep(0.3)  # six deadlines: neither the dispatch thread nor the watchdog reads
+        assert wait_readable(ufd, 0.0), "the paused fd's fault was read"
+        assert reader.is_alive()
+        handler.register(
+            (region.addr, PS), Mode.MISSING, Pattern(), uffd=ufd, registered=True, kind="anon"
+        )
+        handler._resume(ufd)
+        assert reader.finish() == b"\xa5" * 8
+        assert sum(handler.stats.total.resolutions.values()) == 1
+    finally:
+        handler.stop()
+        region.close()
+
+
+def test_stop_resolves_a_fault_pending_on_a_paused_fd() -> None:
+    """stop() with an adopted fd never resumed resolves its pending fault by the fallback,
+    even while a copy of the fd stays open (closing it then releases nothing), and closes it."""
+    handler = FaultHandler(fallback="zero", deadline=WAIT).start()
+    region, ufd, reader = _paused_fault(handler)
+    copy = os.dup(ufd.fileno())  # as a VMM keeps its own: the kernel keeps the range registered
+    try:
+        started = time.monotonic()
+        handler.stop()
+        assert reader.finish() == bytes(8)
+        assert time.monotonic() - started < WAIT
+        assert ufd.closed
+    finally:
+        os.close(copy)
+        region.close()

@@ -139,6 +139,28 @@ class FaultHandler:
         with self._lock, self._pump.held():
             self._fds.add(fd)
 
+    def _adopt_paused(self, fd: Userfaultfd) -> None:
+        """``adopt``, but none of ``fd``'s faults is read until ``_resume(fd)`` (private).
+
+        For an owner that registers the fd's ranges on a handler already
+        started (the restore daemon's spare): a fault raised meanwhile waits
+        in the kernel instead of reaching the dispatch thread before its
+        mapping is published. Until ``_resume`` no deadline runs for those
+        faults; ``stop()`` resolves them by the fallback like any pending.
+        """
+        self._require_running("adopt")
+        with self._lock, self._pump.held():
+            self._fds.add(fd, paused=True)
+
+    def _resume(self, fd: Userfaultfd) -> None:
+        """Start serving ``fd`` adopted by ``_adopt_paused`` (private).
+
+        Raises ValueError if ``fd`` is not served here, OSError if it was not paused.
+        """
+        self._require_running("adopt")
+        with self._lock, self._pump.held():
+            self._fds.serve(fd)
+
     def register(
         self,
         target: mem.Region | tuple[int, int],

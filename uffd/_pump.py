@@ -361,9 +361,18 @@ class Pump:
 
     # -- fds and maps (callers hold the pump) -------------------------------
 
-    def add_fd(self, fd: int) -> None:
-        """Watch userfaultfd ``fd`` (sets O_NONBLOCK on its open file)."""
-        check(lib.pyuffd_pump_add_fd(self._ptr, fd), "epoll add userfaultfd")
+    def add_fd(self, fd: int, *, paused: bool = False) -> None:
+        """Watch userfaultfd ``fd`` (sets O_NONBLOCK on its open file).
+
+        ``paused``: keep it in the tables but read nothing from it (neither the
+        dispatch thread nor the watchdog) until ``serve_fd``; ``drain`` still
+        falls back its waiting faults.
+        """
+        check(lib.pyuffd_pump_add_fd(self._ptr, fd, int(paused)), "epoll add userfaultfd")
+
+    def serve_fd(self, fd: int) -> None:
+        """Start reading ``fd``, added paused; raises OSError (ENOENT) if it is not paused."""
+        check(lib.pyuffd_pump_serve_fd(self._ptr, fd), "epoll add paused userfaultfd")
 
     def remove_fd(self, fd: int) -> None:
         """Stop watching ``fd``: its maps and its pending faults are forgotten."""

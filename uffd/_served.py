@@ -58,16 +58,24 @@ class ServedFds:
     def __iter__(self) -> Iterator[Userfaultfd]:
         return iter(list(self._fds.values()))
 
-    def add(self, ufd: Userfaultfd, *, forked: bool = False) -> None:
-        """Serve ``ufd``: watched by the pump, with an empty table."""
+    def add(self, ufd: Userfaultfd, *, forked: bool = False, paused: bool = False) -> None:
+        """Serve ``ufd``: watched by the pump (``paused``: not read until ``serve``), with an
+        empty table."""
         n = ufd.fileno()
-        self._pump.add_fd(n)
+        self._pump.add_fd(n, paused=paused)
         self._own = self._own or ufd
         self._fds[n] = ufd
         self._identity[n] = fd_identity(n)
         self._maps.add_fd(n)
         if forked:
             self.forked.add(n)
+
+    def serve(self, ufd: Userfaultfd) -> None:
+        """Start reading ``ufd``'s faults, added paused. Raises ValueError if it is not served."""
+        n = self.number(ufd)
+        if n is None:
+            raise ValueError("resume: that userfaultfd is not served by this handler")
+        self._pump.serve_fd(n)
 
     def retire(self, n: int) -> Userfaultfd:
         """Stop serving fd ``n``; its object, for the caller to close or detach."""

@@ -81,11 +81,11 @@ class Session:
     work the first fault should not wait for. ``source`` is the daemon's; the session reads through
     ``source.session()``. ``on_end(session)`` runs once the session has
     ended, on the thread that ended it. ``spare`` gives a FaultHandler made
-    ahead and not started (the daemon's, see
+    ahead and started (the daemon's, see
     :class:`uffd.restore.warm.SpareHandler`) or None; the session adopts
-    ``fd`` on it, stops it at its end, and asks only once its own checks
-    passed, so a session refused before then loses no spare; without one it
-    constructs its own.
+    ``fd`` on it paused until its regions are registered, stops it at its
+    end, and asks only once its own checks passed, so a session refused
+    before then loses no spare; without one it constructs its own.
 
     Calling context: constructed and started on a handshake thread (``start()``
     returns once the first fault is served, or after 50 ms); ``end()``
@@ -168,8 +168,9 @@ class Session:
                     uffd=ufd, fallback=options.fallback, deadline=options.deadline
                 )
             else:
+                # Started already: paused until the regions are published (warm.SpareHandler).
                 self.handler = handler = spare
-                handler.adopt(ufd)
+                handler._adopt_paused(ufd)
             self._ufd = None  # the handler owns and closes it now
             self._parts = parts = SessionParts(
                 handler, ufd, self.layout, source, self.progress, self._ending
@@ -187,7 +188,10 @@ class Session:
                 )
             if options.progress:
                 self.progress.show_bar(f"restore pid {self.cred.pid}")
-            handler.start()
+            if spare is None:
+                handler.start()
+            else:
+                handler._resume(ufd)
         except BaseException:
             if self.handler is not None:
                 with contextlib.suppress(Exception):

@@ -192,28 +192,28 @@ class SpareHandler:
     """A FaultHandler made ahead for the next session: a :class:`WarmSpare` of handlers.
 
     ``fallback`` and ``deadline`` are the daemon's (FaultHandler's). A session
-    takes ``handler`` and owns it from then on (``adopt`` its process's fd,
-    ``register`` there, ``start``, ``stop`` at its end); ``close()`` stops one
-    never taken. Not started here: a running dispatch thread would read the
-    process's first fault as soon as the fd is adopted, before its regions are
-    registered, wake it as a fault on no mapping and take the GIL from the
-    thread registering them (measured: the first fault came later than with
-    no spare at all).
+    takes ``handler`` and owns it from then on (``_adopt_paused`` its
+    process's fd, ``register`` there, ``_resume``, ``stop`` at its end);
+    ``close()`` stops one never taken. Started here, so its dispatch thread's
+    start (100-200 us) is off the session's path: the fd is adopted paused,
+    since a running dispatch thread would otherwise read the process's first
+    fault before its regions are registered, wake it as a fault on no
+    mapping and take the GIL from the thread registering them.
 
     Raises (constructor): as FaultHandler's (PermissionError: this process may
     not open a userfaultfd; the keeper retries, and sessions make their own).
     """
 
     def __init__(self, fallback: str, deadline: float) -> None:
-        self.handler = FaultHandler(fallback=fallback, deadline=deadline)
+        self.handler = FaultHandler(fallback=fallback, deadline=deadline).start()
 
     @property
     def stale(self) -> bool:
-        """False: a handler not started serves nothing that could break."""
+        """False: an idle handler serves nothing that could break."""
         return False
 
     def keepalive(self) -> None:
-        """Nothing to keep alive: a handler not started reads nothing."""
+        """Nothing to keep alive: an idle handler reads only its own, unregistered fd."""
 
     def close(self) -> None:
         """Stop the handler: its pump and its own userfaultfd (idempotent)."""
