@@ -82,11 +82,16 @@ def _restore_on_spare(daemon: HandlerDaemon, sock: str, tmp: str, snapshot: str,
 
 
 def test_a_session_on_the_spare_handler_restores_every_page(short_tmp: str, snapshot: str) -> None:
-    """A session from a page server runs on the handler made before it came: it restores
-    every page right, and that handler ends with the session."""
+    """A session from a page server runs on the handler made and started before it came
+    (its fd adopted paused until the regions are registered): it restores every page
+    right, and that handler ends with the session."""
     sock = os.path.join(short_tmp, "h.sock")
     with ServerProcess(snapshot) as server, HandlerDaemon(sock, server.url, working_set=None) as d:
+        thread = _spare(d)._thread
+        assert thread is not None and thread.is_alive()  # started ahead, off the session's path
         _restore_on_spare(d, sock, short_tmp, snapshot, 1)
+        thread.join(WAIT)
+        assert not thread.is_alive()
 
 
 def test_sessions_in_a_row_each_get_a_fresh_spare(short_tmp: str, snapshot: str) -> None:
