@@ -13,7 +13,6 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from uffd.restore.sources import RemoteSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
+from _dispatch_helpers import wait_for
 from _helpers import (
     DaemonProcess,
     ServerProcess,
@@ -47,15 +47,6 @@ def snapshot(short_tmp: str) -> str:
     return path
 
 
-def _until(what: str, check: Callable[[], bool], timeout: float = WAIT) -> None:
-    """Wait (bounded) until ``check()``; fail naming ``what`` if it never holds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout} s")
-        time.sleep(0.01)
-
-
 def _restore_checked(daemon: HandlerDaemon, sock: str, tmp: str, snapshot: str, n: int) -> None:
     """One worker restored through ``daemon``: every page right, a report without errors."""
     digests = os.path.join(tmp, f"digests-{n}")
@@ -75,9 +66,9 @@ def test_a_session_on_the_warm_spare_gets_every_page(short_tmp: str, snapshot: s
     sock = os.path.join(short_tmp, "h.sock")
     with ServerProcess(snapshot) as server, HandlerDaemon(sock, server.url, working_set=None) as d:
         assert isinstance(d.source, RemoteSource)
-        _until("a spare before the first session", lambda: d.source.spare_ready)
+        wait_for(lambda: d.source.spare_ready, "a spare before the first session", WAIT)
         _restore_checked(d, sock, short_tmp, snapshot, 1)
-        _until("the next spare after the session", lambda: d.source.spare_ready)
+        wait_for(lambda: d.source.spare_ready, "the next spare after the session", WAIT)
         _restore_checked(d, sock, short_tmp, snapshot, 2)
 
 
@@ -90,11 +81,11 @@ def test_a_restarted_server_is_met_with_fresh_connections(short_tmp: str, snapsh
         with HandlerDaemon(sock, server.url, working_set=None) as d:
             assert isinstance(d.source, RemoteSource)
             _restore_checked(d, sock, short_tmp, snapshot, 1)
-            _until("a spare after the first session", lambda: d.source.spare_ready)
+            wait_for(lambda: d.source.spare_ready, "a spare after the first session", WAIT)
             server.close()
             server = ServerProcess(snapshot, "--port", _port(server.url))
             _restore_checked(d, sock, short_tmp, snapshot, 2)
-            _until("a fresh spare from the new server", lambda: d.source.spare_ready)
+            wait_for(lambda: d.source.spare_ready, "a fresh spare from the new server", WAIT)
             _restore_checked(d, sock, short_tmp, snapshot, 3)
     finally:
         server.close()
@@ -113,13 +104,13 @@ def test_daemon_stop_closes_the_spare(short_tmp: str, snapshot: str) -> None:
         daemon = HandlerDaemon(sock, server.url, working_set=None).start()
         try:
             assert isinstance(daemon.source, RemoteSource)
-            _until("a spare", lambda: daemon.source.spare_ready)
+            wait_for(lambda: daemon.source.spare_ready, "a spare", WAIT)
             assert _threads("uffd-warm-spare")
         finally:
             started = time.monotonic()
             daemon.close()
         assert time.monotonic() - started < 5.0
-        _until("the keeper and clients gone", lambda: not _threads("uffd-warm-spare"), 5.0)
+        wait_for(lambda: not _threads("uffd-warm-spare"), "the keeper and clients gone", 5.0)
         assert not _threads("uffd-page-client")
         assert len(os.listdir("/proc/self/fd")) == fds
 
@@ -141,7 +132,7 @@ def test_a_server_down_at_start_does_not_stop_the_daemon(short_tmp: str, snapsho
         assert "starting without it: sessions connect once it is back" in daemon.log()
         early = spawn_restore(sock, SIZE)
         try:
-            _until("the refusal logged", lambda: "Connection refused" in daemon.log())
+            wait_for(lambda: "Connection refused" in daemon.log(), "the refusal logged", WAIT)
         finally:
             early.kill()  # refused: nothing serves its faults, it waits for ever
             early.wait(WAIT)

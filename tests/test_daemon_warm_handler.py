@@ -14,7 +14,6 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from uffd.restore.daemon import HandlerDaemon
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
+from _dispatch_helpers import wait_for
 from _helpers import (
     ServerProcess,
     bad_pages,
@@ -47,18 +47,9 @@ def snapshot(short_tmp: str) -> str:
     return path
 
 
-def _until(what: str, check: Callable[[], bool], timeout: float = WAIT) -> None:
-    """Wait (bounded) until ``check()``; fail naming ``what`` if it never holds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout} s")
-        time.sleep(0.01)
-
-
 def _spare(daemon: HandlerDaemon) -> FaultHandler:
     """The daemon's spare handler, once one is made (bounded wait)."""
-    _until("a spare fault handler", lambda: daemon.spare_handler is not None)
+    wait_for(lambda: daemon.spare_handler is not None, "a spare fault handler", WAIT)
     spare = daemon.spare_handler
     assert spare is not None
     return spare
@@ -126,7 +117,7 @@ def test_daemon_stop_with_an_unused_spare_leaves_nothing(short_tmp: str, snapsho
         daemon.close()
     assert time.monotonic() - started < 5.0
     assert spare.uffd.closed
-    _until("the daemon's threads gone", lambda: set(threading.enumerate()) <= before, 5.0)
+    wait_for(lambda: set(threading.enumerate()) <= before, "the daemon's threads gone", 5.0)
     assert len(os.listdir("/proc/self/fd")) == fds
 
 
