@@ -1,9 +1,16 @@
-"""The daemon's spare page-server connections (uffd.restore.warm) with a real daemon and server.
+"""The daemon's spares (uffd.restore.warm) with a real daemon and server.
 
-A session takes connections opened ahead of it; they must serve the right
-pages, be replaced when the server restarts, be closed when the daemon
-stops, and never be needed: a server down at the daemon's start leaves no
-spare (the daemon starts all the same), and sessions work once it is back.
+Spare page-server connections: a session takes connections opened ahead of
+it; they must serve the right pages, be replaced when the server restarts,
+be closed when the daemon stops, and never be needed: a server down at the
+daemon's start leaves no spare (the daemon starts all the same), and
+sessions work once it is back.
+
+The spare FaultHandler: each session takes a handler made ahead of it (its
+own userfaultfd and pump ready) and adopts the process's userfaultfd on it:
+that handler must serve every page right, be stopped with its session, be
+replaced by a fresh one for the next session, survive a refused handshake,
+and be stopped with the daemon when no session took it.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from uffd import FaultHandler
 from uffd.pagestore.snapshot import write_snapshot
 from uffd.restore.daemon import HandlerDaemon
 from uffd.restore.sources import RemoteSource
@@ -144,3 +152,108 @@ def test_a_server_down_at_start_does_not_stop_the_daemon(short_tmp: str, snapsho
                 (report,) = daemon.reports(1, WAIT)
                 assert report["errors"] == []
                 assert not bad_pages(read_digests(digests), digests_of_source(snapshot, SIZE))
+
+
+def _spare(daemon: HandlerDaemon) -> FaultHandler:
+    """The daemon's spare handler, once one is made (bounded wait)."""
+    wait_for(lambda: daemon.spare_handler is not None, "a spare fault handler", WAIT)
+    spare = daemon.spare_handler
+    assert spare is not None
+    return spare
+
+
+def _restore_on_spare(daemon: HandlerDaemon, sock: str, tmp: str, snapshot: str, n: int) -> None:
+    """Session ``n`` runs on the spare that was waiting: every page right, no error, the
+    snapshot's zero pages (every 16th) mapped on the process's fd, not the spare's own;
+    that handler served its faults and was stopped (its fds closed) with the session."""
+    spare = _spare(daemon)
+    assert not spare.uffd.closed
+    digests = os.path.join(tmp, f"digests-{n}")
+    finish_worker(spawn_restore(sock, SIZE, "--order", "random", digests=digests), timeout=WAIT)
+    report = daemon.wait_reports(n, WAIT)[n - 1]
+    assert report.errors == []
+    assert report.zeroed > 0
+    assert not bad_pages(read_digests(digests), digests_of_source(snapshot, SIZE))
+    stats = spare.stats
+    assert stats.native_faults + sum(stats.total.resolutions.values()) >= 1
+    assert spare.uffd.closed
+
+
+def test_a_session_on_the_spare_handler_restores_every_page(short_tmp: str, snapshot: str) -> None:
+    """A session from a page server runs on the handler made and started before it came
+    (its fd adopted paused until the regions are registered): it restores every page
+    right, and that handler ends with the session."""
+    sock = os.path.join(short_tmp, "h.sock")
+    with ServerProcess(snapshot) as server, HandlerDaemon(sock, server.url, working_set=None) as d:
+        thread = _spare(d)._thread
+        assert thread is not None and thread.is_alive()  # started ahead, off the session's path
+        _restore_on_spare(d, sock, short_tmp, snapshot, 1)
+        thread.join(WAIT)
+        assert not thread.is_alive()
+
+
+def test_sessions_in_a_row_each_get_a_fresh_spare(short_tmp: str, snapshot: str) -> None:
+    """Three sessions one after the other each run on a spare of their own, made after
+    the previous one took its spare; every page of each is right."""
+    sock = os.path.join(short_tmp, "h.sock")
+    with HandlerDaemon(sock, snapshot, working_set=None, progress=False) as d:
+        used: list[FaultHandler] = []
+        for n in (1, 2, 3):
+            used.append(_spare(d))
+            _restore_on_spare(d, sock, short_tmp, snapshot, n)
+        assert len({id(h) for h in used}) == 3
+        assert _spare(d) not in used
+
+
+def test_daemon_stop_with_an_unused_spare_leaves_nothing(short_tmp: str, snapshot: str) -> None:
+    """Closing a daemon whose spare handler no session took stops that handler and its
+    keeper within seconds: no thread and no fd of theirs is left."""
+    sock = os.path.join(short_tmp, "h.sock")
+    fds = len(os.listdir("/proc/self/fd"))
+    before = set(threading.enumerate())
+    daemon = HandlerDaemon(sock, snapshot, working_set=None, progress=False).start()
+    try:
+        spare = _spare(daemon)
+        assert not spare.uffd.closed
+    finally:
+        started = time.monotonic()
+        daemon.close()
+    assert time.monotonic() - started < 5.0
+    assert spare.uffd.closed
+    wait_for(lambda: set(threading.enumerate()) <= before, "the daemon's threads gone", 5.0)
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_a_refused_handshake_does_not_lose_the_spare(short_tmp: str, snapshot: str) -> None:
+    """A connection that sends no valid handshake is refused and leaves the spare handler
+    waiting, untouched; the next session runs on it and restores every page."""
+    sock = os.path.join(short_tmp, "h.sock")
+    with HandlerDaemon(sock, snapshot, working_set=None, progress=False) as d:
+        spare = _spare(d)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(sock)
+            s.sendall(b"not a handshake")
+            s.shutdown(socket.SHUT_WR)
+            (refusal,) = d.wait_refused(1, WAIT)
+        assert "handshake" in refusal
+        assert d.spare_handler is spare and not spare.uffd.closed
+        _restore_on_spare(d, sock, short_tmp, snapshot, 1)
+
+
+def test_a_session_refused_after_its_handshake_does_not_lose_the_spare(
+    short_tmp: str, snapshot: str
+) -> None:
+    """A handshake whose region lies outside the source is refused before the session
+    asks for a handler: the spare stays waiting for the next session."""
+    sock = os.path.join(short_tmp, "h.sock")
+    with HandlerDaemon(sock, snapshot, working_set=None, progress=False) as d:
+        spare = _spare(d)
+        proc = spawn_restore(sock, SIZE, "--offset", str(SIZE), "--timeout", "3")
+        try:
+            (refusal,) = d.wait_refused(1, WAIT)
+        finally:
+            proc.kill()
+            proc.wait(WAIT)
+        assert "lies outside the source" in refusal
+        assert d.spare_handler is spare and not spare.uffd.closed
+        _restore_on_spare(d, sock, short_tmp, snapshot, 1)
