@@ -133,7 +133,6 @@ class Session:
         self.source: FlatSource | None = None
         self._ops: SourceOps | None = None
         self.handler: FaultHandler | None = None
-        self._parts: SessionParts | None = None
         self._lock = threading.Lock()
         self._ending = threading.Event()
         self._ended = False
@@ -172,9 +171,7 @@ class Session:
                 self.handler = handler = spare
                 handler._adopt_paused(ufd)
             self._ufd = None  # the handler owns and closes it now
-            self._parts = parts = SessionParts(
-                handler, ufd, self.layout, source, self.progress, self._ending
-            )
+            parts = SessionParts(handler, ufd, self.layout, source, self.progress, self._ending)
             self._ops = ops = SourceOps(parts)
             for m in self.layout.mappings:
                 handler.register(
@@ -303,8 +300,8 @@ class Session:
         session's ops (which refuse faults outside the regions). Looks when the handler's
         count of faults on unknown addresses (woken) has moved past ``seen``, or when
         ``seen`` is -1; returns that count."""
-        handler, ops, parts = self.handler, self._ops, self._parts
-        if handler is None or ops is None or parts is None:
+        handler, ops = self.handler, self._ops
+        if handler is None or ops is None:
             return seen
         woken = handler.stats.total.resolutions["wake"]
         if seen >= 0 and woken <= seen:
@@ -321,7 +318,7 @@ class Session:
                         (start, end - start),
                         Mode.MISSING,
                         ops,
-                        uffd=parts.uffd,
+                        uffd=ops.parts.uffd,
                         registered=True,
                         kind=peer.kind,
                         page_size=peer.page_size,
