@@ -170,20 +170,18 @@ class WarmSpare(Generic[S]):
             if taken:
                 return
             self._spare = None
-        fresh: S | None = spare
+        alive = False
         try:
             if not spare.stale:
                 spare.keepalive()
+                alive = not spare.stale
         except Exception as err:
             log.debug("the spare %s failed a keepalive: %s", self._label, err)
-            fresh = None
-        if fresh is not None and fresh.stale:
-            fresh = None
         with self._cond:
-            if fresh is None:
+            if not alive:
                 self._want = True
             elif not self._closed and self._spare is None:
-                self._spare = fresh
+                self._spare = spare
                 return
         spare.close()
 
