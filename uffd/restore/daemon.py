@@ -507,8 +507,9 @@ class HandlerDaemon:
 
     @property
     def spare_handler(self) -> FaultHandler | None:
-        """The FaultHandler made for the next session (not started), or None while there is
-        none: before ``start()``, or while the next is made after a session took one."""
+        """The FaultHandler made for the next session (already started, serving only its own
+        fd), or None while there is none: before ``start()``, or while the next is made after
+        a session took one."""
         spare = self._handlers.peek()
         return spare.handler if spare is not None else None
 
