@@ -97,7 +97,7 @@ class FaultTable:
         try:
             regions = ffi.new("struct pyuffd_serve_region[]", max(1, len(source.regions)))
             for index, region in enumerate(source.regions):
-                runs = _runs(source, region.name, region.length)
+                runs = _runs(lib, source, region.name, region.length)
                 array = ffi.new("struct pyuffd_serve_run[]", max(1, len(runs)))
                 for at, (start, length, file_offset, kind) in enumerate(runs):
                     array[at] = (start, length, file_offset, kind, 0)
@@ -135,22 +135,26 @@ def _ms(seconds: float) -> int:
     return max(1, min(int(seconds * 1000), 2**31 - 1))
 
 
-def _runs(source: Any, name: str, length: int) -> list[tuple[int, int, int, int]]:
-    """(start, length, file offset, kind) runs of region ``name``, adjacent ones merged."""
+def _runs(lib: Any, source: Any, name: str, length: int) -> list[tuple[int, int, int, int]]:
+    """(start, length, file offset, kind) runs of region ``name``, adjacent ones merged.
+
+    ``kind`` is one of csrc/uffd_serve.h's PYUFFD_RUN_* (read from ``lib``, not restated).
+    """
+    data, zero = lib.PYUFFD_RUN_DATA, lib.PYUFFD_RUN_ZERO
     out: list[tuple[int, int, int, int]] = []
     for piece in range(0, length, _TABLE_PIECE):
         size = min(_TABLE_PIECE, length - piece)
         try:
             extents = [
-                (start, n, 0, 1) if at is None else (start, n, at, 0)
+                (start, n, 0, zero) if at is None else (start, n, at, data)
                 for start, n, at in source.file_extents(name, piece, size)
             ]
         except Exception:  # a chunk that failed its checksum, a truncated file: Python says
-            extents = [(piece, size, 0, 2)]
+            extents = [(piece, size, 0, lib.PYUFFD_RUN_PYTHON)]
         for start, n, at, kind in extents:
             if out:
                 last = out[-1]
-                if last[3] == kind and (kind != 0 or last[2] + last[1] == at):
+                if last[3] == kind and (kind != data or last[2] + last[1] == at):
                     out[-1] = (last[0], last[1] + n, last[2], kind)
                     continue
             out.append((start, n, at, kind))
