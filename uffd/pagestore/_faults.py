@@ -281,7 +281,7 @@ class FaultChannel:
             return self._refuse(
                 p.ErrorCode.BAD_FRAME, f"a fault channel carries only READ frames, not {kind.name}"
             )
-        return self._refuse(p.ErrorCode.BAD_FRAME, f"a client may not send {kind.name} here")
+        return self._refuse(p.ErrorCode.BAD_FRAME, self.server.not_from_client(kind))
 
     def _refuse(self, code: p.ErrorCode | int, message: str) -> str:
         """Send ERROR(code, message) for the connection, linger, and say why it ended."""

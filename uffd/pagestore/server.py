@@ -416,9 +416,7 @@ class _Client:
         elif isinstance(frame, p.Error):
             raise _Disconnect()
         else:
-            raise _Disconnect(
-                p.ErrorCode.BAD_FRAME, f"a client may not send {frame.TYPE.name} here"
-            )
+            raise _Disconnect(p.ErrorCode.BAD_FRAME, server.not_from_client(frame.TYPE))
 
     async def hand_off(self, frame: p.List) -> None:
         """Answer a LIST flagged FAULTS and serve the connection on a fault channel until it ends.
@@ -852,6 +850,11 @@ class PageServer:
             except Exception as err:
                 return [*frames, p.Error(p.ErrorCode.INTERNAL, str(err), rid)]
         return [*frames, p.End(end - frame.offset, rid)]
+
+    @staticmethod
+    def not_from_client(kind: p.FrameType) -> str:
+        """The ERROR message for a frame type a client may not send (here or on a fault channel)."""
+        return f"a client may not send {kind.name} here"
 
     def count_stalled(self) -> None:
         """Count a client dropped because it stopped reading (on the event loop)."""
