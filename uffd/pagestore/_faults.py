@@ -165,8 +165,8 @@ class FaultChannel:
     """One fault channel: ``sock`` (a dup of the connection) served by a thread of its own.
 
     ``server`` is the PageServer (check_read, read_piece, the limits);
-    ``count`` adds (requests, frames sent) to the server's and the client's
-    counters and is called on the event loop; ``version`` answers
+    ``count`` adds (requests, frames sent, data bytes, zero bytes) to the
+    server's and the client's counters and is called on the event loop; ``version`` answers
     connection-level ERRORs. :attr:`finished` resolves when the thread is
     done, with the reason the connection ended. :meth:`stop` (any thread)
     shuts the socket down: the C loop sees EOF at once.
