@@ -26,14 +26,14 @@ import threading
 import time
 
 from uffd.pagestore import protocol as p
-from uffd.pagestore.client import _HandshakeFrames, parse_address
+from uffd.pagestore.client import _MAX_CONTROL, _HandshakeFrames, parse_address
 
 __all__ = ["UrgentLink"]
 
 _OFFSET = struct.Struct(">Q")
 _ZERO = struct.Struct(">QQ")
-_MAX_CONTROL = 64 << 10  # ZERO, END and ERROR frames are small; a longer one is garbage
-# One recv takes a page's DATA frame and its END together; an ERROR frame fits whole.
+# One recv takes a page's DATA frame and its END together; an ERROR frame fits whole
+# (_MAX_CONTROL: the clients' one limit on a frame that is not DATA).
 _READ_AHEAD = _MAX_CONTROL + p.HEADER.size
 _CLOSE_WAIT = 1.0  # seconds close() waits for a read in progress (shut down: it ends at once)
 
