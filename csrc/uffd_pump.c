@@ -313,75 +313,44 @@ static void sweep_srcs(struct pyuffd_pump *p)
 }
 
 /*
- * Fill the bounce buffer for a MEMORY-less source: zeros, or a pread of the
- * file. The pread runs with the lock released (a slow disk must not stall
- * the watchdog, which enforces every other fault's deadline); the map may
+ * Fill the bounce buffer for a MEMORY-less source: zeros, a pread of the
+ * file, or one read over a REMOTE map's link (bounded by the map's timeout,
+ * ended by pyuffd_pump_stop or a kill). The read runs with the lock
+ * released (a slow disk or server must not stall the watchdog, which
+ * enforces every other fault's deadline, and never reads the source: only
+ * this thread, inside pyuffd_pump_wait, serves natively); the map may
  * change meanwhile, so the caller looks it up again. Lock held on entry and
- * on return; returns 0 or -errno.
+ * on return; returns 0 or -errno (-EIO: the link is busy or dead, or the
+ * server refused the read).
  */
-static int fill_bounce(struct pyuffd_pump *p, int source, int src_fd, uint64_t offset, uint64_t len)
+static int fill_bounce(struct pyuffd_pump *p, const struct map *m, uint64_t offset, uint64_t len)
 {
 	int rc = ensure_buffer(&p->bounce, &p->bounce_len, len);
 	if (rc < 0)
 		return rc;
-	if (source != PYUFFD_SOURCE_FILE) {
+	if (m->source == PYUFFD_SOURCE_ZERO) {
 		memset(p->bounce, 0, len);
 		return 0;
 	}
-	p->reading = 1;
-	pthread_mutex_unlock(&p->lock);
-	ssize_t n = pread(src_fd, p->bounce, len, (off_t)offset);
-	int err = errno;
-	lock_for_fault(p);
-	p->reading = 0;
-	sweep_srcs(p);
-	if (n < 0)
-		return -err;
-	/* Past the end of the file reads as zeros. */
-	memset((char *)p->bounce + n, 0, len - (uint64_t)n);
-	return 0;
-}
-
-/*
- * Serve a MISSING fault of a REMOTE map: one page read over its link into
- * the bounce buffer with the lock released (the watchdog keeps enforcing
- * every other fault's deadline meanwhile, and never reads the socket: only
- * this thread, inside pyuffd_pump_wait, serves natively), then UFFDIO_COPY
- * and wake at once. The wait is bounded by the map's timeout, and ends on
- * pyuffd_pump_stop or a kill. 1 if served; 0 hands the fault to Python
- * (the link died, is busy, the server refused the read, or the map changed
- * meanwhile), whose deadline still counts from when the fault was read.
- */
-static int serve_remote(struct pyuffd_pump *p, int fd, struct map *m, uint64_t page, uint64_t t_read)
-{
-	uint64_t ps = m->page_size, start = m->start;
+	int source = m->source, src_fd = m->src_fd;
 	struct pyuffd_link *link = m->link;
-	if (pyuffd_link_dead(link) || ensure_buffer(&p->bounce, &p->bounce_len, ps) < 0)
-		return 0;
-	uint64_t at = m->src_offset + (page - m->start);
 	uint32_t region = m->region;
 	uint64_t timeout = m->timeout_ns;
 	p->reading = 1;
 	pthread_mutex_unlock(&p->lock);
-	int rc = pyuffd_link_read(link, region, at, p->bounce, ps, timeout, p->stopfd);
+	if (source == PYUFFD_SOURCE_REMOTE) {
+		rc = pyuffd_link_read(link, region, offset, p->bounce, len, timeout, p->stopfd) ? -EIO : 0;
+	} else {
+		ssize_t n = pread(src_fd, p->bounce, len, (off_t)offset);
+		rc = n < 0 ? -errno : 0;
+		/* Past the end of the file reads as zeros. */
+		if (n >= 0)
+			memset((char *)p->bounce + n, 0, len - (uint64_t)n);
+	}
 	lock_for_fault(p);
 	p->reading = 0;
-	/* The lock was released: install only if the same map still holds the page. */
-	m = find_map(p, fd, page);
-	int served = 0;
-	if (rc == 0 && m && m->start == start && m->link == link) {
-		int64_t done = 0;
-		rc = pyuffd_copy(fd, page, (uint64_t)(uintptr_t)p->bounce, ps, 0, &done);
-		if (rc == -EEXIST)
-			rc = pyuffd_wake(fd, page, ps); /* someone installed it first */
-		if (rc == 0) {
-			p->native_faults++;
-			pyuffd_link_note(link, page, now_ns() - t_read); /* referenced: the map uses it */
-			served = 1;
-		}
-	}
 	sweep_srcs(p);
-	return served;
+	return rc;
 }
 
 /*
@@ -402,8 +371,6 @@ static int serve_native(struct pyuffd_pump *p, int fd, const struct uffd_msg *ms
 		return 0;
 	uint64_t ps = m->page_size;
 	uint64_t page = addr & ~(ps - 1);
-	if (m->source == PYUFFD_SOURCE_REMOTE)
-		return serve_remote(p, fd, m, page, t_read);
 	struct pyuffd_link *notes = m->link;
 	if (notes && pyuffd_link_dead(notes))
 		return 0; /* the owner stopped native serving (its source failed): Python decides */
@@ -419,7 +386,7 @@ static int serve_native(struct pyuffd_pump *p, int fd, const struct uffd_msg *ms
 	} else if (m->source == PYUFFD_SOURCE_MEMORY) {
 		rc = pyuffd_copy(fd, page, m->src_addr + off, len, mode, &done);
 	} else {
-		rc = fill_bounce(p, m->source, m->src_fd, m->src_offset + off, len);
+		rc = fill_bounce(p, m, m->src_offset + off, len);
 		/* The lock was released: install only if the same map still holds the page. */
 		m = find_map(p, fd, page);
 		if (rc < 0 || !m || m->start != start || m->source == PYUFFD_SOURCE_NONE || m->link != notes)
