@@ -60,13 +60,6 @@ struct pyuffd_link {
 	uint8_t rx[RX];
 };
 
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
 static void put_be(uint8_t *p, uint64_t v, int n)
 {
 	for (int i = n - 1; i >= 0; i--, v >>= 8)
@@ -214,7 +207,7 @@ static int wait_ready(struct pyuffd_link *l, short ev, uint64_t until, int stopf
 		int dead = pyuffd_link_dead(l);
 		if (dead)
 			return -dead;
-		uint64_t t = now_ns();
+		uint64_t t = pyuffd_now_ns();
 		if (t >= until)
 			return -ETIMEDOUT;
 		struct pollfd pf[3] = { { l->fd, ev, 0 }, { l->wakefd, POLLIN, 0 }, { stopfd, POLLIN, 0 } };
@@ -380,7 +373,7 @@ int pyuffd_link_read(struct pyuffd_link *l, uint32_t region, uint64_t offset, vo
 {
 	if (l->fd < 0 || pyuffd_link_dead(l) || __atomic_exchange_n(&l->busy, 1, __ATOMIC_ACQUIRE))
 		return 1;
-	uint64_t until = now_ns() + timeout_ns;
+	uint64_t until = pyuffd_now_ns() + timeout_ns;
 	int64_t rc = 0;
 	uint64_t placed = 0;
 	if (pyuffd_link_dead(l))

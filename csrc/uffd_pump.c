@@ -87,7 +87,7 @@ struct pyuffd_pump {
 	uint32_t lone_reads; /* the spin's reads in a row that found one message (see spin) */
 };
 
-static uint64_t now_ns(void)
+uint64_t pyuffd_now_ns(void)
 {
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -403,7 +403,7 @@ static int serve_native(struct pyuffd_pump *p, int fd, const struct uffd_msg *ms
 	m->next = page + (done > (int64_t)ps ? (uint64_t)done : ps);
 	p->native_faults++;
 	if (notes)
-		pyuffd_link_note(notes, page, now_ns() - t_read); /* referenced: the map uses it */
+		pyuffd_link_note(notes, page, pyuffd_now_ns() - t_read); /* referenced: the map uses it */
 	if (page < *lo)
 		*lo = page;
 	if (page + ps > *hi)
@@ -448,7 +448,7 @@ static int read_fd(struct pyuffd_pump *p, int fd, struct pyuffd_item *items, int
 	if (!items && backlog_reserve(p, max) < 0)
 		return 0;
 	ssize_t got = read(fd, msgs, (size_t)max * sizeof(msgs[0]));
-	uint64_t t = now_ns();
+	uint64_t t = pyuffd_now_ns();
 	if (got < 0) {
 		if (errno == EAGAIN || errno == EINTR)
 			return 0;
@@ -514,7 +514,7 @@ static void *watchdog_main(void *arg)
 		pthread_cond_timedwait(&p->tick, &p->lock, &until);
 		if (p->destroying)
 			break;
-		uint64_t now = now_ns();
+		uint64_t now = pyuffd_now_ns();
 		int pushed = 0;
 		/*
 		 * The dispatch thread is stuck (a slow handler, a thread holding the
@@ -559,7 +559,7 @@ struct pyuffd_pump *pyuffd_pump_new(uint64_t deadline_ns)
 	if (!p)
 		return NULL;
 	p->deadline_ns = deadline_ns;
-	p->left_wait_ns = now_ns();
+	p->left_wait_ns = pyuffd_now_ns();
 	p->epfd = epoll_create1(EPOLL_CLOEXEC);
 	p->stopfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	p->kickfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -774,7 +774,7 @@ int pyuffd_pump_unmap(struct pyuffd_pump *p, int fd, uint64_t start, uint64_t en
  */
 static int spin(struct pyuffd_pump *p, struct pyuffd_item *items, int max_items)
 {
-	uint64_t until = now_ns() + p->spin_ns;
+	uint64_t until = pyuffd_now_ns() + p->spin_ns;
 	uint64_t served = p->native_faults;
 	for (;;) {
 		/*
@@ -795,7 +795,7 @@ static int spin(struct pyuffd_pump *p, struct pyuffd_item *items, int max_items)
 			p->lone_reads = 0;
 		if (n || p->bl_count || __atomic_load_n(&p->stop_requested, __ATOMIC_RELAXED))
 			return n;
-		uint64_t t = now_ns();
+		uint64_t t = pyuffd_now_ns();
 		if (p->native_faults != served) {
 			/*
 			 * Read again before yielding: on a shared CPU the woken thread
@@ -863,7 +863,7 @@ int pyuffd_pump_wait(struct pyuffd_pump *p, struct pyuffd_item *items, int max_i
 		spun = 0; /* woken by a fault: spin again for the next one */
 	}
 	p->in_wait = 0;
-	p->left_wait_ns = now_ns();
+	p->left_wait_ns = pyuffd_now_ns();
 	pthread_mutex_unlock(&p->lock);
 	return n;
 }
@@ -940,7 +940,7 @@ int pyuffd_pump_install(struct pyuffd_pump *p, int fd, uint64_t dst, const char 
 	 */
 	uint64_t until = 0;
 	while (__atomic_load_n(&p->fault_waiting, __ATOMIC_SEQ_CST)) {
-		uint64_t t = now_ns();
+		uint64_t t = pyuffd_now_ns();
 		if (!until)
 			until = t + 200000;
 		else if (t >= until)

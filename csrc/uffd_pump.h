@@ -84,6 +84,8 @@ int pyuffd_pump_stop(struct pyuffd_pump *pump);
 void pyuffd_pump_set_spin(struct pyuffd_pump *pump, uint64_t spin_ns);
 uint64_t pyuffd_pump_native_faults(struct pyuffd_pump *pump);
 uint64_t pyuffd_pump_events_read(struct pyuffd_pump *pump);
+/* CLOCK_MONOTONIC in nanoseconds: the one clock of the pump and its links. */
+uint64_t pyuffd_now_ns(void);
 
 /*
  * A page server's fault-only connection (uffd_link.c), already handshaken:
